@@ -1,0 +1,73 @@
+// _C_cpu: the always-built module. Takes raw addresses, sizes and dtype codes
+// from python/nnmark/_arrays.py; never sees a torch object.
+#include <pybind11/pybind11.h>
+
+#include <tuple>
+
+#include "common/philox.h"
+#include "cpu/isa.h"
+#include "cpu/parallel.h"
+#include "ops/dense_projection.h"
+#include "ops/projection.h"
+
+namespace py = pybind11;
+using namespace nnmark;
+
+namespace {
+template <typename T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+}  // namespace
+
+PYBIND11_MODULE(_C_cpu, m) {
+  m.doc() = "nnmark CPU kernels";
+
+  m.def("philox4x32_10",
+        [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+          const Philox4 r = philox4x32_10(c0, c1, c2, c3, k0, k1);
+          return std::make_tuple(r.v[0], r.v[1], r.v[2], r.v[3]);
+        },
+        py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"), py::arg("k0"), py::arg("k1"),
+        "Philox4x32-10 of one counter under one key: four uint32 words.");
+
+  m.def("projection_forward",
+        [](uintptr_t w, int w_dtype, int64_t C, int64_t N, int64_t T, uint32_t k0, uint32_t k1,
+           uintptr_t p) {
+          projection_forward_cpu({ptr<const void>(w), w_dtype, C, N, T, k0, k1, ptr<void>(p)});
+        },
+        py::arg("w"), py::arg("w_dtype"), py::arg("C"), py::arg("N"), py::arg("T"), py::arg("k0"),
+        py::arg("k1"), py::arg("p"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("projection_backward",
+        [](uintptr_t gp, int gp_dtype, int64_t C, int64_t N, int64_t T, uint32_t k0, uint32_t k1,
+           uintptr_t gw) {
+          projection_backward_cpu({ptr<const void>(gp), gp_dtype, C, N, T, k0, k1, ptr<void>(gw)});
+        },
+        py::arg("gp"), py::arg("gp_dtype"), py::arg("C"), py::arg("N"), py::arg("T"), py::arg("k0"),
+        py::arg("k1"), py::arg("gw"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("dense_forward",
+        [](uintptr_t x, int x_dtype, uintptr_t w, int w_dtype, int64_t C, int64_t N, int64_t T,
+           uintptr_t p) {
+          dense_forward_cpu({ptr<const void>(x), x_dtype, ptr<const void>(w), w_dtype, C, N, T, ptr<void>(p)});
+        },
+        py::arg("x"), py::arg("x_dtype"), py::arg("w"), py::arg("w_dtype"), py::arg("C"), py::arg("N"),
+        py::arg("T"), py::arg("p"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("dense_backward",
+        [](uintptr_t x, int x_dtype, uintptr_t gp, int64_t C, int64_t N, int64_t T, uintptr_t gw) {
+          dense_backward_cpu({ptr<const void>(x), x_dtype, ptr<const void>(gp), C, N, T, ptr<void>(gw)});
+        },
+        py::arg("x"), py::arg("x_dtype"), py::arg("gp"), py::arg("C"), py::arg("N"), py::arg("T"),
+        py::arg("gw"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("get_num_threads", &get_num_threads);
+  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("isa", [] { return isa_name(active_isa()); }, "SIMD path in use: generic, avx2 or avx512");
+  m.def("detected_isa", &detected_isa_name, "best SIMD path this CPU supports");
+  m.def("set_isa", &set_isa, py::arg("name"));
+#ifdef NNMARK_CXX_COMPILER
+  m.attr("compiler") = NNMARK_CXX_COMPILER;
+#else
+  m.attr("compiler") = "unknown";
+#endif
+}

@@ -1,0 +1,81 @@
+// _C_cuda: the optional module. Same ops as _C_cpu on device pointers, plus the
+// device index (made current for the call) and the caller's CUDA stream.
+#include <pybind11/pybind11.h>
+
+#include <cuda_runtime.h>
+
+#include "cuda/cuda_check.h"
+#include "ops/dense_projection.h"
+#include "ops/projection.h"
+
+namespace py = pybind11;
+using namespace nnmark;
+
+namespace {
+template <typename T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "nnmark CUDA kernels";
+
+  m.def("projection_forward",
+        [](uintptr_t w, int w_dtype, int64_t C, int64_t N, int64_t T, uint32_t k0, uint32_t k1,
+           uintptr_t p, int device, uintptr_t stream) {
+          DeviceGuard guard(device);
+          projection_forward_cuda({ptr<const void>(w), w_dtype, C, N, T, k0, k1, ptr<void>(p)}, stream);
+        },
+        py::arg("w"), py::arg("w_dtype"), py::arg("C"), py::arg("N"), py::arg("T"), py::arg("k0"),
+        py::arg("k1"), py::arg("p"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("projection_backward",
+        [](uintptr_t gp, int gp_dtype, int64_t C, int64_t N, int64_t T, uint32_t k0, uint32_t k1,
+           uintptr_t gw, int device, uintptr_t stream) {
+          DeviceGuard guard(device);
+          projection_backward_cuda({ptr<const void>(gp), gp_dtype, C, N, T, k0, k1, ptr<void>(gw)}, stream);
+        },
+        py::arg("gp"), py::arg("gp_dtype"), py::arg("C"), py::arg("N"), py::arg("T"), py::arg("k0"),
+        py::arg("k1"), py::arg("gw"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("dense_forward",
+        [](uintptr_t x, int x_dtype, uintptr_t w, int w_dtype, int64_t C, int64_t N, int64_t T,
+           uintptr_t p, int device, uintptr_t stream) {
+          DeviceGuard guard(device);
+          dense_forward_cuda({ptr<const void>(x), x_dtype, ptr<const void>(w), w_dtype, C, N, T, ptr<void>(p)}, stream);
+        },
+        py::arg("x"), py::arg("x_dtype"), py::arg("w"), py::arg("w_dtype"), py::arg("C"), py::arg("N"),
+        py::arg("T"), py::arg("p"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("dense_backward",
+        [](uintptr_t x, int x_dtype, uintptr_t gp, int64_t C, int64_t N, int64_t T, uintptr_t gw,
+           int device, uintptr_t stream) {
+          DeviceGuard guard(device);
+          dense_backward_cuda({ptr<const void>(x), x_dtype, ptr<const void>(gp), C, N, T, ptr<void>(gw)}, stream);
+        },
+        py::arg("x"), py::arg("x_dtype"), py::arg("gp"), py::arg("C"), py::arg("N"), py::arg("T"),
+        py::arg("gw"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("device_count", [] {
+    int n = 0;
+    // No driver or no device is "zero devices", not an error: the module still imports.
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return n;
+  });
+  m.def("runtime_version", [] {
+    int v = 0;
+    cudaRuntimeGetVersion(&v);
+    return v;
+  });
+#ifdef NNMARK_CUDA_ARCHS
+  m.attr("archs") = NNMARK_CUDA_ARCHS;
+#endif
+#ifdef NNMARK_CUDA_VERSION
+  m.attr("cuda_version") = NNMARK_CUDA_VERSION;
+#endif
+}

@@ -1,0 +1,442 @@
+// CPU keyed projection (key spec v1). Work is split over columns of the carrier
+// across threads; each thread draws the Philox bits of a chunk of columns once
+// and applies them to all C carriers, so the hash is amortised over the batch.
+//
+// forward:  p[c, t] = sum_i X[t, i] w[c, i] = 2 * A[c, t] - S[c], where
+//           A[c, t] = sum_{i : bit(t, i) = 1} w[c, i] and S[c] = sum_i w[c, i]:
+//           a masked add per bit instead of a sign-add (one AVX-512 op per 16 bits).
+// backward: gw[c, i] = 2 * sum_{t : bit(t, i) = 1} gp[c, t] - sum_t gp[c, t].
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define NNMARK_X86 1
+#endif
+
+#include "common/dtype.h"
+#include "common/philox.h"
+#include "cpu/isa.h"
+#include "cpu/parallel.h"
+#include "ops/projection.h"
+
+namespace nnmark {
+
+// ---------------------------------------------------------------- ISA choice
+namespace {
+Isa detect_isa() {
+#if NNMARK_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2")) return Isa::kAvx2;
+#endif
+  return Isa::kGeneric;
+}
+Isa parse_isa(const std::string& s) {
+  if (s == "generic") return Isa::kGeneric;
+  if (s == "avx2") return Isa::kAvx2;
+  if (s == "avx512") return Isa::kAvx512;
+  throw std::invalid_argument("nnmark: unknown ISA '" + s + "' (expected generic, avx2 or avx512)");
+}
+Isa initial_isa() {
+  Isa best = detect_isa();
+  if (const char* env = std::getenv("NNMARK_ISA")) {
+    try {
+      const Isa want = parse_isa(env);
+      if (static_cast<int>(want) < static_cast<int>(best)) best = want;
+    } catch (const std::invalid_argument&) {
+      // An unknown value is ignored at load time; set_isa() reports it.
+    }
+  }
+  return best;
+}
+Isa g_isa = initial_isa();
+}  // namespace
+
+Isa active_isa() { return g_isa; }
+std::string isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "generic";
+}
+std::string detected_isa_name() { return isa_name(detect_isa()); }
+void set_isa(const std::string& name) {
+  const Isa want = parse_isa(name);
+  NNMARK_CHECK_ARG(static_cast<int>(want) <= static_cast<int>(detect_isa()),
+                   "this CPU does not support ISA '", name, "' (best: ", detected_isa_name(), ")");
+  g_isa = want;
+}
+
+namespace {
+
+constexpr int64_t kChunk = 256;  // columns whose Philox bits are drawn together
+constexpr int64_t kBlock = 128;  // rows per Philox call (key spec v1)
+
+// ------------------------------------------------------------- Philox bits
+// bits[4 * l + q] = word q of the block-b Philox output of column i0 + l, l < len.
+// Written lane-parallel so the compiler vectorises the 32x32->64 multiplies.
+#if NNMARK_X86 && defined(__GNUC__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void philox_fill(uint64_t i0, int64_t len, uint32_t b, uint32_t k0, uint32_t k1,
+                 uint32_t* bits /* [len, 4] */) {
+  constexpr int L = 16;
+  for (int64_t l0 = 0; l0 < len; l0 += L) {
+    uint32_t c0[L], c1[L], c2[L], c3[L];
+    for (int l = 0; l < L; ++l) {
+      const uint64_t i = i0 + static_cast<uint64_t>(l0 + l);
+      c0[l] = static_cast<uint32_t>(i);
+      c1[l] = static_cast<uint32_t>(i >> 32);
+      c2[l] = b;
+      c3[l] = 0u;
+    }
+    uint32_t ka = k0, kb = k1;
+    for (int r = 0; r < kPhiloxRounds; ++r) {
+      for (int l = 0; l < L; ++l) {
+        const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0[l];
+        const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2[l];
+        const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[l] ^ ka;
+        const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[l] ^ kb;
+        c1[l] = static_cast<uint32_t>(p1);
+        c3[l] = static_cast<uint32_t>(p0);
+        c0[l] = n0;
+        c2[l] = n2;
+      }
+      ka += kPhiloxW0;
+      kb += kPhiloxW1;
+    }
+    const int64_t n = std::min<int64_t>(L, len - l0);
+    for (int64_t l = 0; l < n; ++l) {
+      uint32_t* o = bits + 4 * (l0 + l);
+      o[0] = c0[l]; o[1] = c1[l]; o[2] = c2[l]; o[3] = c3[l];
+    }
+  }
+}
+
+// ------------------------------------------------- forward: masked column sums
+// out[r] = sum_{l < len, bit r of bits[l] set} w[l], r < 128.
+template <typename Acc>
+void fwd_block_generic(const Acc* w /* [len] */, const uint32_t* bits /* [len, 4] */,
+                       int64_t len, Acc* out /* [128] */) {
+  Acc acc[kBlock] = {};
+  for (int64_t l = 0; l < len; ++l) {
+    const Acc v = w[l];
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t word = bits[4 * l + q];
+      for (int j = 0; j < 32; ++j) acc[32 * q + j] += ((word >> j) & 1u) ? v : Acc(0);
+    }
+  }
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+#if NNMARK_X86
+__attribute__((target("avx512f")))
+void fwd_block_avx512(const float* w, const uint32_t* bits, int64_t len, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  for (int64_t l = 0; l < len; ++l) {
+    const __m512 v = _mm512_set1_ps(w[l]);
+    const uint32_t* q = bits + 4 * l;
+    // Lane k of a(2m + h) is row 32m + 16h + k: bit 16h + k of word m.
+    a0 = _mm512_mask_add_ps(a0, static_cast<__mmask16>(q[0]), a0, v);
+    a1 = _mm512_mask_add_ps(a1, static_cast<__mmask16>(q[0] >> 16), a1, v);
+    a2 = _mm512_mask_add_ps(a2, static_cast<__mmask16>(q[1]), a2, v);
+    a3 = _mm512_mask_add_ps(a3, static_cast<__mmask16>(q[1] >> 16), a3, v);
+    a4 = _mm512_mask_add_ps(a4, static_cast<__mmask16>(q[2]), a4, v);
+    a5 = _mm512_mask_add_ps(a5, static_cast<__mmask16>(q[2] >> 16), a5, v);
+    a6 = _mm512_mask_add_ps(a6, static_cast<__mmask16>(q[3]), a6, v);
+    a7 = _mm512_mask_add_ps(a7, static_cast<__mmask16>(q[3] >> 16), a7, v);
+  }
+  _mm512_storeu_ps(out + 0, a0);   _mm512_storeu_ps(out + 16, a1);
+  _mm512_storeu_ps(out + 32, a2);  _mm512_storeu_ps(out + 48, a3);
+  _mm512_storeu_ps(out + 64, a4);  _mm512_storeu_ps(out + 80, a5);
+  _mm512_storeu_ps(out + 96, a6);  _mm512_storeu_ps(out + 112, a7);
+}
+
+__attribute__((target("avx512f")))
+void fwd_block_avx512(const double* w, const uint32_t* bits, int64_t len, double* out) {
+  __m512d a[16];
+  for (int g = 0; g < 16; ++g) a[g] = _mm512_setzero_pd();
+  for (int64_t l = 0; l < len; ++l) {
+    const __m512d v = _mm512_set1_pd(w[l]);
+    const uint32_t* q = bits + 4 * l;
+#pragma GCC unroll 16
+    for (int g = 0; g < 16; ++g)  // lane k of a[g] is row 8g + k
+      a[g] = _mm512_mask_add_pd(a[g], static_cast<__mmask8>(q[g >> 2] >> (8 * (g & 3))), a[g], v);
+  }
+  for (int g = 0; g < 16; ++g) _mm512_storeu_pd(out + 8 * g, a[g]);
+}
+
+__attribute__((target("avx2")))
+void fwd_block_avx2(const float* w, const uint32_t* bits, int64_t len, float* out) {
+  // sllv by 31 - (8g + k) moves bit 8g + k of a word into lane k's sign bit.
+  const __m256i s0 = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+  const __m256i eight = _mm256_set1_epi32(8);
+  const __m256i s1 = _mm256_sub_epi32(s0, eight), s2 = _mm256_sub_epi32(s1, eight),
+                s3 = _mm256_sub_epi32(s2, eight);
+  const __m256 zero = _mm256_setzero_ps();
+  for (int pass = 0; pass < 2; ++pass) {  // 64 rows (two words) per pass: 8 accumulators
+    __m256 a[8];
+    for (int g = 0; g < 8; ++g) a[g] = zero;
+    for (int64_t l = 0; l < len; ++l) {
+      const __m256 v = _mm256_set1_ps(w[l]);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i bc = _mm256_set1_epi32(static_cast<int>(bits[4 * l + 2 * pass + h]));
+        a[4 * h + 0] = _mm256_add_ps(a[4 * h + 0], _mm256_blendv_ps(zero, v, _mm256_castsi256_ps(_mm256_sllv_epi32(bc, s0))));
+        a[4 * h + 1] = _mm256_add_ps(a[4 * h + 1], _mm256_blendv_ps(zero, v, _mm256_castsi256_ps(_mm256_sllv_epi32(bc, s1))));
+        a[4 * h + 2] = _mm256_add_ps(a[4 * h + 2], _mm256_blendv_ps(zero, v, _mm256_castsi256_ps(_mm256_sllv_epi32(bc, s2))));
+        a[4 * h + 3] = _mm256_add_ps(a[4 * h + 3], _mm256_blendv_ps(zero, v, _mm256_castsi256_ps(_mm256_sllv_epi32(bc, s3))));
+      }
+    }
+    for (int g = 0; g < 8; ++g) _mm256_storeu_ps(out + 64 * pass + 8 * g, a[g]);
+  }
+}
+
+__attribute__((target("avx2")))
+void fwd_block_avx2(const double* w, const uint32_t* bits, int64_t len, double* out) {
+  // One word (32 rows) per pass; sllv by 63 - (4g + k) moves bit 4g + k to lane k's sign.
+  __m256i sh[8];
+  for (int g = 0; g < 8; ++g)
+    sh[g] = _mm256_setr_epi64x(63 - 4 * g, 62 - 4 * g, 61 - 4 * g, 60 - 4 * g);
+  const __m256d zero = _mm256_setzero_pd();
+  for (int q = 0; q < 4; ++q) {
+    __m256d a[8];
+    for (int g = 0; g < 8; ++g) a[g] = zero;
+    for (int64_t l = 0; l < len; ++l) {
+      const __m256d v = _mm256_set1_pd(w[l]);
+      const __m256i bc = _mm256_set1_epi64x(static_cast<long long>(bits[4 * l + q]));
+#pragma GCC unroll 8
+      for (int g = 0; g < 8; ++g)
+        a[g] = _mm256_add_pd(a[g], _mm256_blendv_pd(zero, v, _mm256_castsi256_pd(_mm256_sllv_epi64(bc, sh[g]))));
+    }
+    for (int g = 0; g < 8; ++g) _mm256_storeu_pd(out + 32 * q + 4 * g, a[g]);
+  }
+}
+#endif  // NNMARK_X86
+
+template <typename Acc>
+void fwd_block(Isa isa, const Acc* w, const uint32_t* bits, int64_t len, Acc* out) {
+#if NNMARK_X86
+  if (isa == Isa::kAvx512) return fwd_block_avx512(w, bits, len, out);
+  if (isa == Isa::kAvx2) return fwd_block_avx2(w, bits, len, out);
+#endif
+  (void)isa;
+  fwd_block_generic(w, bits, len, out);
+}
+
+// ------------------------------------------------ backward: masked row sums
+// gw[l] = 2 * sum_b sum_{r : bit r of block b set} g[128 b + r] - G, l < len.
+// bits: [nblk, kChunk, 4]; g: [nblk * 128], zero past T.
+template <typename Acc>
+void bwd_chunk_generic(const uint32_t* bits, int64_t len, int64_t nblk, const Acc* g, Acc G, Acc* gw) {
+  for (int64_t l = 0; l < len; ++l) {
+    Acc s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int64_t b = 0; b < nblk; ++b) {
+      const uint32_t* q = bits + 4 * (b * kChunk + l);
+      const Acc* gb = g + kBlock * b;
+      for (int j = 0; j < 32; ++j) {
+        s0 += ((q[0] >> j) & 1u) ? gb[j] : Acc(0);
+        s1 += ((q[1] >> j) & 1u) ? gb[32 + j] : Acc(0);
+        s2 += ((q[2] >> j) & 1u) ? gb[64 + j] : Acc(0);
+        s3 += ((q[3] >> j) & 1u) ? gb[96 + j] : Acc(0);
+      }
+    }
+    gw[l] = Acc(2) * ((s0 + s1) + (s2 + s3)) - G;
+  }
+}
+
+#if NNMARK_X86
+__attribute__((target("avx512f")))
+void bwd_chunk_avx512(const uint32_t* bits, int64_t len, int64_t nblk, const float* g, float G, float* gw) {
+  for (int64_t l = 0; l < len; ++l) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  // four chains hide add latency
+    for (int64_t b = 0; b < nblk; ++b) {
+      const uint32_t* q = bits + 4 * (b * kChunk + l);
+      const float* gb = g + kBlock * b;
+      a0 = _mm512_mask_add_ps(a0, static_cast<__mmask16>(q[0]), a0, _mm512_loadu_ps(gb + 0));
+      a1 = _mm512_mask_add_ps(a1, static_cast<__mmask16>(q[0] >> 16), a1, _mm512_loadu_ps(gb + 16));
+      a2 = _mm512_mask_add_ps(a2, static_cast<__mmask16>(q[1]), a2, _mm512_loadu_ps(gb + 32));
+      a3 = _mm512_mask_add_ps(a3, static_cast<__mmask16>(q[1] >> 16), a3, _mm512_loadu_ps(gb + 48));
+      a0 = _mm512_mask_add_ps(a0, static_cast<__mmask16>(q[2]), a0, _mm512_loadu_ps(gb + 64));
+      a1 = _mm512_mask_add_ps(a1, static_cast<__mmask16>(q[2] >> 16), a1, _mm512_loadu_ps(gb + 80));
+      a2 = _mm512_mask_add_ps(a2, static_cast<__mmask16>(q[3]), a2, _mm512_loadu_ps(gb + 96));
+      a3 = _mm512_mask_add_ps(a3, static_cast<__mmask16>(q[3] >> 16), a3, _mm512_loadu_ps(gb + 112));
+    }
+    const float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+    gw[l] = 2.0f * s - G;
+  }
+}
+
+__attribute__((target("avx512f")))
+void bwd_chunk_avx512(const uint32_t* bits, int64_t len, int64_t nblk, const double* g, double G, double* gw) {
+  for (int64_t l = 0; l < len; ++l) {
+    __m512d a[4];
+    for (int k = 0; k < 4; ++k) a[k] = _mm512_setzero_pd();
+    for (int64_t b = 0; b < nblk; ++b) {
+      const uint32_t* q = bits + 4 * (b * kChunk + l);
+      const double* gb = g + kBlock * b;
+#pragma GCC unroll 16
+      for (int m = 0; m < 16; ++m)
+        a[m & 3] = _mm512_mask_add_pd(a[m & 3], static_cast<__mmask8>(q[m >> 2] >> (8 * (m & 3))),
+                                      a[m & 3], _mm512_loadu_pd(gb + 8 * m));
+    }
+    const double s = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(a[0], a[1]), _mm512_add_pd(a[2], a[3])));
+    gw[l] = 2.0 * s - G;
+  }
+}
+
+__attribute__((target("avx2")))
+void bwd_chunk_avx2(const uint32_t* bits, int64_t len, int64_t nblk, const float* g, float G, float* gw) {
+  const __m256i s0 = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+  const __m256i eight = _mm256_set1_epi32(8);
+  const __m256i s1 = _mm256_sub_epi32(s0, eight), s2 = _mm256_sub_epi32(s1, eight),
+                s3 = _mm256_sub_epi32(s2, eight);
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t l = 0; l < len; ++l) {
+    __m256 a0 = zero, a1 = zero, a2 = zero, a3 = zero;
+    for (int64_t b = 0; b < nblk; ++b) {
+      const uint32_t* q = bits + 4 * (b * kChunk + l);
+      const float* gb = g + kBlock * b;
+      for (int m = 0; m < 4; ++m) {
+        const __m256i bc = _mm256_set1_epi32(static_cast<int>(q[m]));
+        const float* gm = gb + 32 * m;
+        a0 = _mm256_add_ps(a0, _mm256_blendv_ps(zero, _mm256_loadu_ps(gm + 0), _mm256_castsi256_ps(_mm256_sllv_epi32(bc, s0))));
+        a1 = _mm256_add_ps(a1, _mm256_blendv_ps(zero, _mm256_loadu_ps(gm + 8), _mm256_castsi256_ps(_mm256_sllv_epi32(bc, s1))));
+        a2 = _mm256_add_ps(a2, _mm256_blendv_ps(zero, _mm256_loadu_ps(gm + 16), _mm256_castsi256_ps(_mm256_sllv_epi32(bc, s2))));
+        a3 = _mm256_add_ps(a3, _mm256_blendv_ps(zero, _mm256_loadu_ps(gm + 24), _mm256_castsi256_ps(_mm256_sllv_epi32(bc, s3))));
+      }
+    }
+    const __m256 t = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    gw[l] = 2.0f * _mm_cvtss_f32(h) - G;
+  }
+}
+#endif  // NNMARK_X86
+
+template <typename Acc>
+void bwd_chunk(Isa isa, const uint32_t* bits, int64_t len, int64_t nblk, const Acc* g, Acc G, Acc* gw) {
+#if NNMARK_X86
+  if (isa == Isa::kAvx512) return bwd_chunk_avx512(bits, len, nblk, g, G, gw);
+  if constexpr (std::is_same<Acc, float>::value) {
+    if (isa == Isa::kAvx2) return bwd_chunk_avx2(bits, len, nblk, g, G, gw);
+  }
+#endif
+  (void)isa;
+  bwd_chunk_generic(bits, len, nblk, g, G, gw);
+}
+
+// Converts len elements of a row (dtype d) starting at column i0 into dst; returns their sum.
+template <typename Acc>
+double load_row(const void* row, int d, int64_t i0, int64_t len, Acc* dst) {
+  double s = 0;
+  switch (d) {
+    case kFloat32: {
+      const float* p = static_cast<const float*>(row) + i0;
+      for (int64_t l = 0; l < len; ++l) { dst[l] = static_cast<Acc>(p[l]); s += dst[l]; }
+      break;
+    }
+    case kFloat64: {
+      const double* p = static_cast<const double*>(row) + i0;
+      for (int64_t l = 0; l < len; ++l) { dst[l] = static_cast<Acc>(p[l]); s += dst[l]; }
+      break;
+    }
+    default:
+      for (int64_t l = 0; l < len; ++l) { dst[l] = load_as<Acc>(row, d, i0 + l); s += dst[l]; }
+  }
+  return s;
+}
+
+// Columns per thread range: enough sign-adds that a thread start (~20 us) pays off.
+int64_t column_grain(int64_t Tpad, int64_t C) {
+  return std::max<int64_t>(kChunk, (int64_t{1} << 21) / std::max<int64_t>(1, Tpad * C));
+}
+
+template <typename Acc>
+void forward_impl(const ProjectionForwardArgs& a) {
+  const int64_t C = a.C, N = a.N, T = a.T;
+  const int64_t nblk = (T + kBlock - 1) / kBlock, Tpad = nblk * kBlock;
+  const Isa isa = active_isa();
+  const int64_t grain = column_grain(Tpad, C);
+  const int ranges = std::max(1, plan_ranges(N, grain));
+  // Per-range partial sums: O(ranges * C * T) extra memory, independent of N.
+  std::vector<double> partA(static_cast<size_t>(ranges) * C * Tpad, 0.0);
+  std::vector<double> partS(static_cast<size_t>(ranges) * C, 0.0);
+  const int64_t esize = dtype_size(a.w_dtype);
+  parallel_ranges(N, grain, [&](int64_t ib, int64_t ie, int worker) {
+    std::vector<Acc> wc(static_cast<size_t>(C) * kChunk);
+    std::vector<uint32_t> bits(4 * kChunk);
+    alignas(64) Acc out[kBlock];
+    double* A = partA.data() + static_cast<size_t>(worker) * C * Tpad;
+    double* S = partS.data() + static_cast<size_t>(worker) * C;
+    for (int64_t i0 = ib; i0 < ie; i0 += kChunk) {
+      const int64_t len = std::min(kChunk, ie - i0);
+      for (int64_t c = 0; c < C; ++c) {
+        const char* row = static_cast<const char*>(a.w) + c * N * esize;
+        S[c] += load_row<Acc>(row, a.w_dtype, i0, len, wc.data() + c * kChunk);
+      }
+      for (int64_t b = 0; b < nblk; ++b) {
+        philox_fill(static_cast<uint64_t>(i0), len, static_cast<uint32_t>(b), a.k0, a.k1, bits.data());
+        for (int64_t c = 0; c < C; ++c) {
+          fwd_block<Acc>(isa, wc.data() + c * kChunk, bits.data(), len, out);
+          double* Ac = A + c * Tpad + b * kBlock;
+          for (int64_t r = 0; r < kBlock; ++r) Ac[r] += static_cast<double>(out[r]);
+        }
+      }
+    }
+  });
+  Acc* p = static_cast<Acc*>(a.p);
+  for (int64_t c = 0; c < C; ++c) {
+    double S = 0;
+    for (int w = 0; w < ranges; ++w) S += partS[static_cast<size_t>(w) * C + c];
+    for (int64_t t = 0; t < T; ++t) {
+      double A = 0;
+      for (int w = 0; w < ranges; ++w) A += partA[(static_cast<size_t>(w) * C + c) * Tpad + t];
+      p[c * T + t] = static_cast<Acc>(2.0 * A - S);
+    }
+  }
+}
+
+template <typename Acc>
+void backward_impl(const ProjectionBackwardArgs& a) {
+  const int64_t C = a.C, N = a.N, T = a.T;
+  const int64_t nblk = (T + kBlock - 1) / kBlock, Tpad = nblk * kBlock;
+  const Isa isa = active_isa();
+  const Acc* gp = static_cast<const Acc*>(a.gp);
+  std::vector<Acc> g(static_cast<size_t>(C) * Tpad, Acc(0));  // zero-padded past T
+  std::vector<Acc> G(static_cast<size_t>(C));
+  for (int64_t c = 0; c < C; ++c) {
+    double s = 0;
+    for (int64_t t = 0; t < T; ++t) { g[c * Tpad + t] = gp[c * T + t]; s += gp[c * T + t]; }
+    G[c] = static_cast<Acc>(s);
+  }
+  Acc* gw = static_cast<Acc*>(a.gw);
+  parallel_ranges(N, column_grain(Tpad, C), [&](int64_t ib, int64_t ie, int) {
+    std::vector<uint32_t> bits(static_cast<size_t>(nblk) * kChunk * 4);
+    for (int64_t i0 = ib; i0 < ie; i0 += kChunk) {
+      const int64_t len = std::min(kChunk, ie - i0);
+      for (int64_t b = 0; b < nblk; ++b)
+        philox_fill(static_cast<uint64_t>(i0), len, static_cast<uint32_t>(b), a.k0, a.k1,
+                    bits.data() + b * kChunk * 4);
+      for (int64_t c = 0; c < C; ++c)
+        bwd_chunk<Acc>(isa, bits.data(), len, nblk, g.data() + c * Tpad, G[c], gw + c * N + i0);
+    }
+  });
+}
+
+}  // namespace
+
+void projection_forward_cpu(const ProjectionForwardArgs& a) {
+  check_projection_args(a);
+  if (a.w_dtype == kFloat64) forward_impl<double>(a);
+  else forward_impl<float>(a);
+}
+
+void projection_backward_cpu(const ProjectionBackwardArgs& a) {
+  check_projection_args(a);
+  if (a.gp_dtype == kFloat64) backward_impl<double>(a);
+  else backward_impl<float>(a);
+}
+
+}  // namespace nnmark

@@ -1,0 +1,19 @@
+"""nnmark: watermark neural networks and prove ownership with exact p-values.
+
+White-box marks (Uchida et al. 2017) on a keyed projection whose matrix is
+never stored (key spec v1), native C++/CUDA kernels, safe checkpoint reading.
+"""
+from ._ext import build_info, get_num_threads, set_num_threads
+from .checkpoints import CheckpointError
+from .keys import DenseKey, KeyFileError, WhiteBoxKey, load_key, message_bits
+from .ops import dense_projection, keyed_projection, philox4x32_10
+from .stats import Verdict, binomial_p_value, binomial_threshold
+from .whitebox import Uchida, extract, verify
+
+__all__ = [
+    "build_info", "get_num_threads", "set_num_threads",
+    "WhiteBoxKey", "DenseKey", "load_key", "KeyFileError", "message_bits",
+    "Uchida", "extract", "verify", "Verdict", "binomial_p_value", "binomial_threshold",
+    "keyed_projection", "dense_projection", "philox4x32_10", "CheckpointError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,351 @@
+"""White-box keys (key spec v1, DESIGN.md §4) and the key file format.
+
+A key is a secret. Key files are written with mode 0600; no ``repr``, log or
+report shows the secret (only ``key_id``, a one-way fingerprint); keys refuse
+to be pickled, so they never end up inside a checkpoint.
+
+Key file: UTF-8 JSON with ``format="nnmark-key"``, ``version=1``, the key's
+fields and ``checksum`` = SHA-256 over the canonical JSON of all other fields.
+``load_key`` rejects unknown formats and versions, truncated files and files
+whose checksum does not match (edited or corrupted).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import secrets as _secrets
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import ops
+from .carriers import REDUCTIONS, reduce_carrier
+
+FORMAT = "nnmark-key"
+VERSION = 1
+SECRET_BYTES = 32
+_PROJECTION_DOMAIN = b"nnmark:projection:v1:"
+_MESSAGE_DOMAIN = b"nnmark:message:v1:"
+_KEY_ID_DOMAIN = b"nnmark:key-id:v1:"
+
+
+class KeyFileError(ValueError):
+    """A key file that cannot be used: unreadable, truncated, edited, or of an unknown version."""
+
+
+def message_bits(message: str | bytes, n: int) -> np.ndarray:
+    """The n owner bits derived from a message.
+
+    bits = the first n bits (most significant first in each byte) of
+    SHAKE-256(b"nnmark:message:v1:" + message as UTF-8). The same message always
+    gives the same bits, so an owner can re-derive them from a label such as
+    "ACME Corp, model v3"; the bits look random, as the null hypothesis assumes.
+    """
+    if isinstance(message, str):
+        message = message.encode("utf-8")
+    if not isinstance(message, (bytes, bytearray)) or len(message) == 0:
+        raise ValueError("message must be a non-empty str or bytes")
+    digest = hashlib.shake_256(_MESSAGE_DOMAIN + bytes(message)).digest((n + 7) // 8)
+    return np.unpackbits(np.frombuffer(digest, dtype=np.uint8))[:n].astype(np.uint8)
+
+
+def _as_bits(bits: Any) -> np.ndarray:
+    if isinstance(bits, (str, bytes)):
+        raise TypeError("bits must be a sequence of 0/1 values (use message=... to derive bits from text)")
+    arr = np.asarray(bits.cpu() if isinstance(bits, torch.Tensor) else bits)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"bits must be a non-empty 1-D sequence of 0/1, got shape {arr.shape}")
+    if not np.all((arr == 0) | (arr == 1)):
+        bad = arr[(arr != 0) & (arr != 1)][:3].tolist()
+        raise ValueError(f"bits must contain only 0 and 1, found {bad}")
+    return arr.astype(np.uint8)
+
+
+def _check_carrier(carrier: Any) -> str:
+    if not isinstance(carrier, str) or not carrier:
+        raise ValueError(f"carrier must be a non-empty state-dict name such as 'features.3.weight', got {carrier!r}")
+    return carrier
+
+
+def _check_reduction(reduction: Any) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
+    return reduction
+
+
+def _check_shape(shape: Any) -> tuple[int, ...] | None:
+    if shape is None:
+        return None
+    shape = tuple(int(s) for s in shape)
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"shape must be a non-empty tuple of positive sizes, got {shape}")
+    return shape
+
+
+def _min_bits_warning(n: int) -> None:
+    if n < 20:  # 2^-20 ~ 1e-6: fewer bits can never reach the default alpha
+        warnings.warn(f"a key with {n} bits can never verify at alpha=1e-6 (needs >= 20 bits)", stacklevel=3)
+
+
+class _WhiteBoxBase:
+    """What both key kinds share: carrier, reduction, owner bits, projection, files."""
+
+    kind = ""
+
+    def __init__(self, carrier, bits, reduction, shape, order="torch"):
+        self.carrier = _check_carrier(carrier)
+        self.reduction = _check_reduction(reduction)
+        self._bits = _as_bits(bits)
+        self.shape = _check_shape(shape)
+        if order not in ("torch", "keras"):
+            raise ValueError(f"order must be 'torch' or 'keras', got {order!r}")
+        self.order = order
+
+    # -- the owner's bits ------------------------------------------------------------
+    @property
+    def bits(self) -> torch.Tensor:
+        """The owner's bits, uint8 ``[T]``."""
+        return torch.from_numpy(self._bits.copy())
+
+    @property
+    def num_bits(self) -> int:
+        return int(self._bits.size)
+
+    def __len__(self) -> int:
+        return self.num_bits
+
+    # -- projection ------------------------------------------------------------------
+    def reduce(self, weight: torch.Tensor, batched: bool = False) -> torch.Tensor:
+        """The carrier vector(s) of a weight tensor: ``[N]``, or ``[C, N]`` when batched."""
+        return reduce_carrier(weight, self.reduction, batched=batched, order=self.order)
+
+    def project(self, tensor, batched: bool = False) -> torch.Tensor:
+        """Raw projections of a carrier weight tensor after the key's reduction.
+
+        ``tensor``: one weight tensor -> ``[T]``; a list/tuple of weight tensors,
+        or one stacked tensor with ``batched=True`` -> ``[C, T]``. Differentiable.
+        """
+        if isinstance(tensor, (list, tuple)):
+            if not tensor:
+                raise ValueError("project() got an empty list of tensors")
+            shapes = {tuple(t.shape) for t in tensor}
+            if len(shapes) != 1:
+                raise ValueError(f"project() needs tensors of one shape to batch, got {sorted(shapes)}")
+            tensor, batched = torch.stack([torch.as_tensor(t) for t in tensor]), True
+        if not isinstance(tensor, torch.Tensor):
+            tensor = torch.as_tensor(tensor)
+        if self.shape is not None:
+            got = tuple(tensor.shape[1:] if batched else tensor.shape)
+            if got != self.shape:
+                raise ValueError(f"carrier {self.carrier!r} has shape {list(got)}, the key expects {list(self.shape)}")
+        return self.project_vectors(self.reduce(tensor, batched=batched))
+
+    def project_vectors(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- secrecy ---------------------------------------------------------------------
+    def __reduce__(self):
+        raise TypeError(f"{type(self).__name__} holds a secret and is not picklable; use key.save(path)")
+
+    def __deepcopy__(self, memo):
+        raise TypeError(f"{type(self).__name__} holds a secret and is not copied; use key.save(path)")
+
+    # -- files -----------------------------------------------------------------------
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "carrier": self.carrier,
+            "reduction": self.reduction,
+            "order": self.order,
+            "num_bits": self.num_bits,
+            "bits": "".join(str(int(b)) for b in self._bits),
+            "shape": list(self.shape) if self.shape is not None else None,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the key to ``path`` (mode 0600). Refuses to overwrite a non-key file."""
+        path = Path(path)
+        body = {"format": FORMAT, "version": VERSION, "kind": self.kind, "key_id": self.key_id,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "warning": "SECRET: whoever holds this file can verify and remove this watermark. Keep it private.",
+                **self._fields()}
+        body["checksum"] = _checksum(body)
+        text = json.dumps(body, indent=1, sort_keys=True) + "\n"
+        # Create with 0600 from the start: the secret is never readable by others, not even briefly.
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path
+
+
+class WhiteBoxKey(_WhiteBoxBase):
+    """A keyed white-box watermark key (spec v1): 32-byte secret, carrier, reduction, bits.
+
+    The projection X in {-1,+1}^{T x N} is derived from the secret and the carrier
+    name and never stored.
+    """
+
+    kind = "whitebox"
+
+    def __init__(self, secret: bytes, carrier: str, bits: Sequence[int], reduction: str = "filter_mean",
+                 shape: Sequence[int] | None = None):
+        if not isinstance(secret, (bytes, bytearray)) or len(secret) != SECRET_BYTES:
+            got = f"{len(secret)} bytes" if isinstance(secret, (bytes, bytearray)) else type(secret).__name__
+            raise ValueError(f"secret must be {SECRET_BYTES} bytes, got {got}")
+        super().__init__(carrier, bits, reduction, shape)
+        self._secret = bytes(secret)
+        _min_bits_warning(self.num_bits)
+
+    @classmethod
+    def generate(cls, carrier: str = "features.3.weight", bits: int = 256, reduction: str = "filter_mean",
+                 message: str | bytes | None = None, shape: Sequence[int] | None = None) -> "WhiteBoxKey":
+        """A new key with a fresh secret from ``os.urandom``.
+
+        ``bits`` is the number of bits T. The owner's bits are random, or derived
+        from ``message`` (see :func:`message_bits`). ``shape`` (optional) records
+        the carrier's weight shape so a wrong-shaped carrier is reported.
+        """
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
+            raise ValueError(f"bits must be a positive int (the number of bits), got {bits!r}")
+        owner = (message_bits(message, bits) if message is not None
+                 else np.unpackbits(np.frombuffer(os.urandom((bits + 7) // 8), dtype=np.uint8))[:bits])
+        return cls(os.urandom(SECRET_BYTES), carrier, owner, reduction, shape)
+
+    @property
+    def key_id(self) -> str:
+        """A public fingerprint (first 16 hex digits of a hash of the secret): safe to log."""
+        return hashlib.sha256(_KEY_ID_DOMAIN + self._secret).hexdigest()[:16]
+
+    def subkey(self) -> tuple[int, int]:
+        """Philox key (k0, k1) of this carrier (spec v1 step 1). Secret: do not log."""
+        d = hashlib.sha256(self._secret + _PROJECTION_DOMAIN + self.carrier.encode("utf-8")).digest()
+        return int.from_bytes(d[0:4], "little"), int.from_bytes(d[4:8], "little")
+
+    def project_vectors(self, v: torch.Tensor) -> torch.Tensor:
+        return ops.keyed_projection(v, self.subkey(), self.num_bits)
+
+    def _fields(self) -> dict[str, Any]:
+        return {"secret": self._secret.hex(), **super()._fields()}
+
+    def __repr__(self) -> str:
+        return (f"WhiteBoxKey(key_id={self.key_id!r}, carrier={self.carrier!r}, bits={self.num_bits}, "
+                f"reduction={self.reduction!r})")
+
+    __str__ = __repr__
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, WhiteBoxKey) and _secrets.compare_digest(self._secret, other._secret)
+                and self._fields() == other._fields())
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class DenseKey(_WhiteBoxBase):
+    """A white-box key with an explicit projection matrix X[T, N] (keys from other tools).
+
+    ``order`` says which element order X expects of a ``filter_mean`` conv carrier:
+    ``"torch"`` ((in, kh, kw), torch's [out, in, kh, kw] averaged over out) or
+    ``"keras"`` ((kh, kw, in), Uchida's Keras code averaging a (kh, kw, in, out) kernel).
+    """
+
+    kind = "whitebox-dense"
+
+    def __init__(self, matrix, carrier: str, bits: Sequence[int], reduction: str = "filter_mean",
+                 order: str = "torch", shape: Sequence[int] | None = None):
+        super().__init__(carrier, bits, reduction, shape, order)
+        x = torch.as_tensor(np.asarray(matrix.cpu() if isinstance(matrix, torch.Tensor) else matrix))
+        if x.dim() != 2 or x.numel() == 0:
+            raise ValueError(f"matrix must be a non-empty [T, N] array, got shape {list(x.shape)}")
+        if x.shape[0] != self.num_bits:
+            raise ValueError(f"matrix has {x.shape[0]} rows but there are {self.num_bits} bits")
+        if not torch.isfinite(x).all():
+            raise ValueError("matrix contains NaN or Inf")
+        self._matrix = x.to(torch.float32).contiguous()
+        _min_bits_warning(self.num_bits)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return self._matrix.clone()
+
+    @property
+    def key_id(self) -> str:
+        return hashlib.sha256(_KEY_ID_DOMAIN + self._matrix.numpy().tobytes()).hexdigest()[:16]
+
+    def project_vectors(self, v: torch.Tensor) -> torch.Tensor:
+        if v.shape[-1] != self._matrix.shape[1]:
+            raise ValueError(f"carrier {self.carrier!r} reduces to length {v.shape[-1]}, "
+                             f"the key's matrix expects {self._matrix.shape[1]}")
+        return ops.dense_projection(v, self._matrix.to(v.device))
+
+    def _fields(self) -> dict[str, Any]:
+        m = self._matrix.numpy().astype("<f4")
+        return {"matrix": base64.b64encode(m.tobytes()).decode("ascii"), "matrix_shape": list(m.shape),
+                **super()._fields()}
+
+    def __repr__(self) -> str:
+        return (f"DenseKey(key_id={self.key_id!r}, carrier={self.carrier!r}, bits={self.num_bits}, "
+                f"n={self._matrix.shape[1]}, order={self.order!r})")
+
+    __str__ = __repr__
+
+
+def _checksum(body: dict[str, Any]) -> str:
+    rest = {k: v for k, v in body.items() if k != "checksum"}
+    canon = json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(canon).hexdigest()
+
+
+def load_key(path: str | os.PathLike):
+    """Read a key file written by ``key.save``; raises :class:`KeyFileError` on any defect."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {str(path)!r}: {exc.strerror or exc}") from None
+    if not raw.strip():
+        raise KeyFileError(f"key file {str(path)!r} is empty")
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise KeyFileError(f"key file {str(path)!r} is not valid key JSON (truncated or not a key file)") from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise KeyFileError(f"{str(path)!r} is not an nnmark key file (format is {body.get('format') if isinstance(body, dict) else None!r})")
+    version = body.get("version")
+    if version != VERSION:
+        raise KeyFileError(f"key file {str(path)!r} has version {version!r}; this nnmark reads version {VERSION}")
+    if body.get("checksum") != _checksum(body):
+        raise KeyFileError(f"key file {str(path)!r} failed its checksum: it was edited or corrupted")
+    kind = body.get("kind")
+    try:
+        bits = [int(c) for c in body["bits"]]
+        if len(bits) != body["num_bits"]:
+            raise KeyFileError(f"key file {str(path)!r}: num_bits={body['num_bits']} but {len(bits)} bits stored")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if kind == WhiteBoxKey.kind:
+                key = WhiteBoxKey(bytes.fromhex(body["secret"]), body["carrier"], bits, body["reduction"], body["shape"])
+            elif kind == DenseKey.kind:
+                shape = tuple(body["matrix_shape"])
+                m = np.frombuffer(base64.b64decode(body["matrix"]), dtype="<f4").reshape(shape)
+                key = DenseKey(m, body["carrier"], bits, body["reduction"], body["order"], body["shape"])
+            else:
+                raise KeyFileError(f"key file {str(path)!r} has unknown kind {kind!r}")
+    except KeyFileError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise KeyFileError(f"key file {str(path)!r} is malformed: {exc}") from None
+    if key.key_id != body.get("key_id"):
+        raise KeyFileError(f"key file {str(path)!r}: key_id does not match its secret")
+    return key

@@ -1,0 +1,194 @@
+"""Native ops over torch tensors: the keyed projection of key spec v1 (X never
+stored) and the dense projection for imported keys, each differentiable.
+
+Shapes: carriers ``w`` are ``[N]`` or ``[C, N]``; projections are ``[T]`` or
+``[C, T]``. Accumulation is float32 for float32/float16/bfloat16 carriers and
+float64 for float64 ones; results come back in that accumulation dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _ext
+from ._arrays import FLOAT_DTYPES, as_tensor, native
+
+_UINT32 = 1 << 32
+
+
+def philox4x32_10(counter, key) -> tuple[int, int, int, int]:
+    """Philox4x32-10 of one 4-word counter under a 2-word key (for known-answer checks)."""
+    c = [int(v) for v in counter]
+    k = [int(v) for v in key]
+    if len(c) != 4 or len(k) != 2 or not all(0 <= v < _UINT32 for v in c + k):
+        raise ValueError(f"philox4x32_10 expects 4 counter and 2 key words in [0, 2^32), got {counter!r}, {key!r}")
+    return tuple(_ext.cpu.philox4x32_10(*c, *k))
+
+
+def _check_subkey(subkey) -> tuple[int, int]:
+    try:
+        k0, k1 = (int(v) for v in subkey)
+    except (TypeError, ValueError):
+        raise ValueError(f"subkey must be two uint32 words (k0, k1), got {subkey!r}") from None
+    if not (0 <= k0 < _UINT32 and 0 <= k1 < _UINT32):
+        raise ValueError(f"subkey words must be in [0, 2^32), got ({k0}, {k1})")
+    return k0, k1
+
+
+def _carriers(w, what: str = "carrier") -> tuple[torch.Tensor, bool]:
+    w = as_tensor(w, what)
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float32, float64, float16 or bfloat16, got {w.dtype}")
+    if w.dim() not in (1, 2):
+        raise ValueError(f"{what} must be [N] or [C, N], got shape {list(w.shape)}")
+    if w.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {list(w.shape)})")
+    return w, w.dim() == 1
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _forward(w2: torch.Tensor, T: int, k0: int, k1: int) -> torch.Tensor:
+    C, N = w2.shape
+    p = torch.empty((C, T), dtype=_acc_dtype(w2.dtype), device=w2.device)
+    a, o = native(w2), native(p)
+    if w2.is_cuda:
+        _ext.cuda_module().projection_forward(a.ptr, a.dtype, C, N, T, k0, k1, o.ptr, a.device, a.stream)
+    else:
+        _ext.cpu.projection_forward(a.ptr, a.dtype, C, N, T, k0, k1, o.ptr)
+    return p
+
+
+def _backward(gp2: torch.Tensor, N: int, k0: int, k1: int) -> torch.Tensor:
+    C, T = gp2.shape
+    gw = torch.empty((C, N), dtype=gp2.dtype, device=gp2.device)
+    a, o = native(gp2), native(gw)
+    if gp2.is_cuda:
+        _ext.cuda_module().projection_backward(a.ptr, a.dtype, C, N, T, k0, k1, o.ptr, a.device, a.stream)
+    else:
+        _ext.cpu.projection_backward(a.ptr, a.dtype, C, N, T, k0, k1, o.ptr)
+    return gw
+
+
+class _KeyedProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w2, T, k0, k1):
+        ctx.meta = (w2.shape[1], k0, k1, w2.dtype)
+        return _forward(w2.detach().contiguous(), T, k0, k1)
+
+    @staticmethod
+    def backward(ctx, gp):
+        N, k0, k1, w_dtype = ctx.meta
+        gp = gp.contiguous()
+        if gp.dtype not in (torch.float32, torch.float64):
+            gp = gp.float()
+        # Differentiable in turn: the backward of X^T.gp is X.(grad), so gradcheck of
+        # second order works too.
+        gw = _KeyedProjectionT.apply(gp, N, k0, k1)
+        return gw.to(w_dtype), None, None, None
+
+
+class _KeyedProjectionT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gp2, N, k0, k1):
+        ctx.meta = (gp2.shape[1], k0, k1)
+        return _backward(gp2.detach().contiguous(), N, k0, k1)
+
+    @staticmethod
+    def backward(ctx, ggw):
+        T, k0, k1 = ctx.meta
+        return _KeyedProjection.apply(ggw.contiguous(), T, k0, k1), None, None, None
+
+
+def keyed_projection(w, subkey, bits: int) -> torch.Tensor:
+    """``p = X . w`` with X in {-1,+1}^{bits x N} drawn from Philox under ``subkey``.
+
+    ``w``: ``[N]`` or ``[C, N]`` (torch, numpy or cupy; CPU or CUDA). Returns ``[T]``
+    or ``[C, T]`` (float32, or float64 for float64 input); differentiable in ``w``.
+    """
+    k0, k1 = _check_subkey(subkey)
+    T = int(bits)
+    if T < 1:
+        raise ValueError(f"bits must be >= 1, got {bits}")
+    w, single = _carriers(w)
+    p = _KeyedProjection.apply(w.unsqueeze(0) if single else w, T, k0, k1)
+    return p[0] if single else p
+
+
+def keyed_projection_transpose(gp, subkey, n: int) -> torch.Tensor:
+    """``g = X^T . gp`` for ``gp`` ``[T]`` or ``[C, T]`` (float32/float64): the backward op."""
+    k0, k1 = _check_subkey(subkey)
+    gp = as_tensor(gp, "gp")
+    if gp.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"gp must be float32 or float64, got {gp.dtype}")
+    if gp.dim() not in (1, 2) or gp.numel() == 0:
+        raise ValueError(f"gp must be a non-empty [T] or [C, T], got shape {list(gp.shape)}")
+    if int(n) < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    single = gp.dim() == 1
+    g = _KeyedProjectionT.apply(gp.unsqueeze(0) if single else gp, int(n), k0, k1)
+    return g[0] if single else g
+
+
+# ---------------------------------------------------------------- dense (imported keys)
+def _dense_forward(x: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    C, N = w2.shape
+    T = x.shape[0]
+    p = torch.empty((C, T), dtype=x.dtype, device=w2.device)
+    xa, wa, o = native(x), native(w2), native(p)
+    if w2.is_cuda:
+        _ext.cuda_module().dense_forward(xa.ptr, xa.dtype, wa.ptr, wa.dtype, C, N, T, o.ptr, wa.device, wa.stream)
+    else:
+        _ext.cpu.dense_forward(xa.ptr, xa.dtype, wa.ptr, wa.dtype, C, N, T, o.ptr)
+    return p
+
+
+def _dense_backward(x: torch.Tensor, gp2: torch.Tensor) -> torch.Tensor:
+    C, T = gp2.shape
+    N = x.shape[1]
+    gw = torch.empty((C, N), dtype=x.dtype, device=gp2.device)
+    xa, ga, o = native(x), native(gp2), native(gw)
+    if gp2.is_cuda:
+        _ext.cuda_module().dense_backward(xa.ptr, xa.dtype, ga.ptr, C, N, T, o.ptr, ga.device, ga.stream)
+    else:
+        _ext.cpu.dense_backward(xa.ptr, xa.dtype, ga.ptr, C, N, T, o.ptr)
+    return gw
+
+
+class _DenseProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w2, x):
+        ctx.save_for_backward(x)
+        ctx.w_dtype = w2.dtype
+        return _dense_forward(x, w2.detach().contiguous())
+
+    @staticmethod
+    def backward(ctx, gp):
+        (x,) = ctx.saved_tensors
+        gw = _dense_backward(x, gp.to(x.dtype).contiguous())
+        return gw.to(ctx.w_dtype), None
+
+
+def dense_projection(w, x) -> torch.Tensor:
+    """``p = X . w`` with an explicit matrix ``x`` ``[T, N]`` (float32 or float64).
+
+    For keys made by other tools (e.g. Uchida et al.'s saved Gaussian matrix).
+    ``w`` is ``[N]`` or ``[C, N]`` on the same device; differentiable in ``w``.
+    """
+    w, single = _carriers(w)
+    x = as_tensor(x, "projection matrix").detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"projection matrix must be float32 or float64, got {x.dtype}")
+    if x.dim() != 2 or x.numel() == 0:
+        raise ValueError(f"projection matrix must be a non-empty [T, N], got shape {list(x.shape)}")
+    if x.shape[1] != w.shape[-1]:
+        raise ValueError(f"projection matrix has N={x.shape[1]} columns but the carrier has length {w.shape[-1]}")
+    if x.device != w.device:
+        raise ValueError(f"projection matrix is on {x.device} but the carrier is on {w.device}")
+    if x.dtype == torch.float64 and w.dtype != torch.float64:
+        w = w.double()
+    elif x.dtype == torch.float32 and w.dtype == torch.float64:
+        x = x.double()
+    p = _DenseProjection.apply(w.unsqueeze(0) if single else w, x.contiguous())
+    return p[0] if single else p
