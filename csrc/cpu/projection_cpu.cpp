@@ -74,56 +74,131 @@ constexpr int64_t kChunk = 256;  // columns whose Philox bits are drawn together
 constexpr int64_t kBlock = 128;  // rows per Philox call (key spec v1)
 
 // ------------------------------------------------------------- Philox bits
-// bits[4 * l + q] = word q of the block-b Philox output of column i0 + l, l < len.
-// Written lane-parallel so the compiler vectorises the 32x32->64 multiplies.
-#if NNMARK_X86 && defined(__GNUC__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
-void philox_fill(uint64_t i0, int64_t len, uint32_t b, uint32_t k0, uint32_t k1,
-                 uint32_t* bits /* [len, 4] */) {
-  constexpr int L = 16;
-  for (int64_t l0 = 0; l0 < len; l0 += L) {
-    uint32_t c0[L], c1[L], c2[L], c3[L];
-    for (int l = 0; l < L; ++l) {
-      const uint64_t i = i0 + static_cast<uint64_t>(l0 + l);
-      c0[l] = static_cast<uint32_t>(i);
-      c1[l] = static_cast<uint32_t>(i >> 32);
-      c2[l] = b;
-      c3[l] = 0u;
-    }
-    uint32_t ka = k0, kb = k1;
-    for (int r = 0; r < kPhiloxRounds; ++r) {
-      for (int l = 0; l < L; ++l) {
-        const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0[l];
-        const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2[l];
-        const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[l] ^ ka;
-        const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[l] ^ kb;
-        c1[l] = static_cast<uint32_t>(p1);
-        c3[l] = static_cast<uint32_t>(p0);
-        c0[l] = n0;
-        c2[l] = n2;
-      }
-      ka += kPhiloxW0;
-      kb += kPhiloxW1;
-    }
-    const int64_t n = std::min<int64_t>(L, len - l0);
-    for (int64_t l = 0; l < n; ++l) {
-      uint32_t* o = bits + 4 * (l0 + l);
-      o[0] = c0[l]; o[1] = c1[l]; o[2] = c2[l]; o[3] = c3[l];
-    }
+// Layout of a chunk's bits (structure of arrays): word q of column i0 + l is
+// bits[q * kChunk + l], l < len <= kChunk.
+
+void philox_fill_generic(uint64_t i0, int64_t len, uint32_t b, uint32_t k0, uint32_t k1, uint32_t* bits) {
+  for (int64_t l = 0; l < len; ++l) {
+    const Philox4 r = projection_block(i0 + static_cast<uint64_t>(l), b, k0, k1);
+    for (int q = 0; q < 4; ++q) bits[q * kChunk + l] = r.v[q];
   }
 }
 
+#if NNMARK_X86
+// hi and lo 32 bits of a * m for 16 uint32 lanes.
+__attribute__((target("avx512f")))
+inline void mulhilo_avx512(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);                          // lanes 0,2,.. as 64-bit
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);    // lanes 1,3,..
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));  // cheaper than a third multiply
+}
+
+__attribute__((target("avx512f")))
+void philox_fill_avx512(uint64_t i0, int64_t len, uint32_t b, uint32_t k0, uint32_t k1, uint32_t* bits) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t l0 = 0; l0 < len; l0 += 16) {
+    const uint64_t base = i0 + static_cast<uint64_t>(l0);
+    // Counter word 0 = low 32 bits of i, word 1 = high 32 bits (carry when the low word wraps).
+    const __m512i lo = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base))), lane);
+    const __mmask16 wrapped = _mm512_cmplt_epu32_mask(lo, _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base))));
+    __m512i c0 = lo;
+    __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32))), wrapped,
+                                       _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32))),
+                                       _mm512_set1_epi32(1));
+    __m512i c2 = _mm512_set1_epi32(static_cast<int>(b));
+    __m512i c3 = _mm512_setzero_si512();
+    uint32_t ka = k0, kb = k1;
+    for (int r = 0; r < kPhiloxRounds; ++r) {
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo_avx512(c0, m0, hi0, lo0);
+      mulhilo_avx512(c2, m1, hi1, lo1);
+      // 0x96: three-way xor.
+      c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(static_cast<int>(ka)), 0x96);
+      c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(static_cast<int>(kb)), 0x96);
+      c1 = lo1;
+      c3 = lo0;
+      ka += kPhiloxW0;
+      kb += kPhiloxW1;
+    }
+    const int64_t n = std::min<int64_t>(16, len - l0);
+    const __mmask16 keep = static_cast<__mmask16>(n >= 16 ? 0xFFFF : ((1u << n) - 1));
+    _mm512_mask_storeu_epi32(bits + 0 * kChunk + l0, keep, c0);
+    _mm512_mask_storeu_epi32(bits + 1 * kChunk + l0, keep, c1);
+    _mm512_mask_storeu_epi32(bits + 2 * kChunk + l0, keep, c2);
+    _mm512_mask_storeu_epi32(bits + 3 * kChunk + l0, keep, c3);
+  }
+}
+
+__attribute__((target("avx2")))
+inline void mulhilo_avx2(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+__attribute__((target("avx2")))
+void philox_fill_avx2(uint64_t i0, int64_t len, uint32_t b, uint32_t k0, uint32_t k1, uint32_t* bits) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  for (int64_t l0 = 0; l0 < len; l0 += 8) {
+    alignas(32) uint32_t w0[8], w1[8];
+    for (int l = 0; l < 8; ++l) {
+      const uint64_t i = i0 + static_cast<uint64_t>(l0 + l);
+      w0[l] = static_cast<uint32_t>(i);
+      w1[l] = static_cast<uint32_t>(i >> 32);
+    }
+    __m256i c0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w0));
+    __m256i c1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(w1));
+    __m256i c2 = _mm256_set1_epi32(static_cast<int>(b));
+    __m256i c3 = _mm256_setzero_si256();
+    uint32_t ka = k0, kb = k1;
+    for (int r = 0; r < kPhiloxRounds; ++r) {
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo_avx2(c0, m0, hi0, lo0);
+      mulhilo_avx2(c2, m1, hi1, lo1);
+      c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(ka)));
+      c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(kb)));
+      c1 = lo1;
+      c3 = lo0;
+      ka += kPhiloxW0;
+      kb += kPhiloxW1;
+    }
+    const int64_t n = std::min<int64_t>(8, len - l0);
+    alignas(32) uint32_t out[4][8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out[0]), c0);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out[1]), c1);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out[2]), c2);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(out[3]), c3);
+    for (int q = 0; q < 4; ++q)
+      for (int64_t l = 0; l < n; ++l) bits[q * kChunk + l0 + l] = out[q][l];
+  }
+}
+#endif  // NNMARK_X86
+
+void philox_fill(Isa isa, uint64_t i0, int64_t len, uint32_t b, uint32_t k0, uint32_t k1,
+                 uint32_t* bits /* [4, kChunk] */) {
+#if NNMARK_X86
+  if (isa == Isa::kAvx512) return philox_fill_avx512(i0, len, b, k0, k1, bits);
+  if (isa == Isa::kAvx2) return philox_fill_avx2(i0, len, b, k0, k1, bits);
+#endif
+  (void)isa;
+  philox_fill_generic(i0, len, b, k0, k1, bits);
+}
+
 // ------------------------------------------------- forward: masked column sums
-// out[r] = sum_{l < len, bit r of bits[l] set} w[l], r < 128.
+// out[r] = sum_{l < len, bit r of column l set} w[l], r < 128; bits as philox_fill writes them.
 template <typename Acc>
-void fwd_block_generic(const Acc* w /* [len] */, const uint32_t* bits /* [len, 4] */,
+void fwd_block_generic(const Acc* w /* [len] */, const uint32_t* bits /* [4, kChunk] */,
                        int64_t len, Acc* out /* [128] */) {
   Acc acc[kBlock] = {};
   for (int64_t l = 0; l < len; ++l) {
     const Acc v = w[l];
     for (int q = 0; q < 4; ++q) {
-      const uint32_t word = bits[4 * l + q];
+      const uint32_t word = bits[q * kChunk + l];
       for (int j = 0; j < 32; ++j) acc[32 * q + j] += ((word >> j) & 1u) ? v : Acc(0);
     }
   }
@@ -134,18 +209,76 @@ void fwd_block_generic(const Acc* w /* [len] */, const uint32_t* bits /* [len, 4
 __attribute__((target("avx512f")))
 void fwd_block_avx512(const float* w, const uint32_t* bits, int64_t len, float* out) {
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  // Masks straight from memory as 16-bit halves (little-endian): half h of word q of
+  // column l is h16[2 * (q * kChunk + l) + h]; lane k of a(2q + h) is row 32q + 16h + k.
+  const uint16_t* h16 = reinterpret_cast<const uint16_t*>(bits);
   for (int64_t l = 0; l < len; ++l) {
     const __m512 v = _mm512_set1_ps(w[l]);
-    const uint32_t* q = bits + 4 * l;
-    // Lane k of a(2m + h) is row 32m + 16h + k: bit 16h + k of word m.
-    a0 = _mm512_mask_add_ps(a0, static_cast<__mmask16>(q[0]), a0, v);
-    a1 = _mm512_mask_add_ps(a1, static_cast<__mmask16>(q[0] >> 16), a1, v);
-    a2 = _mm512_mask_add_ps(a2, static_cast<__mmask16>(q[1]), a2, v);
-    a3 = _mm512_mask_add_ps(a3, static_cast<__mmask16>(q[1] >> 16), a3, v);
-    a4 = _mm512_mask_add_ps(a4, static_cast<__mmask16>(q[2]), a4, v);
-    a5 = _mm512_mask_add_ps(a5, static_cast<__mmask16>(q[2] >> 16), a5, v);
-    a6 = _mm512_mask_add_ps(a6, static_cast<__mmask16>(q[3]), a6, v);
-    a7 = _mm512_mask_add_ps(a7, static_cast<__mmask16>(q[3] >> 16), a7, v);
+    const uint16_t* p = h16 + 2 * l;
+    a0 = _mm512_mask_add_ps(a0, static_cast<__mmask16>(p[0]), a0, v);
+    a1 = _mm512_mask_add_ps(a1, static_cast<__mmask16>(p[1]), a1, v);
+    a2 = _mm512_mask_add_ps(a2, static_cast<__mmask16>(p[2 * kChunk]), a2, v);
+    a3 = _mm512_mask_add_ps(a3, static_cast<__mmask16>(p[2 * kChunk + 1]), a3, v);
+    a4 = _mm512_mask_add_ps(a4, static_cast<__mmask16>(p[4 * kChunk]), a4, v);
+    a5 = _mm512_mask_add_ps(a5, static_cast<__mmask16>(p[4 * kChunk + 1]), a5, v);
+    a6 = _mm512_mask_add_ps(a6, static_cast<__mmask16>(p[6 * kChunk]), a6, v);
+    a7 = _mm512_mask_add_ps(a7, static_cast<__mmask16>(p[6 * kChunk + 1]), a7, v);
+  }
+  _mm512_storeu_ps(out + 0, a0);   _mm512_storeu_ps(out + 16, a1);
+  _mm512_storeu_ps(out + 32, a2);  _mm512_storeu_ps(out + 48, a3);
+  _mm512_storeu_ps(out + 64, a4);  _mm512_storeu_ps(out + 80, a5);
+  _mm512_storeu_ps(out + 96, a6);  _mm512_storeu_ps(out + 112, a7);
+}
+
+// One carrier, AVX-512, float: Philox and the masked adds interleaved per 16
+// columns, so the integer multiplies of one batch overlap the adds of the last.
+// out[r] = sum_{l < len, bit r of column i0 + l (block b) set} w[l], r < 128.
+__attribute__((target("avx512f")))
+void fwd_fused_avx512(const float* w /* [len] */, uint64_t i0, int64_t len, uint32_t b, uint32_t k0,
+                      uint32_t k1, float* out /* [128] */) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  alignas(64) uint32_t buf[4][16];  // [word, column]
+  const uint16_t* half = reinterpret_cast<const uint16_t*>(buf);
+  for (int64_t l0 = 0; l0 < len; l0 += 16) {
+    const uint64_t base = i0 + static_cast<uint64_t>(l0);
+    const __m512i lo32 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base)));
+    const __m512i hi32 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32)));
+    __m512i c0 = _mm512_add_epi32(lo32, lane);
+    __m512i c1 = _mm512_mask_add_epi32(hi32, _mm512_cmplt_epu32_mask(c0, lo32), hi32, _mm512_set1_epi32(1));
+    __m512i c2 = _mm512_set1_epi32(static_cast<int>(b));
+    __m512i c3 = _mm512_setzero_si512();
+    uint32_t ka = k0, kb = k1;
+    for (int r = 0; r < kPhiloxRounds; ++r) {
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo_avx512(c0, m0, hi0, lo0);
+      mulhilo_avx512(c2, m1, hi1, lo1);
+      c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(static_cast<int>(ka)), 0x96);
+      c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(static_cast<int>(kb)), 0x96);
+      c1 = lo1;
+      c3 = lo0;
+      ka += kPhiloxW0;
+      kb += kPhiloxW1;
+    }
+    _mm512_store_si512(buf[0], c0);
+    _mm512_store_si512(buf[1], c1);
+    _mm512_store_si512(buf[2], c2);
+    _mm512_store_si512(buf[3], c3);
+    const int64_t n = std::min<int64_t>(16, len - l0);
+    for (int64_t l = 0; l < n; ++l) {
+      const __m512 v = _mm512_set1_ps(w[l0 + l]);
+      // 16-bit halves of word q of column l: half[2 * (16 q + l) + h].
+      a0 = _mm512_mask_add_ps(a0, static_cast<__mmask16>(half[2 * (0 + l)]), a0, v);
+      a1 = _mm512_mask_add_ps(a1, static_cast<__mmask16>(half[2 * (0 + l) + 1]), a1, v);
+      a2 = _mm512_mask_add_ps(a2, static_cast<__mmask16>(half[2 * (16 + l)]), a2, v);
+      a3 = _mm512_mask_add_ps(a3, static_cast<__mmask16>(half[2 * (16 + l) + 1]), a3, v);
+      a4 = _mm512_mask_add_ps(a4, static_cast<__mmask16>(half[2 * (32 + l)]), a4, v);
+      a5 = _mm512_mask_add_ps(a5, static_cast<__mmask16>(half[2 * (32 + l) + 1]), a5, v);
+      a6 = _mm512_mask_add_ps(a6, static_cast<__mmask16>(half[2 * (48 + l)]), a6, v);
+      a7 = _mm512_mask_add_ps(a7, static_cast<__mmask16>(half[2 * (48 + l) + 1]), a7, v);
+    }
   }
   _mm512_storeu_ps(out + 0, a0);   _mm512_storeu_ps(out + 16, a1);
   _mm512_storeu_ps(out + 32, a2);  _mm512_storeu_ps(out + 48, a3);
@@ -159,7 +292,7 @@ void fwd_block_avx512(const double* w, const uint32_t* bits, int64_t len, double
   for (int g = 0; g < 16; ++g) a[g] = _mm512_setzero_pd();
   for (int64_t l = 0; l < len; ++l) {
     const __m512d v = _mm512_set1_pd(w[l]);
-    const uint32_t* q = bits + 4 * l;
+    const uint32_t q[4] = {bits[l], bits[kChunk + l], bits[2 * kChunk + l], bits[3 * kChunk + l]};
 #pragma GCC unroll 16
     for (int g = 0; g < 16; ++g)  // lane k of a[g] is row 8g + k
       a[g] = _mm512_mask_add_pd(a[g], static_cast<__mmask8>(q[g >> 2] >> (8 * (g & 3))), a[g], v);
@@ -181,7 +314,7 @@ void fwd_block_avx2(const float* w, const uint32_t* bits, int64_t len, float* ou
     for (int64_t l = 0; l < len; ++l) {
       const __m256 v = _mm256_set1_ps(w[l]);
       for (int h = 0; h < 2; ++h) {
-        const __m256i bc = _mm256_set1_epi32(static_cast<int>(bits[4 * l + 2 * pass + h]));
+        const __m256i bc = _mm256_set1_epi32(static_cast<int>(bits[(2 * pass + h) * kChunk + l]));
         a[4 * h + 0] = _mm256_add_ps(a[4 * h + 0], _mm256_blendv_ps(zero, v, _mm256_castsi256_ps(_mm256_sllv_epi32(bc, s0))));
         a[4 * h + 1] = _mm256_add_ps(a[4 * h + 1], _mm256_blendv_ps(zero, v, _mm256_castsi256_ps(_mm256_sllv_epi32(bc, s1))));
         a[4 * h + 2] = _mm256_add_ps(a[4 * h + 2], _mm256_blendv_ps(zero, v, _mm256_castsi256_ps(_mm256_sllv_epi32(bc, s2))));
@@ -204,7 +337,7 @@ void fwd_block_avx2(const double* w, const uint32_t* bits, int64_t len, double* 
     for (int g = 0; g < 8; ++g) a[g] = zero;
     for (int64_t l = 0; l < len; ++l) {
       const __m256d v = _mm256_set1_pd(w[l]);
-      const __m256i bc = _mm256_set1_epi64x(static_cast<long long>(bits[4 * l + q]));
+      const __m256i bc = _mm256_set1_epi64x(static_cast<long long>(bits[q * kChunk + l]));
 #pragma GCC unroll 8
       for (int g = 0; g < 8; ++g)
         a[g] = _mm256_add_pd(a[g], _mm256_blendv_pd(zero, v, _mm256_castsi256_pd(_mm256_sllv_epi64(bc, sh[g]))));
@@ -226,13 +359,14 @@ void fwd_block(Isa isa, const Acc* w, const uint32_t* bits, int64_t len, Acc* ou
 
 // ------------------------------------------------ backward: masked row sums
 // gw[l] = 2 * sum_b sum_{r : bit r of block b set} g[128 b + r] - G, l < len.
-// bits: [nblk, kChunk, 4]; g: [nblk * 128], zero past T.
+// bits: [nblk, 4, kChunk]; g: [nblk * 128], zero past T.
 template <typename Acc>
 void bwd_chunk_generic(const uint32_t* bits, int64_t len, int64_t nblk, const Acc* g, Acc G, Acc* gw) {
   for (int64_t l = 0; l < len; ++l) {
     Acc s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     for (int64_t b = 0; b < nblk; ++b) {
-      const uint32_t* q = bits + 4 * (b * kChunk + l);
+      const uint32_t* blk = bits + 4 * kChunk * b;
+      const uint32_t q[4] = {blk[l], blk[kChunk + l], blk[2 * kChunk + l], blk[3 * kChunk + l]};
       const Acc* gb = g + kBlock * b;
       for (int j = 0; j < 32; ++j) {
         s0 += ((q[0] >> j) & 1u) ? gb[j] : Acc(0);
@@ -251,7 +385,8 @@ void bwd_chunk_avx512(const uint32_t* bits, int64_t len, int64_t nblk, const flo
   for (int64_t l = 0; l < len; ++l) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  // four chains hide add latency
     for (int64_t b = 0; b < nblk; ++b) {
-      const uint32_t* q = bits + 4 * (b * kChunk + l);
+      const uint32_t* blk = bits + 4 * kChunk * b;
+      const uint32_t q[4] = {blk[l], blk[kChunk + l], blk[2 * kChunk + l], blk[3 * kChunk + l]};
       const float* gb = g + kBlock * b;
       a0 = _mm512_mask_add_ps(a0, static_cast<__mmask16>(q[0]), a0, _mm512_loadu_ps(gb + 0));
       a1 = _mm512_mask_add_ps(a1, static_cast<__mmask16>(q[0] >> 16), a1, _mm512_loadu_ps(gb + 16));
@@ -273,7 +408,8 @@ void bwd_chunk_avx512(const uint32_t* bits, int64_t len, int64_t nblk, const dou
     __m512d a[4];
     for (int k = 0; k < 4; ++k) a[k] = _mm512_setzero_pd();
     for (int64_t b = 0; b < nblk; ++b) {
-      const uint32_t* q = bits + 4 * (b * kChunk + l);
+      const uint32_t* blk = bits + 4 * kChunk * b;
+      const uint32_t q[4] = {blk[l], blk[kChunk + l], blk[2 * kChunk + l], blk[3 * kChunk + l]};
       const double* gb = g + kBlock * b;
 #pragma GCC unroll 16
       for (int m = 0; m < 16; ++m)
@@ -295,7 +431,8 @@ void bwd_chunk_avx2(const uint32_t* bits, int64_t len, int64_t nblk, const float
   for (int64_t l = 0; l < len; ++l) {
     __m256 a0 = zero, a1 = zero, a2 = zero, a3 = zero;
     for (int64_t b = 0; b < nblk; ++b) {
-      const uint32_t* q = bits + 4 * (b * kChunk + l);
+      const uint32_t* blk = bits + 4 * kChunk * b;
+      const uint32_t q[4] = {blk[l], blk[kChunk + l], blk[2 * kChunk + l], blk[3 * kChunk + l]};
       const float* gb = g + kBlock * b;
       for (int m = 0; m < 4; ++m) {
         const __m256i bc = _mm256_set1_epi32(static_cast<int>(q[m]));
@@ -377,7 +514,7 @@ void forward_impl(const ProjectionForwardArgs& a) {
         S[c] += load_row<Acc>(row, a.w_dtype, i0, len, wc.data() + c * kChunk);
       }
       for (int64_t b = 0; b < nblk; ++b) {
-        philox_fill(static_cast<uint64_t>(i0), len, static_cast<uint32_t>(b), a.k0, a.k1, bits.data());
+        philox_fill(isa, static_cast<uint64_t>(i0), len, static_cast<uint32_t>(b), a.k0, a.k1, bits.data());
         for (int64_t c = 0; c < C; ++c) {
           fwd_block<Acc>(isa, wc.data() + c * kChunk, bits.data(), len, out);
           double* Ac = A + c * Tpad + b * kBlock;
@@ -417,7 +554,7 @@ void backward_impl(const ProjectionBackwardArgs& a) {
     for (int64_t i0 = ib; i0 < ie; i0 += kChunk) {
       const int64_t len = std::min(kChunk, ie - i0);
       for (int64_t b = 0; b < nblk; ++b)
-        philox_fill(static_cast<uint64_t>(i0), len, static_cast<uint32_t>(b), a.k0, a.k1,
+        philox_fill(isa, static_cast<uint64_t>(i0), len, static_cast<uint32_t>(b), a.k0, a.k1,
                     bits.data() + b * kChunk * 4);
       for (int64_t c = 0; c < C; ++c)
         bwd_chunk<Acc>(isa, bits.data(), len, nblk, g.data() + c * Tpad, G[c], gw + c * N + i0);
