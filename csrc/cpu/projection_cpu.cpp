@@ -209,76 +209,19 @@ void fwd_block_generic(const Acc* w /* [len] */, const uint32_t* bits /* [4, kCh
 __attribute__((target("avx512f")))
 void fwd_block_avx512(const float* w, const uint32_t* bits, int64_t len, float* out) {
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  // Masks straight from memory as 16-bit halves (little-endian): half h of word q of
-  // column l is h16[2 * (q * kChunk + l) + h]; lane k of a(2q + h) is row 32q + 16h + k.
-  const uint16_t* h16 = reinterpret_cast<const uint16_t*>(bits);
   for (int64_t l = 0; l < len; ++l) {
     const __m512 v = _mm512_set1_ps(w[l]);
-    const uint16_t* p = h16 + 2 * l;
-    a0 = _mm512_mask_add_ps(a0, static_cast<__mmask16>(p[0]), a0, v);
-    a1 = _mm512_mask_add_ps(a1, static_cast<__mmask16>(p[1]), a1, v);
-    a2 = _mm512_mask_add_ps(a2, static_cast<__mmask16>(p[2 * kChunk]), a2, v);
-    a3 = _mm512_mask_add_ps(a3, static_cast<__mmask16>(p[2 * kChunk + 1]), a3, v);
-    a4 = _mm512_mask_add_ps(a4, static_cast<__mmask16>(p[4 * kChunk]), a4, v);
-    a5 = _mm512_mask_add_ps(a5, static_cast<__mmask16>(p[4 * kChunk + 1]), a5, v);
-    a6 = _mm512_mask_add_ps(a6, static_cast<__mmask16>(p[6 * kChunk]), a6, v);
-    a7 = _mm512_mask_add_ps(a7, static_cast<__mmask16>(p[6 * kChunk + 1]), a7, v);
-  }
-  _mm512_storeu_ps(out + 0, a0);   _mm512_storeu_ps(out + 16, a1);
-  _mm512_storeu_ps(out + 32, a2);  _mm512_storeu_ps(out + 48, a3);
-  _mm512_storeu_ps(out + 64, a4);  _mm512_storeu_ps(out + 80, a5);
-  _mm512_storeu_ps(out + 96, a6);  _mm512_storeu_ps(out + 112, a7);
-}
-
-// One carrier, AVX-512, float: Philox and the masked adds interleaved per 16
-// columns, so the integer multiplies of one batch overlap the adds of the last.
-// out[r] = sum_{l < len, bit r of column i0 + l (block b) set} w[l], r < 128.
-__attribute__((target("avx512f")))
-void fwd_fused_avx512(const float* w /* [len] */, uint64_t i0, int64_t len, uint32_t b, uint32_t k0,
-                      uint32_t k1, float* out /* [128] */) {
-  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
-  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  alignas(64) uint32_t buf[4][16];  // [word, column]
-  const uint16_t* half = reinterpret_cast<const uint16_t*>(buf);
-  for (int64_t l0 = 0; l0 < len; l0 += 16) {
-    const uint64_t base = i0 + static_cast<uint64_t>(l0);
-    const __m512i lo32 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base)));
-    const __m512i hi32 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32)));
-    __m512i c0 = _mm512_add_epi32(lo32, lane);
-    __m512i c1 = _mm512_mask_add_epi32(hi32, _mm512_cmplt_epu32_mask(c0, lo32), hi32, _mm512_set1_epi32(1));
-    __m512i c2 = _mm512_set1_epi32(static_cast<int>(b));
-    __m512i c3 = _mm512_setzero_si512();
-    uint32_t ka = k0, kb = k1;
-    for (int r = 0; r < kPhiloxRounds; ++r) {
-      __m512i hi0, lo0, hi1, lo1;
-      mulhilo_avx512(c0, m0, hi0, lo0);
-      mulhilo_avx512(c2, m1, hi1, lo1);
-      c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(static_cast<int>(ka)), 0x96);
-      c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(static_cast<int>(kb)), 0x96);
-      c1 = lo1;
-      c3 = lo0;
-      ka += kPhiloxW0;
-      kb += kPhiloxW1;
-    }
-    _mm512_store_si512(buf[0], c0);
-    _mm512_store_si512(buf[1], c1);
-    _mm512_store_si512(buf[2], c2);
-    _mm512_store_si512(buf[3], c3);
-    const int64_t n = std::min<int64_t>(16, len - l0);
-    for (int64_t l = 0; l < n; ++l) {
-      const __m512 v = _mm512_set1_ps(w[l0 + l]);
-      // 16-bit halves of word q of column l: half[2 * (16 q + l) + h].
-      a0 = _mm512_mask_add_ps(a0, static_cast<__mmask16>(half[2 * (0 + l)]), a0, v);
-      a1 = _mm512_mask_add_ps(a1, static_cast<__mmask16>(half[2 * (0 + l) + 1]), a1, v);
-      a2 = _mm512_mask_add_ps(a2, static_cast<__mmask16>(half[2 * (16 + l)]), a2, v);
-      a3 = _mm512_mask_add_ps(a3, static_cast<__mmask16>(half[2 * (16 + l) + 1]), a3, v);
-      a4 = _mm512_mask_add_ps(a4, static_cast<__mmask16>(half[2 * (32 + l)]), a4, v);
-      a5 = _mm512_mask_add_ps(a5, static_cast<__mmask16>(half[2 * (32 + l) + 1]), a5, v);
-      a6 = _mm512_mask_add_ps(a6, static_cast<__mmask16>(half[2 * (48 + l)]), a6, v);
-      a7 = _mm512_mask_add_ps(a7, static_cast<__mmask16>(half[2 * (48 + l) + 1]), a7, v);
-    }
+    const uint32_t q[4] = {bits[l], bits[kChunk + l], bits[2 * kChunk + l], bits[3 * kChunk + l]};
+    // Lane k of a(2m + h) is row 32m + 16h + k: bit 16h + k of word m. Masks move
+    // from general registers (kmov k, r32): on Zen 4 faster than 16-bit mask loads.
+    a0 = _mm512_mask_add_ps(a0, static_cast<__mmask16>(q[0]), a0, v);
+    a1 = _mm512_mask_add_ps(a1, static_cast<__mmask16>(q[0] >> 16), a1, v);
+    a2 = _mm512_mask_add_ps(a2, static_cast<__mmask16>(q[1]), a2, v);
+    a3 = _mm512_mask_add_ps(a3, static_cast<__mmask16>(q[1] >> 16), a3, v);
+    a4 = _mm512_mask_add_ps(a4, static_cast<__mmask16>(q[2]), a4, v);
+    a5 = _mm512_mask_add_ps(a5, static_cast<__mmask16>(q[2] >> 16), a5, v);
+    a6 = _mm512_mask_add_ps(a6, static_cast<__mmask16>(q[3]), a6, v);
+    a7 = _mm512_mask_add_ps(a7, static_cast<__mmask16>(q[3] >> 16), a7, v);
   }
   _mm512_storeu_ps(out + 0, a0);   _mm512_storeu_ps(out + 16, a1);
   _mm512_storeu_ps(out + 32, a2);  _mm512_storeu_ps(out + 48, a3);

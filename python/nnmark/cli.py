@@ -1,0 +1,209 @@
+"""The ``nnmark`` command.
+
+Exit codes (modelscan's convention, adapted to ownership checks):
+
+- 0: success; for ``verify``, every checkpoint carries the mark (verified)
+- 1: the checks ran, and at least one checkpoint does not carry the mark
+- 2: error: a key could not be loaded, or a checkpoint could not be checked
+     (missing carrier, wrong shape, NaN/Inf, unreadable, unsafe or unknown file)
+- 4: usage error (bad command line)
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import click
+
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_USAGE = 0, 1, 2, 4
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _json_safe(d: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def _fmt_p(p: float) -> str:
+    return "—" if p != p else f"{p:.3g}"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nnmark")
+def cli():
+    """nnmark: watermark neural networks and verify the marks with exact p-values.
+
+    \b
+    Exit codes: 0 ok (verify: all checkpoints carry the mark), 1 some checkpoint
+    does not carry the mark, 2 error (bad key, unreadable or invalid checkpoint),
+    4 usage error.
+    """
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def info(as_json):
+    """What was built: CPU/CUDA kernels, compiler, SIMD path, CUDA archs, threads."""
+    import nnmark
+
+    bi = nnmark.build_info()
+    if as_json:
+        click.echo(json.dumps(bi))
+        return
+    from rich.table import Table
+
+    t = Table(title="nnmark build", show_header=False)
+    for k, v in bi.items():
+        t.add_row(k, ", ".join(v) if isinstance(v, list) else str(v))
+    _console().print(t)
+
+
+@cli.command()
+@click.option("--carrier", required=True, help="State-dict name of the carrier weight, e.g. features.3.weight.")
+@click.option("--bits", default=256, show_default=True, type=click.IntRange(1), help="Number of bits T.")
+@click.option("--reduction", default="filter_mean", show_default=True, type=click.Choice(["filter_mean", "flat"]))
+@click.option("--message", default=None, help="Derive the owner's bits from this text (else random).")
+@click.option("--shape", default=None, help="Expected carrier shape, e.g. 64,64,3,3 (reports wrong shapes).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Key file to write (mode 0600).")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def keygen(carrier, bits, reduction, message, shape, output, force):
+    """Generate a white-box key (a fresh 32-byte secret) and save it with mode 0600."""
+    import nnmark
+
+    if output.exists() and not force:
+        raise click.UsageError(f"{output} exists; pass --force to overwrite it")
+    shp = None
+    if shape:
+        try:
+            shp = tuple(int(s) for s in shape.replace("x", ",").split(",") if s.strip())
+        except ValueError:
+            raise click.BadParameter(f"expected sizes like 64,64,3,3, got {shape!r}", param_hint="--shape") from None
+    key = nnmark.WhiteBoxKey.generate(carrier=carrier, bits=bits, reduction=reduction, message=message, shape=shp)
+    key.save(output)
+    click.echo(f"wrote {output} (key_id {key.key_id}, carrier {carrier}, {bits} bits, {reduction}); keep it secret")
+
+
+@cli.command()
+@click.argument("key", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--alpha", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Significance level: verified iff p_value <= alpha.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per checkpoint on stdout (path + verdict).")
+def verify(key, checkpoints, alpha, as_json):
+    """Verify KEY's watermark in each CHECKPOINT (safetensors, .pt/.pth/.ckpt; loaded safely).
+
+    Checkpoints are read with safetensors or torch.load(weights_only=True) only:
+    nothing in them is ever executed. All carriers are checked in one batched call.
+    """
+    import nnmark
+
+    try:
+        k = nnmark.load_key(key)
+    except nnmark.KeyFileError as exc:
+        _console(stderr=True).print(f"[red]error:[/red] {exc}")
+        sys.exit(EXIT_ERROR)
+    start = time.perf_counter()
+    verdicts = nnmark.verify(k, [str(p) for p in checkpoints], alpha=alpha)
+    elapsed = time.perf_counter() - start
+    if as_json:
+        for p, v in zip(checkpoints, verdicts):
+            d = v.to_dict()
+            d.pop("source", None)
+            click.echo(json.dumps(_json_safe({"path": str(p), **d})))
+    else:
+        from rich.table import Table
+
+        t = Table(title=f"nnmark verify — key {k.key_id}, {k.num_bits} bits, alpha {alpha:g}")
+        t.add_column("checkpoint", overflow="fold")
+        t.add_column("verified")
+        for col in ("matches", "BER", "p-value"):
+            t.add_column(col, justify="right")
+        t.add_column("status")
+        problems = []
+        for p, v in zip(checkpoints, verdicts):
+            ok = v.status == "ok"
+            mark = "[green]yes[/green]" if v.verified else ("no" if ok else "[red]—[/red]")
+            t.add_row(str(p), mark, f"{v.matches}/{v.bits}" if ok else "—", f"{v.ber:.3f}" if ok else "—",
+                      _fmt_p(v.p_value), v.status if ok else f"[red]{v.status}[/red]")
+            if not ok:
+                problems.append(f"{p}: {v.status}: {v.detail}")
+        con = _console()
+        con.print(t)
+        for line in problems:
+            con.print(line, markup=False)
+        n_ok = sum(v.verified for v in verdicts)
+        con.print(f"{n_ok}/{len(verdicts)} verified (threshold {verdicts[0].threshold}/{k.num_bits} matching bits, "
+                  f"exact binomial) in {elapsed:.2f} s")
+    if any(v.status != "ok" for v in verdicts):
+        sys.exit(EXIT_ERROR)
+    sys.exit(EXIT_OK if all(v.verified for v in verdicts) else EXIT_FINDINGS)
+
+
+@cli.command()
+@click.option("--out", "out_dir", default="nnmark-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the key, the models and demo.json.")
+@click.option("--unmarked", default=10, show_default=True, type=click.IntRange(1), help="Independently trained unmarked models to check (the null), besides the twin.")
+@click.option("--epochs", default=12, show_default=True, type=click.IntRange(1))
+@click.option("--bits", default=64, show_default=True, type=click.IntRange(20))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
+def demo(out_dir, unmarked, epochs, bits, seed, as_json):
+    """End-to-end demo on scikit-learn's bundled digits: embed, then verify marked and unmarked models."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from .demo import _jsonable, run_demo
+
+    start = time.perf_counter()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=_console(stderr=True), transient=True, disable=as_json) as prog:
+        task = prog.add_task("starting", total=None)
+        res = run_demo(out_dir, unmarked=unmarked, epochs=epochs, bits=bits, seed=seed,
+                       progress=lambda m: prog.update(task, description=m))
+    elapsed = time.perf_counter() - start
+    ok = res["marked_verified"] and res["unmarked_verified"] == 0
+    if as_json:
+        click.echo(json.dumps(_jsonable({**res, "seconds": elapsed, "ok": ok})))
+        sys.exit(EXIT_OK if ok else EXIT_FINDINGS)
+    from rich.table import Table
+
+    con = _console()
+    t = Table(title=f"nnmark demo — digits CNN, {bits}-bit white-box mark on {res['carrier']} (key {res['key_id']})")
+    for col in ("model", "clean acc", "BER", "matches", "p-value", "verified"):
+        t.add_column(col, justify="left" if col in ("model", "verified") else "right")
+    for r in res["rows"]:
+        t.add_row(r["model"], f"{100 * r['accuracy']:.1f}%", f"{r['ber']:.3f}", f"{r['matches']}/{r['bits']}",
+                  _fmt_p(r["p_value"]), "[green]yes[/green]" if r["verified"] else "no")
+    con.print(t)
+    con.print(f"threshold: {res['rows'][0]['threshold']}/{bits} matching bits for p <= {res['alpha']:g} (exact binomial)")
+    con.print(f"marked model: {'VERIFIED' if res['marked_verified'] else 'NOT verified'}; "
+              f"unmarked models verified: {res['unmarked_verified']}/{res['unmarked_total']}; "
+              f"accuracy cost of the mark: {100 * res['accuracy_drop']:+.1f} points")
+    con.print(f"key, models and demo.json in {out_dir}/ — try: nnmark verify {out_dir}/owner.key {out_dir}/*.safetensors")
+    con.print(f"done in {elapsed:.1f} s")
+    sys.exit(EXIT_OK if ok else EXIT_FINDINGS)
+
+
+def main(argv=None):
+    """Entry point: click's usage errors exit with 4 (not click's default 2)."""
+    try:
+        rv = cli.main(args=argv, prog_name="nnmark", standalone_mode=False)
+    except click.exceptions.UsageError as exc:  # includes BadParameter, NoSuchOption
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(EXIT_ERROR)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""The end-to-end demo on bundled data (scikit-learn's 8x8 digits).
+
+Trains a small CNN with a white-box mark (Uchida et al.'s regularizer on the
+second conv layer), an unmarked twin (same seed, same batches) and ten more
+independently trained unmarked models, then verifies all of them with the
+owner's key. The marked model must verify; no unmarked model may.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CARRIER = "features.2.weight"
+
+
+class DigitsNet(nn.Module):
+    """A small CNN for 1x8x8 digits: 2 convs, a pool, 2 linears (~43k parameters)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),  # features.2: the carrier, 32x16x3x3
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.ReLU(), nn.Linear(64, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+@dataclass
+class Digits:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def load_digits_split(seed: int = 0, test_fraction: float = 0.25) -> Digits:
+    """scikit-learn's bundled digits (1797 images, no download), scaled to [0, 1], split stratified."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]  # [n, 1, 8, 8]
+    xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=test_fraction, random_state=seed, stratify=d.target)
+    return Digits(torch.from_numpy(xtr), torch.from_numpy(ytr).long(), torch.from_numpy(xte), torch.from_numpy(yte).long())
+
+
+def train(data: Digits, seed: int, epochs: int = 12, wm=None, batch_size: int = 64, lr: float = 3e-3) -> DigitsNet:
+    """Trains a DigitsNet; ``wm`` (e.g. nnmark.Uchida) adds its penalty to the loss."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = DigitsNet()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    n = len(data.x_train)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=g)
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size]
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            if wm is not None:
+                loss = loss + wm.penalty(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    return float((model(x).argmax(1) == y).float().mean())
+
+
+def run_demo(out_dir: str | os.PathLike = "nnmark-demo", unmarked: int = 10, epochs: int = 12, bits: int = 64,
+             seed: int = 0, alpha: float = 1e-6, progress=None) -> dict:
+    """Runs the demo; writes the key, the models and ``demo.json`` into ``out_dir``; returns the results.
+
+    Models: the marked one, its unmarked twin (same seed and batches: the fair
+    accuracy comparison) and ``unmarked`` independently trained unmarked models.
+    """
+    import nnmark
+    from safetensors.torch import save_file
+
+    if unmarked < 1:
+        raise ValueError(f"unmarked must be >= 1, got {unmarked}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    data = load_digits_split(seed)
+    shape = tuple(DigitsNet().get_parameter(CARRIER).shape)
+    key = nnmark.WhiteBoxKey.generate(carrier=CARRIER, bits=bits, reduction="filter_mean", shape=shape)
+    key.save(out / "owner.key")
+
+    def step(msg):
+        if progress is not None:
+            progress(msg)
+
+    rows = []
+    step("training the marked model")
+    marked = train(data, seed, epochs, wm=nnmark.Uchida(key, strength=0.01))
+    step("training its unmarked twin (same seed and batches)")
+    twin = train(data, seed, epochs)
+    models = [("marked", marked), ("unmarked twin", twin)]
+    for k in range(unmarked):
+        step(f"training independent unmarked model {k + 1}/{unmarked}")
+        models.append((f"unmarked #{k + 1}", train(data, seed + 1000 + k, epochs)))
+
+    paths = []
+    for name, model in models:
+        path = out / (name.replace(" ", "_").replace("#", "") + ".safetensors")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+        paths.append(path)
+    # One batched native call verifies every model.
+    verdicts = nnmark.verify(key, [m for _, m in models], alpha=alpha)
+    for (name, model), path, v in zip(models, paths, verdicts):
+        rows.append({"model": name, "path": str(path), "accuracy": accuracy(model, data.x_test, data.y_test),
+                     **{k: v.to_dict()[k] for k in ("verified", "matches", "bits", "ber", "p_value", "threshold", "status")}})
+    result = {
+        "key_id": key.key_id, "carrier": CARRIER, "bits": bits, "alpha": alpha,
+        "rows": rows,
+        "marked_verified": rows[0]["verified"],
+        "unmarked_verified": sum(r["verified"] for r in rows[1:]),
+        "unmarked_total": len(rows) - 1,
+        "accuracy_drop": rows[1]["accuracy"] - rows[0]["accuracy"],
+    }
+    (out / "demo.json").write_text(json.dumps(_jsonable(result), indent=1) + "\n")
+    return result
+
+
+def _jsonable(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_jsonable(v) for v in obj]
+    return obj

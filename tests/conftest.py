@@ -1,0 +1,117 @@
+"""Shared fixtures: devices, CPU SIMD paths (ISAs), per-test seeds.
+
+- ``DEVICES`` / ``devices``: ["cpu"] plus "cuda" when nnmark was built with CUDA
+  kernels *and* torch sees a GPU. ``device`` is the same list as a parametrized
+  fixture. CUDA-only tests are marked ``requires_cuda``.
+- ``ISAS`` / ``isa``: every CPU SIMD path this CPU supports ("generic" <= "avx2"
+  <= "avx512", up to ``nnmark._C_cpu.detected_isa()``); the ``isa`` fixture forces
+  one with ``set_isa`` and restores the original afterwards.
+- ``backend``: (device, isa) pairs: cpu under every ISA, plus cuda.
+- Seeds: every test starts from seeds derived from its own node id (stable
+  across runs, different between tests); ``rng`` is a numpy Generator seeded so.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import nnmark
+from nnmark import _C_cpu
+
+CUDA = bool(nnmark.build_info()["cuda"]) and torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+requires_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
+
+ALL_ISAS = ("generic", "avx2", "avx512")
+_DETECTED = _C_cpu.detected_isa()
+ISAS = ALL_ISAS[: ALL_ISAS.index(_DETECTED) + 1] if _DETECTED in ALL_ISAS else ("generic",)
+
+# (device, isa) pairs: the CPU under every SIMD path, CUDA once (the ISA does not apply).
+BACKENDS = [("cpu", i) for i in ISAS] + ([("cuda", None)] if CUDA else [])
+BACKEND_IDS = [f"cpu-{i}" if d == "cpu" else d for d, i in BACKENDS]
+
+
+@contextlib.contextmanager
+def use_isa(name: str | None):
+    """Force the CPU SIMD path ``name`` (None: leave it) and restore the original after."""
+    before = _C_cpu.isa()
+    if name is not None:
+        _C_cpu.set_isa(name)
+        assert _C_cpu.isa() == name
+    try:
+        yield name
+    finally:
+        _C_cpu.set_isa(before)
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """Use ``n`` native CPU threads inside the block, restoring the count after."""
+    before = nnmark.get_num_threads()
+    nnmark.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        nnmark.set_num_threads(before)
+
+
+def _seed_of(nodeid: str) -> int:
+    return zlib.crc32(nodeid.encode("utf-8"))
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seeds(request):
+    """Fixed, per-test seeds for python, numpy and torch (CPU and CUDA)."""
+    seed = _seed_of(request.node.nodeid)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    yield seed
+
+
+@pytest.fixture
+def seed(request) -> int:
+    return _seed_of(request.node.nodeid)
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def devices() -> list[str]:
+    return list(DEVICES)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    with use_isa(request.param):
+        yield request.param
+
+
+@pytest.fixture(params=BACKENDS, ids=BACKEND_IDS)
+def backend(request):
+    """Yields the device string; on the CPU with the SIMD path forced (and restored after)."""
+    dev, name = request.param
+    with use_isa(name):
+        yield dev
+
+
+@pytest.fixture(autouse=True)
+def _isa_and_threads_restored():
+    """Guard: no test may leave another SIMD path or thread count behind."""
+    isa_before, threads_before = _C_cpu.isa(), nnmark.get_num_threads()
+    yield
+    assert _C_cpu.isa() == isa_before, "a test changed the CPU ISA without restoring it"
+    assert nnmark.get_num_threads() == threads_before, "a test changed the thread count without restoring it"
