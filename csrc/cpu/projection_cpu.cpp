@@ -7,6 +7,7 @@
 //           a masked add per bit instead of a sign-add (one AVX-512 op per 16 bits).
 // backward: gw[c, i] = 2 * sum_{t : bit(t, i) = 1} gp[c, t] - sum_t gp[c, t].
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -191,15 +192,31 @@ void philox_fill(Isa isa, uint64_t i0, int64_t len, uint32_t b, uint32_t k0, uin
 
 // ------------------------------------------------- forward: masked column sums
 // out[r] = sum_{l < len, bit r of column l set} w[l], r < 128; bits as philox_fill writes them.
+// Nibble n -> its four bits as 0/1 (bit k of n at index k): the portable path
+// turns four bits into one 4-wide multiply-add without variable shifts.
+template <typename Acc>
+struct NibbleTable {
+  Acc v[16][4];
+  constexpr NibbleTable() : v() {
+    for (int n = 0; n < 16; ++n)
+      for (int k = 0; k < 4; ++k) v[n][k] = static_cast<Acc>((n >> k) & 1);
+  }
+};
+
 template <typename Acc>
 void fwd_block_generic(const Acc* w /* [len] */, const uint32_t* bits /* [4, kChunk] */,
                        int64_t len, Acc* out /* [128] */) {
-  Acc acc[kBlock] = {};
+  static constexpr NibbleTable<Acc> table{};
+  alignas(64) Acc acc[kBlock] = {};
   for (int64_t l = 0; l < len; ++l) {
     const Acc v = w[l];
     for (int q = 0; q < 4; ++q) {
       const uint32_t word = bits[q * kChunk + l];
-      for (int j = 0; j < 32; ++j) acc[32 * q + j] += ((word >> j) & 1u) ? v : Acc(0);
+      for (int k = 0; k < 8; ++k) {
+        const Acc* pat = table.v[(word >> (4 * k)) & 15u];
+        Acc* a = acc + 32 * q + 4 * k;
+        for (int m = 0; m < 4; ++m) a[m] += v * pat[m];
+      }
     }
   }
   std::memcpy(out, acc, sizeof(acc));
@@ -227,6 +244,31 @@ void fwd_block_avx512(const float* w, const uint32_t* bits, int64_t len, float* 
   _mm512_storeu_ps(out + 32, a2);  _mm512_storeu_ps(out + 48, a3);
   _mm512_storeu_ps(out + 64, a4);  _mm512_storeu_ps(out + 80, a5);
   _mm512_storeu_ps(out + 96, a6);  _mm512_storeu_ps(out + 112, a7);
+}
+
+// Fixed-point variant: on Zen 4 and Intel cores integer adds issue on more ports
+// than float adds, and the masked adds are the bottleneck. w holds a chunk of the
+// carrier scaled by a power of two to |w| <= 2^22 (see quantize_chunk), so 256
+// columns sum without overflow and the sums are exact.
+__attribute__((target("avx512f")))
+void fwd_block_avx512(const int32_t* w, const uint32_t* bits, int64_t len, int32_t* out) {
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  for (int64_t l = 0; l < len; ++l) {
+    const __m512i v = _mm512_set1_epi32(w[l]);
+    const uint32_t q[4] = {bits[l], bits[kChunk + l], bits[2 * kChunk + l], bits[3 * kChunk + l]};
+    a0 = _mm512_mask_add_epi32(a0, static_cast<__mmask16>(q[0]), a0, v);
+    a1 = _mm512_mask_add_epi32(a1, static_cast<__mmask16>(q[0] >> 16), a1, v);
+    a2 = _mm512_mask_add_epi32(a2, static_cast<__mmask16>(q[1]), a2, v);
+    a3 = _mm512_mask_add_epi32(a3, static_cast<__mmask16>(q[1] >> 16), a3, v);
+    a4 = _mm512_mask_add_epi32(a4, static_cast<__mmask16>(q[2]), a4, v);
+    a5 = _mm512_mask_add_epi32(a5, static_cast<__mmask16>(q[2] >> 16), a5, v);
+    a6 = _mm512_mask_add_epi32(a6, static_cast<__mmask16>(q[3]), a6, v);
+    a7 = _mm512_mask_add_epi32(a7, static_cast<__mmask16>(q[3] >> 16), a7, v);
+  }
+  _mm512_storeu_si512(out + 0, a0);   _mm512_storeu_si512(out + 16, a1);
+  _mm512_storeu_si512(out + 32, a2);  _mm512_storeu_si512(out + 48, a3);
+  _mm512_storeu_si512(out + 64, a4);  _mm512_storeu_si512(out + 80, a5);
+  _mm512_storeu_si512(out + 96, a6);  _mm512_storeu_si512(out + 112, a7);
 }
 
 __attribute__((target("avx512f")))
@@ -428,13 +470,32 @@ double load_row(const void* row, int d, int64_t i0, int64_t len, Acc* dst) {
   return s;
 }
 
+// Scales a float chunk by 2^k so that max |q| <= 2^22 and rounds to int32: 22-23
+// significant bits for the largest element (float32 has 24), and sums of up to
+// kChunk values fit in int32 exactly. Returns 2^-k (exact), 1 for an all-zero chunk.
+double quantize_chunk(const float* w, int64_t len, int32_t* q, double* sum) {
+  float m = 0.0f;
+  for (int64_t l = 0; l < len; ++l) m = std::max(m, std::fabs(w[l]));
+  int e = 0;
+  if (m > 0.0f) std::frexp(m, &e);  // m < 2^e
+  const float s = std::ldexp(1.0f, 22 - e);
+  int64_t total = 0;
+  for (int64_t l = 0; l < len; ++l) {
+    q[l] = static_cast<int32_t>(std::nearbyint(w[l] * s));
+    total += q[l];
+  }
+  const double inv = std::ldexp(1.0, e - 22);
+  *sum = static_cast<double>(total) * inv;
+  return inv;
+}
+
 // Columns per thread range: enough sign-adds that a thread start (~20 us) pays off.
 int64_t column_grain(int64_t Tpad, int64_t C) {
   return std::max<int64_t>(kChunk, (int64_t{1} << 21) / std::max<int64_t>(1, Tpad * C));
 }
 
-template <typename Acc>
-void forward_impl(const ProjectionForwardArgs& a) {
+template <typename Acc, bool kFixed>
+void forward_run(const ProjectionForwardArgs& a) {
   const int64_t C = a.C, N = a.N, T = a.T;
   const int64_t nblk = (T + kBlock - 1) / kBlock, Tpad = nblk * kBlock;
   const Isa isa = active_isa();
@@ -448,20 +509,37 @@ void forward_impl(const ProjectionForwardArgs& a) {
     std::vector<Acc> wc(static_cast<size_t>(C) * kChunk);
     std::vector<uint32_t> bits(4 * kChunk);
     alignas(64) Acc out[kBlock];
+    alignas(64) int32_t outq[kBlock];
+    std::vector<int32_t> wq(kFixed ? static_cast<size_t>(C) * kChunk : 0);
+    std::vector<double> inv(kFixed ? static_cast<size_t>(C) : 0);
     double* A = partA.data() + static_cast<size_t>(worker) * C * Tpad;
     double* S = partS.data() + static_cast<size_t>(worker) * C;
     for (int64_t i0 = ib; i0 < ie; i0 += kChunk) {
       const int64_t len = std::min(kChunk, ie - i0);
       for (int64_t c = 0; c < C; ++c) {
         const char* row = static_cast<const char*>(a.w) + c * N * esize;
-        S[c] += load_row<Acc>(row, a.w_dtype, i0, len, wc.data() + c * kChunk);
+        const double s = load_row<Acc>(row, a.w_dtype, i0, len, wc.data() + c * kChunk);
+        if constexpr (kFixed) {
+          double qs = 0;
+          inv[c] = quantize_chunk(wc.data() + c * kChunk, len, wq.data() + c * kChunk, &qs);
+          S[c] += qs;  // the sum of the values actually projected, so 2A - S stays consistent
+        } else {
+          S[c] += s;
+        }
       }
       for (int64_t b = 0; b < nblk; ++b) {
         philox_fill(isa, static_cast<uint64_t>(i0), len, static_cast<uint32_t>(b), a.k0, a.k1, bits.data());
         for (int64_t c = 0; c < C; ++c) {
-          fwd_block<Acc>(isa, wc.data() + c * kChunk, bits.data(), len, out);
           double* Ac = A + c * Tpad + b * kBlock;
-          for (int64_t r = 0; r < kBlock; ++r) Ac[r] += static_cast<double>(out[r]);
+          if constexpr (kFixed) {
+#if NNMARK_X86
+            fwd_block_avx512(wq.data() + c * kChunk, bits.data(), len, outq);
+#endif
+            for (int64_t r = 0; r < kBlock; ++r) Ac[r] += static_cast<double>(outq[r]) * inv[c];
+          } else {
+            fwd_block<Acc>(isa, wc.data() + c * kChunk, bits.data(), len, out);
+            for (int64_t r = 0; r < kBlock; ++r) Ac[r] += static_cast<double>(out[r]);
+          }
         }
       }
     }
@@ -509,8 +587,11 @@ void backward_impl(const ProjectionBackwardArgs& a) {
 
 void projection_forward_cpu(const ProjectionForwardArgs& a) {
   check_projection_args(a);
-  if (a.w_dtype == kFloat64) forward_impl<double>(a);
-  else forward_impl<float>(a);
+  if (a.w_dtype == kFloat64) forward_run<double, false>(a);
+#if NNMARK_X86
+  else if (active_isa() == Isa::kAvx512) forward_run<float, true>(a);
+#endif
+  else forward_run<float, false>(a);
 }
 
 void projection_backward_cpu(const ProjectionBackwardArgs& a) {
