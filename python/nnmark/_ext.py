@@ -5,18 +5,23 @@ call (see :func:`cuda_module`), never at import.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 from typing import Any
 
 from . import _C_cpu  # noqa: F401  (always built)
 
-try:  # optional: built only when nvcc was found (NNMARK_CUDA=AUTO/ON)
-    from . import _C_cuda  # type: ignore[attr-defined]
-    _CUDA_IMPORT_ERROR: str | None = None
-except ImportError as exc:  # not built, or the CUDA driver cannot be loaded
-    _C_cuda = None
-    _CUDA_IMPORT_ERROR = str(exc)
+_CUDA_BUILT = importlib.util.find_spec(f"{__package__}._C_cuda") is not None
+_CUDA_IMPORT_ERROR: str | None = None
+_C_cuda = None
+if _CUDA_BUILT:  # optional: built only when nvcc was found (NNMARK_CUDA=AUTO/ON)
+    try:
+        from . import _C_cuda  # type: ignore[attr-defined,no-redef]
+    except ImportError as exc:  # built, but its libraries cannot be loaded here
+        _CUDA_IMPORT_ERROR = str(exc)
+else:
+    _CUDA_IMPORT_ERROR = "this build has no CUDA module (nvcc was not found, or NNMARK_CUDA=OFF)"
 
 cpu = _C_cpu
 
@@ -55,7 +60,7 @@ def build_info() -> dict[str, Any]:
         info["cuda_archs"] = [a for a in str(getattr(_C_cuda, "archs", "")).split(",") if a]
         info["cuda_version"] = getattr(_C_cuda, "cuda_version", None)
         info["cuda_devices"] = _C_cuda.device_count()
-    elif _CUDA_IMPORT_ERROR and "No module named" not in _CUDA_IMPORT_ERROR:
+    elif _CUDA_BUILT:
         info["cuda_import_error"] = _CUDA_IMPORT_ERROR
     if os.environ.get("NNMARK_NUM_THREADS"):
         info["threads_from_env"] = True

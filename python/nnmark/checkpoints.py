@@ -40,7 +40,9 @@ def sniff(path: str | os.PathLike) -> str:
         return "torch-zip"
     if len(head) == 9:
         (n,) = struct.unpack("<Q", head[:8])
-        if head[8:9] == b"{" and 8 + n <= size:
+        # A plausible header length and a JSON header: safetensors, even if cut short
+        # (safetensors itself then reports the damage, and the file is "corrupt").
+        if head[8:9] == b"{" and n < (1 << 30):
             return "safetensors"
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         return "torch-legacy"
@@ -48,8 +50,10 @@ def sniff(path: str | os.PathLike) -> str:
 
 
 def _unsafe_globals(message: str) -> list[str]:
-    # torch names what weights_only refused, e.g. "Unsupported global: GLOBAL os.system".
-    return sorted(set(re.findall(r"GLOBAL ([\w.]+)", message)))
+    # torch names what weights_only refused, e.g. "Unsupported global: GLOBAL posix.system";
+    # pickle records os functions under their implementing module (posix, nt): say os.
+    names = re.findall(r"GLOBAL ([\w.]+)", message)
+    return sorted({re.sub(r"^(posix|nt)\.", "os.", n) for n in names})
 
 
 def load_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
@@ -73,8 +77,10 @@ def load_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
             raise CheckpointError("unsafe", f"{str(path)!r} would import {', '.join(names)} to load; refused "
                                   "(only plain tensors are loaded)") from None
         raise CheckpointError("corrupt", f"{str(path)!r} is not a readable torch checkpoint: {_first_line(exc)}") from None
-    except OSError as exc:
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         raise CheckpointError("io_error", f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    except OSError as exc:  # the file was readable (sniffed): torch's zip reader failed on its contents
+        raise CheckpointError("corrupt", f"{str(path)!r} is not a readable torch checkpoint: {exc.strerror or exc}") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, struct.error) as exc:
         raise CheckpointError("corrupt", f"{str(path)!r} is not a readable torch checkpoint: {_first_line(exc)}") from None
     return _tensors_of(obj, path)

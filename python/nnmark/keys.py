@@ -170,6 +170,8 @@ class _WhiteBoxBase:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the key to ``path`` (mode 0600). Refuses to overwrite a non-key file."""
         path = Path(path)
+        if path.exists() and not _is_key_file(path):
+            raise FileExistsError(f"{str(path)!r} exists and is not an nnmark key file; refusing to overwrite it")
         body = {"format": FORMAT, "version": VERSION, "kind": self.kind, "key_id": self.key_id,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "warning": "SECRET: whoever holds this file can verify and remove this watermark. Keep it private.",
@@ -299,6 +301,15 @@ class DenseKey(_WhiteBoxBase):
                 f"n={self._matrix.shape[1]}, order={self.order!r})")
 
     __str__ = __repr__
+
+
+def _is_key_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        return isinstance(b := json.loads(head), dict) and b.get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 def _checksum(body: dict[str, Any]) -> str:
