@@ -86,50 +86,69 @@ void philox_fill_generic(uint64_t i0, int64_t len, uint32_t b, uint32_t k0, uint
 }
 
 #if NNMARK_X86
-// hi and lo 32 bits of a * m for 16 uint32 lanes.
+// hi and lo 32 bits of a * m for 16 uint32 lanes: two 32x32->64 multiplies (even
+// and odd lanes), then shifts and blends gather the halves (two-source permutes
+// measured no faster on Zen 4).
 __attribute__((target("avx512f")))
 inline void mulhilo_avx512(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(a, m);                          // lanes 0,2,.. as 64-bit
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);    // lanes 1,3,..
+  const __m512i even = _mm512_mul_epu32(a, m);                        // lanes 0,2,.. as 64-bit
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // lanes 1,3,..
   hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
-  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));  // cheaper than a third multiply
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+// The ten rounds are a dependency chain (multiply -> blend -> xor), so one group of
+// 16 columns at a time is latency-bound: G groups advance together to fill the pipes.
+template <int G>
+__attribute__((target("avx512f"), always_inline))
+inline void philox_groups_avx512(uint64_t base, uint32_t b, uint32_t k0, uint32_t k1, __m512i (&c)[4][G]) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int g = 0; g < G; ++g) {
+    const uint64_t gb = base + 16u * static_cast<uint64_t>(g);
+    const __m512i lo32 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(gb)));
+    const __m512i hi32 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(gb >> 32)));
+    c[0][g] = _mm512_add_epi32(lo32, lane);
+    // Word 1 is the high half of i: carry where the low word wrapped inside the group.
+    c[1][g] = _mm512_mask_add_epi32(hi32, _mm512_cmplt_epu32_mask(c[0][g], lo32), hi32, _mm512_set1_epi32(1));
+    c[2][g] = _mm512_set1_epi32(static_cast<int>(b));
+    c[3][g] = _mm512_setzero_si512();
+  }
+  uint32_t ka = k0, kb = k1;
+  for (int r = 0; r < kPhiloxRounds; ++r) {
+    const __m512i vka = _mm512_set1_epi32(static_cast<int>(ka)), vkb = _mm512_set1_epi32(static_cast<int>(kb));
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      __m512i hi0, lo0, hi1, lo1;
+      mulhilo_avx512(c[0][g], m0, hi0, lo0);
+      mulhilo_avx512(c[2][g], m1, hi1, lo1);
+      c[0][g] = _mm512_ternarylogic_epi32(hi1, c[1][g], vka, 0x96);  // 0x96: three-way xor
+      c[2][g] = _mm512_ternarylogic_epi32(hi0, c[3][g], vkb, 0x96);
+      c[1][g] = lo1;
+      c[3][g] = lo0;
+    }
+    ka += kPhiloxW0;
+    kb += kPhiloxW1;
+  }
 }
 
 __attribute__((target("avx512f")))
 void philox_fill_avx512(uint64_t i0, int64_t len, uint32_t b, uint32_t k0, uint32_t k1, uint32_t* bits) {
-  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(kPhiloxM0));
-  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(kPhiloxM1));
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (int64_t l0 = 0; l0 < len; l0 += 16) {
-    const uint64_t base = i0 + static_cast<uint64_t>(l0);
-    // Counter word 0 = low 32 bits of i, word 1 = high 32 bits (carry when the low word wraps).
-    const __m512i lo = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base))), lane);
-    const __mmask16 wrapped = _mm512_cmplt_epu32_mask(lo, _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base))));
-    __m512i c0 = lo;
-    __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32))), wrapped,
-                                       _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(base >> 32))),
-                                       _mm512_set1_epi32(1));
-    __m512i c2 = _mm512_set1_epi32(static_cast<int>(b));
-    __m512i c3 = _mm512_setzero_si512();
-    uint32_t ka = k0, kb = k1;
-    for (int r = 0; r < kPhiloxRounds; ++r) {
-      __m512i hi0, lo0, hi1, lo1;
-      mulhilo_avx512(c0, m0, hi0, lo0);
-      mulhilo_avx512(c2, m1, hi1, lo1);
-      // 0x96: three-way xor.
-      c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32(static_cast<int>(ka)), 0x96);
-      c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32(static_cast<int>(kb)), 0x96);
-      c1 = lo1;
-      c3 = lo0;
-      ka += kPhiloxW0;
-      kb += kPhiloxW1;
-    }
+  constexpr int G = 4;
+  int64_t l0 = 0;
+  for (; l0 + 16 * G <= len; l0 += 16 * G) {
+    __m512i c[4][G];
+    philox_groups_avx512<G>(i0 + static_cast<uint64_t>(l0), b, k0, k1, c);
+    for (int g = 0; g < G; ++g)
+      for (int q = 0; q < 4; ++q) _mm512_storeu_si512(bits + q * kChunk + l0 + 16 * g, c[q][g]);
+  }
+  for (; l0 < len; l0 += 16) {
+    __m512i c[4][1];
+    philox_groups_avx512<1>(i0 + static_cast<uint64_t>(l0), b, k0, k1, c);
     const int64_t n = std::min<int64_t>(16, len - l0);
     const __mmask16 keep = static_cast<__mmask16>(n >= 16 ? 0xFFFF : ((1u << n) - 1));
-    _mm512_mask_storeu_epi32(bits + 0 * kChunk + l0, keep, c0);
-    _mm512_mask_storeu_epi32(bits + 1 * kChunk + l0, keep, c1);
-    _mm512_mask_storeu_epi32(bits + 2 * kChunk + l0, keep, c2);
-    _mm512_mask_storeu_epi32(bits + 3 * kChunk + l0, keep, c3);
+    for (int q = 0; q < 4; ++q) _mm512_mask_storeu_epi32(bits + q * kChunk + l0, keep, c[q][0]);
   }
 }
 
@@ -449,45 +468,64 @@ void bwd_chunk(Isa isa, const uint32_t* bits, int64_t len, int64_t nblk, const A
   bwd_chunk_generic(bits, len, nblk, g, G, gw);
 }
 
-// Converts len elements of a row (dtype d) starting at column i0 into dst; returns their sum.
+// Converts len elements of a row (dtype d) starting at column i0 into dst; returns their sum
+// (four partial sums: one serial chain of double adds would cost more than the projection).
 template <typename Acc>
 double load_row(const void* row, int d, int64_t i0, int64_t len, Acc* dst) {
-  double s = 0;
   switch (d) {
     case kFloat32: {
       const float* p = static_cast<const float*>(row) + i0;
-      for (int64_t l = 0; l < len; ++l) { dst[l] = static_cast<Acc>(p[l]); s += dst[l]; }
+      for (int64_t l = 0; l < len; ++l) dst[l] = static_cast<Acc>(p[l]);
       break;
     }
     case kFloat64: {
       const double* p = static_cast<const double*>(row) + i0;
-      for (int64_t l = 0; l < len; ++l) { dst[l] = static_cast<Acc>(p[l]); s += dst[l]; }
+      for (int64_t l = 0; l < len; ++l) dst[l] = static_cast<Acc>(p[l]);
       break;
     }
     default:
-      for (int64_t l = 0; l < len; ++l) { dst[l] = load_as<Acc>(row, d, i0 + l); s += dst[l]; }
+      for (int64_t l = 0; l < len; ++l) dst[l] = load_as<Acc>(row, d, i0 + l);
   }
-  return s;
+  double s[4] = {0, 0, 0, 0};
+  int64_t l = 0;
+  for (; l + 4 <= len; l += 4)
+    for (int k = 0; k < 4; ++k) s[k] += static_cast<double>(dst[l + k]);
+  for (; l < len; ++l) s[0] += static_cast<double>(dst[l]);
+  return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
-// Scales a float chunk by 2^k so that max |q| <= 2^22 and rounds to int32: 22-23
-// significant bits for the largest element (float32 has 24), and sums of up to
-// kChunk values fit in int32 exactly. Returns 2^-k (exact), 1 for an all-zero chunk.
+// Scales a float chunk by 2^k so that max |q| <= 2^22 and rounds to int32 (nearest
+// even): 22-23 significant bits for the largest element (float32 has 24), and sums of
+// up to kChunk values fit in int32 exactly. Returns 2^-k (exact); *sum gets the sum of
+// the quantised values (so 2A - S stays consistent). An all-zero chunk gives zeros.
+#if NNMARK_X86
+__attribute__((target("avx512f")))
 double quantize_chunk(const float* w, int64_t len, int32_t* q, double* sum) {
-  float m = 0.0f;
-  for (int64_t l = 0; l < len; ++l) m = std::max(m, std::fabs(w[l]));
+  __m512 m = _mm512_setzero_ps();
+  int64_t l = 0;
+  for (; l + 16 <= len; l += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(w + l)));
+  float mx = _mm512_reduce_max_ps(m);
+  for (; l < len; ++l) mx = std::max(mx, std::fabs(w[l]));
   int e = 0;
-  if (m > 0.0f) std::frexp(m, &e);  // m < 2^e
-  const float s = std::ldexp(1.0f, 22 - e);
-  int64_t total = 0;
-  for (int64_t l = 0; l < len; ++l) {
-    q[l] = static_cast<int32_t>(std::nearbyint(w[l] * s));
-    total += q[l];
+  if (mx > 0.0f) std::frexp(mx, &e);  // mx < 2^e
+  const __m512 scale = _mm512_set1_ps(std::ldexp(1.0f, 22 - e));
+  __m512i acc = _mm512_setzero_si512();
+  for (l = 0; l + 16 <= len; l += 16) {
+    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(w + l), scale));
+    _mm512_storeu_si512(q + l, v);
+    acc = _mm512_add_epi32(acc, v);
+  }
+  if (l < len) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (len - l)) - 1);
+    const __m512i v = _mm512_maskz_cvtps_epi32(k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, w + l), scale));
+    _mm512_mask_storeu_epi32(q + l, k, v);
+    acc = _mm512_add_epi32(acc, v);
   }
   const double inv = std::ldexp(1.0, e - 22);
-  *sum = static_cast<double>(total) * inv;
+  *sum = static_cast<double>(_mm512_reduce_add_epi32(acc)) * inv;
   return inv;
 }
+#endif
 
 // Columns per thread range: enough sign-adds that a thread start (~20 us) pays off.
 int64_t column_grain(int64_t Tpad, int64_t C) {
@@ -518,13 +556,17 @@ void forward_run(const ProjectionForwardArgs& a) {
       const int64_t len = std::min(kChunk, ie - i0);
       for (int64_t c = 0; c < C; ++c) {
         const char* row = static_cast<const char*>(a.w) + c * N * esize;
-        const double s = load_row<Acc>(row, a.w_dtype, i0, len, wc.data() + c * kChunk);
         if constexpr (kFixed) {
+#if NNMARK_X86
+          // float32 rows are quantised in place; other dtypes are converted first.
+          const float* src = a.w_dtype == kFloat32 ? reinterpret_cast<const float*>(row) + i0 : wc.data() + c * kChunk;
+          if (a.w_dtype != kFloat32) load_row<Acc>(row, a.w_dtype, i0, len, wc.data() + c * kChunk);
           double qs = 0;
-          inv[c] = quantize_chunk(wc.data() + c * kChunk, len, wq.data() + c * kChunk, &qs);
-          S[c] += qs;  // the sum of the values actually projected, so 2A - S stays consistent
+          inv[c] = quantize_chunk(src, len, wq.data() + c * kChunk, &qs);
+          S[c] += qs;
+#endif
         } else {
-          S[c] += s;
+          S[c] += load_row<Acc>(row, a.w_dtype, i0, len, wc.data() + c * kChunk);
         }
       }
       for (int64_t b = 0; b < nblk; ++b) {
