@@ -37,7 +37,7 @@ def reduce_carrier(weight: torch.Tensor, reduction: str, batched: bool = False, 
         v = m.reshape(w.shape[0], -1)
     else:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    return v if batched else v[0]
+    return v if batched else v.squeeze(0)  # a view: its backward copies nothing
 
 
 def find_name(names, carrier: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._arrays import FLOAT_DTYPES, as_tensor, native
+from ._arrays import DTYPE_CODES, FLOAT_DTYPES, as_tensor, native
 
 _UINT32 = 1 << 32
 
@@ -26,7 +26,8 @@ def philox4x32_10(counter, key) -> tuple[int, int, int, int]:
 
 def _check_subkey(subkey) -> tuple[int, int]:
     try:
-        k0, k1 = (int(v) for v in subkey)
+        k0, k1 = subkey
+        k0, k1 = int(k0), int(k1)
     except (TypeError, ValueError):
         raise ValueError(f"subkey must be two uint32 words (k0, k1), got {subkey!r}") from None
     if not (0 <= k0 < _UINT32 and 0 <= k1 < _UINT32):
@@ -52,11 +53,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _forward(w2: torch.Tensor, T: int, k0: int, k1: int) -> torch.Tensor:
     C, N = w2.shape
     p = torch.empty((C, T), dtype=_acc_dtype(w2.dtype), device=w2.device)
-    a, o = native(w2), native(p)
     if w2.is_cuda:
+        a, o = native(w2), native(p)
         _ext.cuda_module().projection_forward(a.ptr, a.dtype, C, N, T, k0, k1, o.ptr, a.device, a.stream)
-    else:
-        _ext.cpu.projection_forward(a.ptr, a.dtype, C, N, T, k0, k1, o.ptr)
+    else:  # the common small-carrier case: keep the Python path short
+        _ext.cpu.projection_forward(w2.data_ptr(), DTYPE_CODES[w2.dtype], C, N, T, k0, k1, p.data_ptr())
     return p
 
 
@@ -112,8 +113,12 @@ def keyed_projection(w, subkey, bits: int) -> torch.Tensor:
     if T < 1:
         raise ValueError(f"bits must be >= 1, got {bits}")
     w, single = _carriers(w)
-    p = _KeyedProjection.apply(w.unsqueeze(0) if single else w, T, k0, k1)
-    return p[0] if single else p
+    w2 = w.unsqueeze(0) if single else w
+    if torch.is_grad_enabled() and w.requires_grad:
+        p = _KeyedProjection.apply(w2, T, k0, k1)
+    else:  # no graph to record: skip the autograd machinery (it costs more than a small projection)
+        p = _forward(w2.detach().contiguous(), T, k0, k1)
+    return p.squeeze(0) if single else p
 
 
 def keyed_projection_transpose(gp, subkey, n: int) -> torch.Tensor:
@@ -128,7 +133,7 @@ def keyed_projection_transpose(gp, subkey, n: int) -> torch.Tensor:
         raise ValueError(f"n must be >= 1, got {n}")
     single = gp.dim() == 1
     g = _KeyedProjectionT.apply(gp.unsqueeze(0) if single else gp, int(n), k0, k1)
-    return g[0] if single else g
+    return g.squeeze(0) if single else g
 
 
 # ---------------------------------------------------------------- dense (imported keys)
@@ -191,4 +196,4 @@ def dense_projection(w, x) -> torch.Tensor:
     elif x.dtype == torch.float32 and w.dtype == torch.float64:
         x = x.double()
     p = _DenseProjection.apply(w.unsqueeze(0) if single else w, x.contiguous())
-    return p[0] if single else p
+    return p.squeeze(0) if single else p

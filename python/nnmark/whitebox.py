@@ -8,8 +8,9 @@ tensor, or a list of them; a list is projected in one batched native call.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Mapping
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,9 @@ class Uchida:
         self.key = key
         self.strength = strength
         self._targets: dict[torch.device, torch.Tensor] = {}
+        # Resolved parameter name per model: resolving scans every parameter, a
+        # training step should not.
+        self._names: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __repr__(self) -> str:
         return f"Uchida(key={self.key!r}, strength={self.strength})"
@@ -50,10 +54,22 @@ class Uchida:
     def parameter(self, model: torch.nn.Module) -> torch.Tensor:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"penalty() needs a torch.nn.Module, got {type(model).__name__}")
+        name = self._names.get(model)
+        if name is not None:
+            try:
+                return model.get_parameter(name)
+            except AttributeError:  # the model was restructured: resolve again
+                pass
         try:
-            return module_parameter(model, self.key.carrier)
+            named = dict(model.named_parameters())
+            name = find_name(named, self.key.carrier)
         except KeyError as exc:
-            raise KeyError(f"model has no carrier parameter: {exc.args[0]}") from None
+            try:  # a buffer can carry a mark too (no training through it)
+                return module_parameter(model, self.key.carrier)
+            except KeyError:
+                raise KeyError(f"model has no carrier parameter: {exc.args[0]}") from None
+        self._names[model] = name
+        return named[name]
 
     def projections(self, model: torch.nn.Module) -> torch.Tensor:
         """Raw projections ``[T]`` of the model's carrier (differentiable)."""
@@ -194,8 +210,4 @@ def verify(key, source: Source, alpha: float = 1e-6):
     return verdicts if _is_batch(source) else verdicts[0]
 
 
-def iter_sources(paths: Iterable[str]) -> list[str]:
-    return [os.fspath(p) for p in paths]
-
-
-__all__ = ["Uchida", "extract", "verify", "carrier_of", "find_name"]
+__all__ = ["Uchida", "extract", "verify", "carrier_of"]
