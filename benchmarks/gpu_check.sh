@@ -12,5 +12,5 @@ NNMARK_CUDA=ON NNMARK_CUDA_ARCHITECTURES="${NNMARK_CUDA_ARCHITECTURES:-80;90}" \
   python3 -m pip install --no-build-isolation --no-deps -q . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 python3 -c "import json, nnmark; print(json.dumps(nnmark.build_info()))" | tee "$OUT/build_info.json"
 timeout 240 python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
-timeout 240 python3 benchmarks/bench_projection.py --device cuda --json "$OUT/bench_projection_cuda.json" 2>&1 \
+timeout 240 python3 benchmarks/bench_projection.py --device cuda --sizes 576,1e6,1.67e7,2.56e7 --max-seconds 2 --json "$OUT/bench_projection_cuda.json" 2>&1 \
   | tee "$OUT/bench_projection_cuda.txt" | tail -40
