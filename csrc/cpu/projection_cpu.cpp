@@ -242,31 +242,8 @@ void fwd_block_generic(const Acc* w /* [len] */, const uint32_t* bits /* [4, kCh
 }
 
 #if NNMARK_X86
-__attribute__((target("avx512f")))
-void fwd_block_avx512(const float* w, const uint32_t* bits, int64_t len, float* out) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-  for (int64_t l = 0; l < len; ++l) {
-    const __m512 v = _mm512_set1_ps(w[l]);
-    const uint32_t q[4] = {bits[l], bits[kChunk + l], bits[2 * kChunk + l], bits[3 * kChunk + l]};
-    // Lane k of a(2m + h) is row 32m + 16h + k: bit 16h + k of word m. Masks move
-    // from general registers (kmov k, r32): on Zen 4 faster than 16-bit mask loads.
-    a0 = _mm512_mask_add_ps(a0, static_cast<__mmask16>(q[0]), a0, v);
-    a1 = _mm512_mask_add_ps(a1, static_cast<__mmask16>(q[0] >> 16), a1, v);
-    a2 = _mm512_mask_add_ps(a2, static_cast<__mmask16>(q[1]), a2, v);
-    a3 = _mm512_mask_add_ps(a3, static_cast<__mmask16>(q[1] >> 16), a3, v);
-    a4 = _mm512_mask_add_ps(a4, static_cast<__mmask16>(q[2]), a4, v);
-    a5 = _mm512_mask_add_ps(a5, static_cast<__mmask16>(q[2] >> 16), a5, v);
-    a6 = _mm512_mask_add_ps(a6, static_cast<__mmask16>(q[3]), a6, v);
-    a7 = _mm512_mask_add_ps(a7, static_cast<__mmask16>(q[3] >> 16), a7, v);
-  }
-  _mm512_storeu_ps(out + 0, a0);   _mm512_storeu_ps(out + 16, a1);
-  _mm512_storeu_ps(out + 32, a2);  _mm512_storeu_ps(out + 48, a3);
-  _mm512_storeu_ps(out + 64, a4);  _mm512_storeu_ps(out + 80, a5);
-  _mm512_storeu_ps(out + 96, a6);  _mm512_storeu_ps(out + 112, a7);
-}
-
-// Fixed-point variant: on Zen 4 and Intel cores integer adds issue on more ports
-// than float adds, and the masked adds are the bottleneck. w holds a chunk of the
+// float32 forward on AVX-512, in fixed point: on Zen 4 and Intel cores integer adds
+// issue on more ports than float adds, and the masked adds are the bottleneck. w holds a chunk of the
 // carrier scaled by a power of two to |w| <= 2^22 (see quantize_chunk), so 256
 // columns sum without overflow and the sums are exact.
 __attribute__((target("avx512f")))
@@ -354,8 +331,11 @@ void fwd_block_avx2(const double* w, const uint32_t* bits, int64_t len, double* 
 template <typename Acc>
 void fwd_block(Isa isa, const Acc* w, const uint32_t* bits, int64_t len, Acc* out) {
 #if NNMARK_X86
-  if (isa == Isa::kAvx512) return fwd_block_avx512(w, bits, len, out);
-  if (isa == Isa::kAvx2) return fwd_block_avx2(w, bits, len, out);
+  // float32 on AVX-512 takes the fixed-point kernel (forward_run<float, true>).
+  if constexpr (std::is_same<Acc, double>::value) {
+    if (isa == Isa::kAvx512) return fwd_block_avx512(w, bits, len, out);
+  }
+  if (isa != Isa::kGeneric) return fwd_block_avx2(w, bits, len, out);
 #endif
   (void)isa;
   fwd_block_generic(w, bits, len, out);
