@@ -4,6 +4,7 @@ state dict, tolerating the usual wrapper prefixes."""
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Mapping
 
 import torch
@@ -38,6 +39,21 @@ def reduce_carrier(weight: torch.Tensor, reduction: str, batched: bool = False, 
     else:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return v if batched else v.squeeze(0)  # a view: its backward copies nothing
+
+
+def carrier_length(shape, reduction: str) -> int:
+    """Length N of the carrier vector a weight of ``shape`` reduces to; ValueError if it cannot."""
+    shape = tuple(shape)
+    if reduction == "flat":
+        if not shape or 0 in shape:
+            raise ValueError(f"carrier weight has unusable shape {list(shape)}")
+        return math.prod(shape)
+    if reduction == "filter_mean":
+        if len(shape) < 2 or 0 in shape:
+            raise ValueError(f"filter_mean needs a weight with an out-channel dimension (e.g. [out, in, kh, kw] "
+                             f"or [out, in]); got shape {list(shape)}; use reduction='flat' for vectors")
+        return math.prod(shape[1:])
+    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def find_name(names, carrier: str) -> str:

@@ -149,6 +149,11 @@ class _WhiteBoxBase:
     def project_vectors(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @property
+    def length(self) -> int | None:
+        """Carrier length N the key requires, or None when any length works."""
+        return None
+
     # -- secrecy ---------------------------------------------------------------------
     def __reduce__(self):
         raise TypeError(f"{type(self).__name__} holds a secret and is not picklable; use key.save(path)")
@@ -280,6 +285,10 @@ class DenseKey(_WhiteBoxBase):
     @property
     def matrix(self) -> torch.Tensor:
         return self._matrix.clone()
+
+    @property
+    def length(self) -> int:
+        return int(self._matrix.shape[1])
 
     @property
     def key_id(self) -> str:

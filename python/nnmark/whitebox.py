@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .carriers import find_name, from_state_dict, module_parameter
+from .carriers import carrier_length, find_name, from_state_dict, module_parameter
 from .checkpoints import CheckpointError, read_tensor
 from .keys import _WhiteBoxBase
 from .stats import Verdict
@@ -125,14 +125,12 @@ def _check_carrier(key, w: torch.Tensor) -> None:
                                          f"the key expects {list(key.shape)}")
     if not bool(torch.isfinite(w).all()):
         raise CheckpointError("invalid", f"carrier {key.carrier!r} contains NaN or Inf")
-    try:
-        v = key.reduce(w)
-    except (ValueError, TypeError) as exc:
+    try:  # from the shape alone: the reduction itself runs once, in the batched projection
+        n = carrier_length(w.shape, key.reduction)
+    except ValueError as exc:
         raise CheckpointError("invalid", f"carrier {key.carrier!r}: {exc}") from None
-    n = getattr(key, "matrix", None)
-    if n is not None and v.shape[-1] != n.shape[1]:
-        raise CheckpointError("invalid", f"carrier {key.carrier!r} reduces to length {v.shape[-1]}, "
-                                         f"the key expects {n.shape[1]}")
+    if key.length is not None and n != key.length:
+        raise CheckpointError("invalid", f"carrier {key.carrier!r} reduces to length {n}, the key expects {key.length}")
 
 
 def _project_batch(key, weights: list[torch.Tensor]) -> list[torch.Tensor]:
