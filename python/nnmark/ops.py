@@ -84,9 +84,9 @@ class _KeyedProjection(torch.autograd.Function):
         gp = gp.contiguous()
         if gp.dtype not in (torch.float32, torch.float64):
             gp = gp.float()
-        # Differentiable in turn: the backward of X^T.gp is X.(grad), so gradcheck of
-        # second order works too.
-        gw = _KeyedProjectionT.apply(gp, N, k0, k1)
+        # Differentiable in turn when a graph of the backward is wanted (create_graph,
+        # gradgradcheck): the backward of X^T.gp is X.(grad). Otherwise the plain op.
+        gw = _KeyedProjectionT.apply(gp, N, k0, k1) if torch.is_grad_enabled() else _backward(gp, N, k0, k1)
         return gw.to(w_dtype), None, None, None
 
 
