@@ -118,19 +118,42 @@ projection_backward_kernel(const Acc* __restrict__ gp,  // [C, T]
   }
 }
 
+// Blocks along the columns: exactly the blocks the GPU holds at once (one wave, no
+// tail) across all (row block, carrier) pairs, but at least ~8 columns per thread so
+// the register reduction at the end is amortised.
+template <typename In, typename Acc>
 int forward_grid_x(int64_t N, int64_t C, int64_t nblk) {
-  // Enough blocks to fill the GPU about four times over, but each thread should
-  // own several columns so the register reduction is amortised.
-  const int64_t want = std::max<int64_t>(1, 4 * sm_count() / std::max<int64_t>(1, C * nblk));
+  int per_sm = 0;
+  NNMARK_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, projection_forward_kernel<In, Acc>, kThreads, 0));
+  const int64_t slots = static_cast<int64_t>(sm_count()) * std::max(1, per_sm);
+  const int64_t want = std::max<int64_t>(1, slots / std::max<int64_t>(1, C * nblk));
   const int64_t by_work = std::max<int64_t>(1, (N + kThreads * 8 - 1) / (kThreads * 8));
   return static_cast<int>(std::min<int64_t>(want, by_work));
+}
+
+// Scratch comes from the device's default memory pool; keeping freed memory in the
+// pool (instead of returning it at each synchronisation) makes the next call's
+// cudaMallocAsync a cheap reuse.
+void keep_pool_memory() {
+  int dev = 0;
+  NNMARK_CUDA_CHECK(cudaGetDevice(&dev));
+  static bool done[64] = {};
+  if (dev < 64 && !done[dev]) {
+    cudaMemPool_t pool;
+    NNMARK_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, dev));
+    uint64_t keep = UINT64_MAX;
+    NNMARK_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    done[dev] = true;
+  }
 }
 
 template <typename In, typename Acc>
 void launch_forward(const ProjectionForwardArgs& a, cudaStream_t stream) {
   const int64_t nblk = (a.T + kRows - 1) / kRows, Tpad = nblk * kRows;
   NNMARK_CHECK_ARG(nblk <= 65535, "bit count T too large for the CUDA path: ", a.T);
-  const int gx = forward_grid_x(a.N, a.C, nblk);
+  keep_pool_memory();
+  const int gx = forward_grid_x<In, Acc>(a.N, a.C, nblk);
   for (int64_t c0 = 0; c0 < a.C; c0 += 65535) {  // gridDim.z limit
     const int64_t Cs = std::min<int64_t>(65535, a.C - c0);
     Acc* partial = nullptr;
