@@ -174,27 +174,7 @@ class _WhiteBoxBase:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the key to ``path`` (mode 0600). Refuses to overwrite a non-key file."""
-        path = Path(path)
-        if path.exists() and not _is_key_file(path):
-            raise FileExistsError(f"{str(path)!r} exists and is not an nnmark key file; refusing to overwrite it")
-        body = {"format": FORMAT, "version": VERSION, "kind": self.kind, "key_id": self.key_id,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "warning": "SECRET: whoever holds this file can verify and remove this watermark. Keep it private.",
-                **self._fields()}
-        body["checksum"] = _checksum(body)
-        text = json.dumps(body, indent=1, sort_keys=True) + "\n"
-        # Create with 0600 from the start: the secret is never readable by others, not even briefly.
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return write_key_file(path, self.kind, self.key_id, self._fields())
 
 
 class WhiteBoxKey(_WhiteBoxBase):
@@ -312,6 +292,43 @@ class DenseKey(_WhiteBoxBase):
     __str__ = __repr__
 
 
+def write_key_file(path: str | os.PathLike, kind: str, key_id: str, fields: dict[str, Any]) -> Path:
+    """Writes a versioned, checksummed key file with mode 0600 (every key kind uses this).
+
+    Refuses to overwrite an existing file that is not an nnmark key file."""
+    path = Path(path)
+    if path.exists() and not _is_key_file(path):
+        raise FileExistsError(f"{str(path)!r} exists and is not an nnmark key file; refusing to overwrite it")
+    body = {"format": FORMAT, "version": VERSION, "kind": kind, "key_id": key_id,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "warning": "SECRET: whoever holds this file can verify and remove this watermark. Keep it private.",
+            **fields}
+    body["checksum"] = _checksum(body)
+    text = json.dumps(body, indent=1, sort_keys=True) + "\n"
+    # Create with 0600 from the start: the secret is never readable by others, not even briefly.
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+# kind -> function(body) -> key, for key kinds defined in other modules (trigger keys).
+_LOADERS: dict[str, Any] = {}
+
+
+def register_key_kind(kind: str, loader) -> None:
+    """Lets ``load_key`` read files of ``kind``: ``loader(body)`` builds the key from the
+    verified JSON body (raise KeyError/TypeError/ValueError on malformed fields)."""
+    _LOADERS[kind] = loader
+
+
 def _is_key_file(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -325,6 +342,22 @@ def _checksum(body: dict[str, Any]) -> str:
     rest = {k: v for k, v in body.items() if k != "checksum"}
     canon = json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(canon).hexdigest()
+
+
+def _owner_bits(body: dict[str, Any]) -> list[int]:
+    bits = [int(c) for c in body["bits"]]
+    if len(bits) != body["num_bits"]:
+        raise ValueError(f"num_bits={body['num_bits']} but {len(bits)} bits stored")
+    return bits
+
+
+def _load_whitebox(body: dict[str, Any]) -> WhiteBoxKey:
+    return WhiteBoxKey(bytes.fromhex(body["secret"]), body["carrier"], _owner_bits(body), body["reduction"], body["shape"])
+
+
+def _load_dense(body: dict[str, Any]) -> DenseKey:
+    m = np.frombuffer(base64.b64decode(body["matrix"]), dtype="<f4").reshape(tuple(body["matrix_shape"]))
+    return DenseKey(m, body["carrier"], _owner_bits(body), body["reduction"], body["order"], body["shape"])
 
 
 def load_key(path: str | os.PathLike):
@@ -348,20 +381,13 @@ def load_key(path: str | os.PathLike):
     if body.get("checksum") != _checksum(body):
         raise KeyFileError(f"key file {str(path)!r} failed its checksum: it was edited or corrupted")
     kind = body.get("kind")
+    loader = {WhiteBoxKey.kind: _load_whitebox, DenseKey.kind: _load_dense, **_LOADERS}.get(kind)
+    if loader is None:
+        raise KeyFileError(f"key file {str(path)!r} has unknown kind {kind!r}")
     try:
-        bits = [int(c) for c in body["bits"]]
-        if len(bits) != body["num_bits"]:
-            raise KeyFileError(f"key file {str(path)!r}: num_bits={body['num_bits']} but {len(bits)} bits stored")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if kind == WhiteBoxKey.kind:
-                key = WhiteBoxKey(bytes.fromhex(body["secret"]), body["carrier"], bits, body["reduction"], body["shape"])
-            elif kind == DenseKey.kind:
-                shape = tuple(body["matrix_shape"])
-                m = np.frombuffer(base64.b64decode(body["matrix"]), dtype="<f4").reshape(shape)
-                key = DenseKey(m, body["carrier"], bits, body["reduction"], body["order"], body["shape"])
-            else:
-                raise KeyFileError(f"key file {str(path)!r} has unknown kind {kind!r}")
+            key = loader(body)
     except KeyFileError:
         raise
     except (KeyError, TypeError, ValueError) as exc:
