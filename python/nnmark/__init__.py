@@ -8,12 +8,14 @@ from .checkpoints import CheckpointError
 from .keys import DenseKey, KeyFileError, WhiteBoxKey, load_key, message_bits
 from .ops import dense_projection, keyed_projection, philox4x32_10
 from .stats import Verdict, binomial_p_value, binomial_threshold
-from .whitebox import Uchida, extract, verify
+from .whitebox import Uchida, extract
+from .verdicts import verify
+from .blackbox import Calibration, calibrate
 
 __all__ = [
     "build_info", "get_num_threads", "set_num_threads",
     "WhiteBoxKey", "DenseKey", "load_key", "KeyFileError", "message_bits",
-    "Uchida", "extract", "verify", "Verdict", "binomial_p_value", "binomial_threshold",
+    "Uchida", "extract", "verify", "calibrate", "Calibration", "Verdict", "binomial_p_value", "binomial_threshold",
     "keyed_projection", "dense_projection", "philox4x32_10", "CheckpointError",
 ]
 __version__ = "0.1.0"

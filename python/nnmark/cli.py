@@ -96,11 +96,17 @@ def keygen(carrier, bits, reduction, message, shape, output, force):
 @click.option("--alpha", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Significance level: verified iff p_value <= alpha.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per checkpoint on stdout (path + verdict).")
-def verify(key, checkpoints, alpha, as_json):
+@click.option("--arch", default=None, metavar="MODULE:FACTORY",
+              help="Trigger keys: the function that builds the model (e.g. mypkg.models:resnet18 or file.py:make).")
+@click.option("--null-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Chance match rate under the null (default 1/2 per bit, 1/classes per trigger), e.g. from calibrate.")
+@click.option("--device", default=None, help="Device for trigger keys, e.g. cuda (default: cpu).")
+def verify(key, checkpoints, alpha, as_json, arch, null_rate, device):
     """Verify KEY's watermark in each CHECKPOINT (safetensors, .pt/.pth/.ckpt; loaded safely).
 
     Checkpoints are read with safetensors or torch.load(weights_only=True) only:
-    nothing in them is ever executed. All carriers are checked in one batched call.
+    nothing in them is ever executed. White-box keys check all carriers in one
+    batched call; trigger keys (--arch) run the trigger set through each checkpoint.
     """
     import nnmark
 
@@ -109,8 +115,15 @@ def verify(key, checkpoints, alpha, as_json):
     except nnmark.KeyFileError as exc:
         _console(stderr=True).print(f"[red]error:[/red] {exc}")
         sys.exit(EXIT_ERROR)
+    if getattr(k, "kind", "") == "trigger" and arch is None:
+        raise click.UsageError("a trigger key runs the model: pass --arch MODULE:FACTORY")
     start = time.perf_counter()
-    verdicts = nnmark.verify(k, [str(p) for p in checkpoints], alpha=alpha)
+    try:
+        verdicts = nnmark.verify(k, [str(p) for p in checkpoints], alpha=alpha, arch=arch, null_rate=null_rate,
+                                 device=device)
+    except ValueError as exc:  # e.g. an --arch that cannot be imported
+        _console(stderr=True).print(f"[red]error:[/red] {exc}")
+        sys.exit(EXIT_ERROR)
     elapsed = time.perf_counter() - start
     if as_json:
         for p, v in zip(checkpoints, verdicts):
@@ -120,7 +133,9 @@ def verify(key, checkpoints, alpha, as_json):
     else:
         from rich.table import Table
 
-        t = Table(title=f"nnmark verify — key {k.key_id}, {k.num_bits} bits, alpha {alpha:g}")
+        n = verdicts[0].bits
+        what = "triggers" if getattr(k, "kind", "") == "trigger" else "bits"
+        t = Table(title=f"nnmark verify — key {k.key_id}, {n} {what}, alpha {alpha:g}")
         t.add_column("checkpoint", overflow="fold")
         t.add_column("verified")
         for col in ("matches", "BER", "p-value"):
@@ -139,11 +154,38 @@ def verify(key, checkpoints, alpha, as_json):
         for line in problems:
             con.print(line, markup=False)
         n_ok = sum(v.verified for v in verdicts)
-        con.print(f"{n_ok}/{len(verdicts)} verified (threshold {verdicts[0].threshold}/{k.num_bits} matching bits, "
+        con.print(f"{n_ok}/{len(verdicts)} verified (threshold {verdicts[0].threshold}/{n} matching {what}, "
                   f"exact binomial) in {elapsed:.2f} s")
     if any(v.status != "ok" for v in verdicts):
         sys.exit(EXIT_ERROR)
     sys.exit(EXIT_OK if all(v.verified for v in verdicts) else EXIT_FINDINGS)
+
+
+@cli.command()
+@click.argument("key", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("null_checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--alpha", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--arch", default=None, metavar="MODULE:FACTORY", help="Trigger keys: the model factory.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def calibrate(key, null_checkpoints, alpha, arch, as_json):
+    """Measure KEY's match rate on independent (unmarked) NULL_CHECKPOINTS and the
+    empirical false-positive rate at the threshold in use."""
+    import nnmark
+
+    try:
+        k = nnmark.load_key(key)
+        cal = nnmark.calibrate(k, [str(p) for p in null_checkpoints], alpha=alpha, arch=arch)
+    except (nnmark.KeyFileError, ValueError) as exc:
+        _console(stderr=True).print(f"[red]error:[/red] {exc}")
+        sys.exit(EXIT_ERROR)
+    if as_json:
+        click.echo(json.dumps(cal.to_dict()))
+        return
+    con = _console()
+    con.print(f"{cal.n_models} null models, {cal.n} {'triggers' if getattr(k, 'kind', '') == 'trigger' else 'bits'}: "
+              f"mean match rate {cal.null_rate:.4f} (max {cal.max_rate:.4f}; chance assumed {cal.null_rate_used:.4f})")
+    con.print(f"threshold {cal.threshold}/{cal.n} at alpha {alpha:g}: {cal.false_positives} false positives "
+              f"(empirical FPR {cal.false_positive_rate:.4g})")
 
 
 @cli.command()

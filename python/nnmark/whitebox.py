@@ -1,7 +1,7 @@
 """White-box watermarks (Uchida et al. 2017) on the keyed projection of spec v1.
 
 Embed: ``loss = task_loss + Uchida(key, strength=0.01).penalty(model)``.
-Check: ``extract(key, source)`` -> bits; ``verify(key, source)`` -> Verdict(s).
+Check: ``extract(key, source)`` -> bits; ``verify_whitebox`` (behind ``nnmark.verify``) -> Verdict(s).
 A source is a module, a state dict, a checkpoint path, a carrier weight
 tensor, or a list of them; a list is projected in one batched native call.
 """
@@ -172,20 +172,14 @@ def extract(key, source: Source) -> torch.Tensor:
     return bits if _is_batch(source) else bits[0]
 
 
-def verify(key, source: Source, alpha: float = 1e-6):
-    """Verdict(s) for the key on ``source``: one Verdict, or a list for a list of sources.
-
-    A source that cannot be checked (missing carrier, wrong shape, NaN/Inf,
-    unreadable or unsafe file) gets ``verified=False`` with its ``status`` and a
-    ``detail``; it never passes silently and never stops the others.
-    """
+def verify_whitebox(key, source: Source, alpha: float = 1e-6, null_rate: float | None = None):
+    """White-box verdict(s); see :func:`nnmark.verify`. ``null_rate``: chance of a bit
+    matching under the null (default 1/2)."""
     _check_key(key)
-    alpha = float(alpha)
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     sources = list(source) if _is_batch(source) else [source]
     if not sources:
         raise ValueError("verify() got an empty list of sources")
+    p0 = 0.5 if null_rate is None else float(null_rate)
     n = key.num_bits
     verdicts: list[Verdict | None] = [None] * len(sources)
     good_idx, good_w = [], []
@@ -195,7 +189,7 @@ def verify(key, source: Source, alpha: float = 1e-6):
             w = carrier_of(key, s)
             _check_carrier(key, w)
         except CheckpointError as exc:
-            verdicts[i] = Verdict.failed(exc.status, str(exc), n, alpha, key_id=key.key_id, source=label)
+            verdicts[i] = Verdict.failed(exc.status, str(exc), n, alpha, p0, key_id=key.key_id, source=label)
             continue
         good_idx.append(i)
         good_w.append(w)
@@ -203,9 +197,9 @@ def verify(key, source: Source, alpha: float = 1e-6):
         owner = key.bits
         for i, p in zip(good_idx, _project_batch(key, good_w)):
             matches = int(((p > 0).to(torch.uint8).cpu() == owner).sum())
-            verdicts[i] = Verdict.from_matches(matches, n, alpha, key_id=key.key_id,
+            verdicts[i] = Verdict.from_matches(matches, n, alpha, p0, key_id=key.key_id,
                                                source=_label(sources[i], i if _is_batch(source) else None))
     return verdicts if _is_batch(source) else verdicts[0]
 
 
-__all__ = ["Uchida", "extract", "verify", "carrier_of"]
+__all__ = ["Uchida", "extract", "verify_whitebox", "carrier_of"]
