@@ -9,6 +9,7 @@
 #include "cpu/parallel.h"
 #include "ops/dense_projection.h"
 #include "ops/projection.h"
+#include "ops/trigger_verify.h"
 
 namespace py = pybind11;
 using namespace nnmark;
@@ -59,6 +60,25 @@ PYBIND11_MODULE(_C_cpu, m) {
         },
         py::arg("x"), py::arg("x_dtype"), py::arg("gp"), py::arg("C"), py::arg("N"), py::arg("T"),
         py::arg("gw"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("trigger_verify",
+        [](uintptr_t logits, int logits_dtype, uintptr_t labels, int64_t K, int64_t B, int64_t C,
+           double null_rate, uintptr_t hits, uintptr_t margin, uintptr_t p_value) {
+          trigger_verify_cpu({ptr<const void>(logits), logits_dtype, ptr<const int64_t>(labels), K, B, C,
+                              null_rate, ptr<int64_t>(hits), ptr<double>(margin), ptr<double>(p_value)});
+        },
+        py::arg("logits"), py::arg("logits_dtype"), py::arg("labels"), py::arg("K"), py::arg("B"),
+        py::arg("C"), py::arg("null_rate"), py::arg("hits"), py::arg("margin"), py::arg("p_value"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("binomial_sf",
+        [](int64_t h, int64_t n, double p) {
+          NNMARK_CHECK_ARG(n >= 1, "number of trials must be >= 1, got ", n);
+          NNMARK_CHECK_ARG(p > 0.0 && p < 1.0, "success probability must be in (0, 1), got ", p);
+          return binomial_sf(h, n, p);
+        },
+        py::arg("h"), py::arg("n"), py::arg("p"),
+        "Exact P[X >= h] for X ~ Binomial(n, p) (the p-value of trigger_verify).");
 
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));

@@ -7,6 +7,7 @@
 #include "cuda/cuda_check.h"
 #include "ops/dense_projection.h"
 #include "ops/projection.h"
+#include "ops/trigger_verify.h"
 
 namespace py = pybind11;
 using namespace nnmark;
@@ -57,6 +58,19 @@ PYBIND11_MODULE(_C_cuda, m) {
         },
         py::arg("x"), py::arg("x_dtype"), py::arg("gp"), py::arg("C"), py::arg("N"), py::arg("T"),
         py::arg("gw"), py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("trigger_verify",
+        [](uintptr_t logits, int logits_dtype, uintptr_t labels, int64_t K, int64_t B, int64_t C,
+           double null_rate, uintptr_t hits, uintptr_t margin, uintptr_t p_value, int device,
+           uintptr_t stream) {
+          DeviceGuard guard(device);
+          trigger_verify_cuda({ptr<const void>(logits), logits_dtype, ptr<const int64_t>(labels), K, B, C,
+                               null_rate, ptr<int64_t>(hits), ptr<double>(margin), ptr<double>(p_value)},
+                              stream);
+        },
+        py::arg("logits"), py::arg("logits_dtype"), py::arg("labels"), py::arg("K"), py::arg("B"),
+        py::arg("C"), py::arg("null_rate"), py::arg("hits"), py::arg("margin"), py::arg("p_value"),
+        py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
 
   m.def("device_count", [] {
     int n = 0;

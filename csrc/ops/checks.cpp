@@ -2,6 +2,7 @@
 #include "common/dtype.h"
 #include "ops/dense_projection.h"
 #include "ops/projection.h"
+#include "ops/trigger_verify.h"
 
 namespace nnmark {
 
@@ -39,6 +40,15 @@ void check_dense_args(const DenseBackwardArgs& a) {
   NNMARK_CHECK_ARG(a.C >= 1 && a.N >= 1 && a.T >= 1, "sizes must be >= 1, got C=", a.C,
                    " N=", a.N, " T=", a.T);
   NNMARK_CHECK_ARG(a.x && a.gp && a.gw, "null data pointer");
+}
+
+void check_trigger_verify_args(const TriggerVerifyArgs& a) {
+  check_dtype(a.logits_dtype, "logits");
+  NNMARK_CHECK_ARG(a.K >= 1, "number of checkpoints K must be >= 1, got ", a.K);
+  NNMARK_CHECK_ARG(a.B >= 1, "number of triggers B must be >= 1, got ", a.B);
+  NNMARK_CHECK_ARG(a.C >= 2, "number of classes C must be >= 2, got ", a.C);
+  NNMARK_CHECK_ARG(a.null_rate > 0.0 && a.null_rate < 1.0, "null hit rate must be in (0, 1), got ", a.null_rate);
+  NNMARK_CHECK_ARG(a.logits && a.labels && a.hits && a.margin && a.p_value, "null data pointer");
 }
 
 }  // namespace nnmark

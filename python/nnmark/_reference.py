@@ -94,3 +94,49 @@ def _mulhi32(a: torch.Tensor, m: int) -> torch.Tensor:
     hi = a_hi * m_hi
     carry = ((lo >> 16) + (mid1 & 0xFFFF) + (mid2 & 0xFFFF)) >> 16
     return (hi + (mid1 >> 16) + (mid2 >> 16) + carry) & MASK32
+
+
+def trigger_verify(logits, labels, null_rate=None) -> dict[str, np.ndarray]:
+    """Trigger-set verification in float64 numpy + scipy (see nnmark.ops.trigger_verify).
+
+    ``logits`` [K, B, C] (or [B, C]), ``labels`` [B]. Top-1 is ``np.argmax`` (first
+    maximum); a row with a NaN is a miss; the mean margin leaves NaN margins out.
+    """
+    x = np.asarray(logits, dtype=np.float64)
+    single = x.ndim == 2
+    if single:
+        x = x[None]
+    K, B, C = x.shape
+    y = np.asarray(labels, dtype=np.int64)
+    p0 = 1.0 / C if null_rate is None else float(null_rate)
+    rows = np.arange(B)
+    has_nan = np.isnan(x).any(axis=2)                             # [K, B]
+    hit = (np.argmax(x, axis=2) == y[None, :]) & ~has_nan         # [K, B]
+    lab = x[:, rows, y]                                           # [K, B]
+    others = x.copy()
+    others[:, rows, y] = -np.inf
+    with np.errstate(invalid="ignore"):
+        row_margin = lab - others.max(axis=2)                     # NaN rows give NaN
+    hits = hit.sum(axis=1).astype(np.int64)
+    keep = ~np.isnan(row_margin)
+    count = keep.sum(axis=1)
+    total = np.where(keep, row_margin, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        margin = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    p_value = np.array([_binomial_sf(int(h), B, p0) for h in hits])
+    out = {"hits": hits, "margin": margin, "p_value": p_value}
+    return {k: v[0] for k, v in out.items()} if single else out
+
+
+def _binomial_sf(h: int, n: int, p: float) -> float:
+    """P[Binomial(n, p) >= h] by scipy; where scipy's sf underflows to 0 (below ~1e-297),
+    the pmf terms summed in log space instead."""
+    from scipy.special import logsumexp
+    from scipy.stats import binom
+
+    if h <= 0:
+        return 1.0
+    v = float(binom.sf(h - 1, n, p))
+    if v == 0.0 and h <= n:
+        v = float(np.exp(logsumexp(binom.logpmf(np.arange(h, n + 1), n, p))))
+    return v

@@ -197,3 +197,100 @@ def dense_projection(w, x) -> torch.Tensor:
         x = x.double()
     p = _DenseProjection.apply(w.unsqueeze(0) if single else w, x.contiguous())
     return p.squeeze(0) if single else p
+
+
+# ---------------------------------------------------------------- trigger-set verification
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _trigger_logits(logits) -> tuple[torch.Tensor, bool]:
+    """Logits as a [K, B, C] tensor, and whether the caller passed a single [B, C]."""
+    logits = as_tensor(logits, "logits")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits must be float32, float64, float16 or bfloat16, got {logits.dtype}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [K, B, C] or [B, C], got shape {list(logits.shape)}")
+    if logits.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"logits are on {logits.device}; expected a cpu or cuda tensor")
+    single = logits.dim() == 2
+    if single:
+        logits = logits.unsqueeze(0)
+    K, B, C = logits.shape
+    if K < 1 or B < 1:
+        raise ValueError(f"logits are empty: need at least one checkpoint and one trigger, got shape "
+                         f"{list(logits.shape)}")
+    if C < 2:
+        raise ValueError(f"logits need at least 2 classes, got C={C} (shape {list(logits.shape)})")
+    return logits, single
+
+
+def _trigger_labels(labels, B: int, C: int, device: torch.device) -> torch.Tensor:
+    """Labels as a contiguous int64 [B] tensor on ``device``, each checked to be in [0, C)."""
+    if isinstance(labels, (list, tuple)):
+        labels = torch.as_tensor(labels)
+    labels = as_tensor(labels, "labels")
+    if labels.dtype not in _INT_DTYPES:
+        raise TypeError(f"labels must be an integer tensor (int64, int32, int16, int8 or uint8), got {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be [B], got shape {list(labels.shape)}")
+    if labels.shape[0] != B:
+        raise ValueError(f"got {labels.shape[0]} labels for B={B} triggers in the logits")
+    if labels.device != device and labels.device.type != "cpu":
+        raise ValueError(f"labels are on {labels.device} but the logits are on {device}; "
+                         f"pass labels on the cpu or on {device}")
+    bad = (labels < 0) | (labels >= C)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"label {int(labels[i])} at index {i} is out of range: labels must be in [0, {C}) "
+                         f"for C={C} classes")
+    return labels.to(device=device, dtype=torch.int64).contiguous()
+
+
+def _null_rate(null_rate, C: int) -> float:
+    if null_rate is None:
+        return 1.0 / C
+    try:
+        if isinstance(null_rate, (bool, str, bytes)):
+            raise TypeError
+        rate = float(null_rate)
+    except (TypeError, ValueError):
+        raise TypeError(f"null_rate must be a float in (0, 1) or None, got {type(null_rate).__name__}") from None
+    if not (0.0 < rate < 1.0):  # also rejects NaN
+        raise ValueError(f"null_rate must be in (0, 1), got {null_rate!r}")
+    return rate
+
+
+def trigger_verify(logits, labels, null_rate=None) -> dict[str, torch.Tensor]:
+    """Black-box verification of K checkpoints on one trigger set, in one native call.
+
+    ``logits``: ``[K, B, C]`` (K checkpoints, B triggers, C classes) or ``[B, C]``;
+    float32/float64/float16/bfloat16; torch, numpy or cupy; CPU or CUDA (CUDA runs on
+    the current stream). ``labels``: ``[B]`` integers in ``[0, C)``, on the CPU or on the
+    logits' device (moved there). ``null_rate``: hit probability of one trigger under
+    the null hypothesis, in (0, 1); default ``1 / C`` (or a rate measured by calibration
+    on unmarked models).
+
+    Per checkpoint, a trigger is a hit when its top-1 class (argmax, ties to the lowest
+    index as ``torch.argmax``) equals its label; a row holding a NaN logit is a miss.
+    Returns CPU tensors ``hits`` (int64), ``margin`` (float64: mean over rows of
+    ``logit[label] - max other logit``; rows whose margin is NaN -- a NaN logit, or label
+    and runner-up the same infinity -- are left out, NaN if none is left) and ``p_value``
+    (float64: exact ``P[Binomial(B, null_rate) >= hits]``), each ``[K]``, or 0-d for a
+    ``[B, C]`` input.
+    """
+    logits, single = _trigger_logits(logits)
+    K, B, C = logits.shape
+    rate = _null_rate(null_rate, C)
+    y = _trigger_labels(labels, B, C, logits.device)
+    x = logits.detach().contiguous()
+    out = {"hits": torch.empty(K, dtype=torch.int64, device=x.device),
+           "margin": torch.empty(K, dtype=torch.float64, device=x.device),
+           "p_value": torch.empty(K, dtype=torch.float64, device=x.device)}
+    a = native(x)
+    h, m, p = (t.data_ptr() for t in out.values())
+    if x.is_cuda:
+        _ext.cuda_module().trigger_verify(a.ptr, a.dtype, y.data_ptr(), K, B, C, rate, h, m, p, a.device, a.stream)
+        out = {k: v.cpu() for k, v in out.items()}
+    else:
+        _ext.cpu.trigger_verify(a.ptr, a.dtype, y.data_ptr(), K, B, C, rate, h, m, p)
+    return {k: v.squeeze(0) for k, v in out.items()} if single else out
