@@ -83,7 +83,7 @@ def load_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
         raise CheckpointError("corrupt", f"{str(path)!r} is not a readable torch checkpoint: {exc.strerror or exc}") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, KeyError, struct.error) as exc:
         raise CheckpointError("corrupt", f"{str(path)!r} is not a readable torch checkpoint: {_first_line(exc)}") from None
-    return _tensors_of(obj, path)
+    return state_dict_of(obj, path)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -91,7 +91,8 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
-def _tensors_of(obj, path: Path) -> Mapping[str, torch.Tensor]:
+def state_dict_of(obj, path) -> Mapping[str, torch.Tensor]:
+    """The tensors of a loaded checkpoint object: itself, or its "state_dict"/"model_state_dict"/"model"."""
     if isinstance(obj, Mapping):
         for k in STATE_DICT_KEYS:  # Lightning .ckpt and common training-script layouts
             inner = obj.get(k)

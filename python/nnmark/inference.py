@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .carriers import WRAPPER_PREFIXES
-from .checkpoints import CheckpointError, load_state_dict
+from .checkpoints import CheckpointError, state_dict_of, load_state_dict
 
 Factory = Callable[[], torch.nn.Module]
 
@@ -39,27 +39,35 @@ def load_factory(spec) -> Factory:
         loader_spec = importlib.util.spec_from_file_location(f"nnmark_arch_{path.stem}", path)
         module = importlib.util.module_from_spec(loader_spec)
         sys.modules[loader_spec.name] = module
-        loader_spec.loader.exec_module(module)
+        try:
+            loader_spec.loader.exec_module(module)
+        except Exception as exc:  # the user's file failed to run: say which and why
+            sys.modules.pop(loader_spec.name, None)
+            raise ValueError(f"arch file {mod_name!r} failed to load: {type(exc).__name__}: {exc}") from None
     else:
         try:
             module = importlib.import_module(mod_name)
-        except ImportError as exc:
-            raise ValueError(f"cannot import arch module {mod_name!r}: {exc}") from None
+        except Exception as exc:
+            raise ValueError(f"cannot import arch module {mod_name!r}: {type(exc).__name__}: {exc}") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ValueError(f"arch {spec!r}: {mod_name} has no callable {fn_name!r}")
     return fn
 
 
+# Tensors a checkpoint may lack: torch's load_state_dict fills them in, and an eval
+# forward never reads them.
+_OPTIONAL_SUFFIXES = (".num_batches_tracked",)
+
+
 def _align(sd: Mapping[str, torch.Tensor], expected: Sequence[str]) -> dict[str, torch.Tensor]:
     """The state dict with wrapper prefixes (module., model., _orig_mod.) removed where that makes it match."""
-    if set(sd.keys()) >= set(expected):
-        return {k: sd[k] for k in expected}
-    for prefix in WRAPPER_PREFIXES:
-        stripped = {k[len(prefix):]: k for k in sd.keys() if k.startswith(prefix)}
-        if set(stripped) >= set(expected):
-            return {k: sd[stripped[k]] for k in expected}
-    missing = sorted(set(expected) - set(sd.keys()))
+    required = {k for k in expected if not k.endswith(_OPTIONAL_SUFFIXES)}
+    for prefix in ("", *WRAPPER_PREFIXES):
+        names = {k[len(prefix):]: k for k in sd.keys() if k.startswith(prefix)}
+        if set(names) >= required:
+            return {k: sd[names[k]] for k in expected if k in names}
+    missing = sorted(required - set(sd.keys()))
     raise CheckpointError("invalid", f"checkpoint does not fit the architecture: {len(missing)} tensors missing, "
                                      f"e.g. {missing[:3]}")
 
@@ -72,7 +80,8 @@ class TriggerRunner:
         self.model = load_factory(factory)().to(device).eval()
         self.x = x.to(device)
         self.device = device
-        self.tensors = {**dict(self.model.named_parameters()), **dict(self.model.named_buffers())}
+        # What a checkpoint holds: parameters and persistent buffers (not persistent=False ones).
+        self.tensors = dict(self.model.state_dict(keep_vars=True))
         self.names = list(self.tensors)
         self.graph = None
         self.out: torch.Tensor | None = None
@@ -105,7 +114,8 @@ class TriggerRunner:
                                                  f"the architecture has {list(dst.shape)}")
             if not src.is_floating_point() and dst.is_floating_point():
                 raise CheckpointError("invalid", f"tensor {name!r} has dtype {src.dtype}, expected floating point")
-            dst.copy_(src, non_blocking=True)
+            with torch.no_grad():
+                dst.copy_(src, non_blocking=True)
 
     @torch.no_grad()
     def logits(self) -> torch.Tensor:
@@ -117,14 +127,31 @@ class TriggerRunner:
 
 
 def _read(source):
-    """Loads a path's state dict fully (on the prefetch thread); passes other sources through."""
-    if isinstance(source, (str, os.PathLike)):
-        try:
+    """A source made ready to run, on the prefetch thread: a module, a state dict of
+    tensors (files read whole here), or the CheckpointError that prevents it."""
+    try:
+        if isinstance(source, torch.nn.Module):
+            return source
+        if isinstance(source, (str, os.PathLike)):
             sd = load_state_dict(source)
             return {k: sd[k] for k in sd.keys()}  # materialise lazy safetensors views here
-        except CheckpointError as exc:
-            return exc
-    return source
+        if isinstance(source, Mapping):
+            return state_dict_of(source, "<state dict>")  # unwraps {"state_dict": ...} as files do
+        return CheckpointError("unsupported", f"a source must be a module, a state dict or a checkpoint path, "
+                                              f"got {type(source).__name__}")
+    except CheckpointError as exc:
+        return exc
+
+
+@torch.no_grad()
+def _run_module(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Runs a user's module in eval mode on its own device, leaving its mode as found."""
+    dev = next((t.device for t in model.parameters()), x.device)
+    was_training = model.training
+    try:
+        return model.eval()(x.to(dev))
+    finally:
+        model.train(was_training)
 
 
 def trigger_logits(factory, sources: Sequence, x: torch.Tensor, device=None, cuda_graph: bool | None = None,
@@ -149,9 +176,7 @@ def trigger_logits(factory, sources: Sequence, x: torch.Tensor, device=None, cud
                 if isinstance(item, CheckpointError):
                     raise item
                 if isinstance(item, torch.nn.Module):
-                    with torch.no_grad():
-                        dev = device if device is not None else x.device
-                        rows[k] = item.to(dev).eval()(x.to(dev)).float()
+                    rows[k] = _run_module(item, x).float()
                 else:
                     runner.load(item)
                     rows[k] = runner.logits().float()
