@@ -14,3 +14,5 @@ python3 -c "import json, nnmark; print(json.dumps(nnmark.build_info()))" | tee "
 timeout 240 python3 -m pytest -q tests -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
 timeout 240 python3 benchmarks/bench_projection.py --device cuda --sizes 576,1e6,1.67e7,2.56e7 --max-seconds 2 --json "$OUT/bench_projection_cuda.json" 2>&1 \
   | tee "$OUT/bench_projection_cuda.txt" | tail -40
+timeout 180 python3 benchmarks/bench_trigger.py --device cuda --json "$OUT/bench_trigger_cuda.json" 2>&1 \
+  | tee "$OUT/bench_trigger_cuda.txt" | tail -30

@@ -127,18 +127,30 @@ def test_usage_errors_exit_4(files):
 
 
 def test_demo_end_to_end(tmp_path):
-    """The README's main job: marked model verified, >= 10 independent unmarked models not."""
+    """The README's main job: the marked model carries both marks, >= 10 independent unmarked models neither."""
     r = run("demo", "--out", tmp_path / "demo", "--json")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads(r.stdout)
     rows = res["rows"]
     assert rows[0]["model"] == "marked" and rows[0]["verified"] and rows[0]["ber"] == 0.0
     assert rows[0]["p_value"] <= 1e-6
+    assert rows[0]["trigger_verified"] and rows[0]["trigger_matches"] >= 95  # >= 95% trigger hits
     unmarked = rows[1:]
     assert len(unmarked) >= 11 and not any(r["verified"] for r in unmarked)
-    assert abs(res["accuracy_drop"]) <= 0.01 + 1e-9  # within 1 point of the unmarked twin
+    assert not any(r["trigger_verified"] for r in unmarked)
+    # Both marks at once, with fresh random keys: within 2 points of the unmarked twin here;
+    # the 1-point bounds of each mark alone are tested in test_whitebox and test_triggers.
+    assert res["accuracy_drop"] <= 0.02 + 1e-9
     assert res["seconds"] < 180
     assert os.stat(tmp_path / "demo" / "owner.key").st_mode & 0o777 == 0o600
     # The saved models verify from disk with the saved key, as the demo's hint says.
     key = nnmark.load_key(tmp_path / "demo" / "owner.key")
     assert nnmark.verify(key, str(tmp_path / "demo" / "marked.safetensors")).verified
+    # ... and so does the trigger key, through the CLI with --arch.
+    r = run("verify", tmp_path / "demo" / "triggers.key", tmp_path / "demo" / "marked.safetensors",
+            tmp_path / "demo" / "twin.safetensors", "--arch", "nnmark.demo:DigitsNet", "--json")
+    assert r.returncode == 1, r.stdout + r.stderr  # the twin does not carry the mark
+    marked, twin = map(json.loads, r.stdout.splitlines())
+    assert marked["verified"] and marked["matches"] >= 95 and marked["bits"] == 100
+    assert not twin["verified"] and twin["status"] == "ok"
+    assert os.stat(tmp_path / "demo" / "triggers.key").st_mode & 0o777 == 0o600

@@ -115,7 +115,7 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, device):
     except nnmark.KeyFileError as exc:
         _console(stderr=True).print(f"[red]error:[/red] {exc}")
         sys.exit(EXIT_ERROR)
-    if getattr(k, "kind", "") == "trigger" and arch is None:
+    if isinstance(k, nnmark.TriggerKey) and arch is None:
         raise click.UsageError("a trigger key runs the model: pass --arch MODULE:FACTORY")
     start = time.perf_counter()
     try:
@@ -134,7 +134,7 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, device):
         from rich.table import Table
 
         n = verdicts[0].bits
-        what = "triggers" if getattr(k, "kind", "") == "trigger" else "bits"
+        what = "triggers" if isinstance(k, nnmark.TriggerKey) else "bits"
         t = Table(title=f"nnmark verify — key {k.key_id}, {n} {what}, alpha {alpha:g}")
         t.add_column("checkpoint", overflow="fold")
         t.add_column("verified")
@@ -182,7 +182,7 @@ def calibrate(key, null_checkpoints, alpha, arch, as_json):
         click.echo(json.dumps(cal.to_dict()))
         return
     con = _console()
-    con.print(f"{cal.n_models} null models, {cal.n} {'triggers' if getattr(k, 'kind', '') == 'trigger' else 'bits'}: "
+    con.print(f"{cal.n_models} null models, {cal.n} {'triggers' if isinstance(k, nnmark.TriggerKey) else 'bits'}: "
               f"mean match rate {cal.null_rate:.4f} (max {cal.max_rate:.4f}; chance assumed {cal.null_rate_used:.4f})")
     con.print(f"threshold {cal.threshold}/{cal.n} at alpha {alpha:g}: {cal.false_positives} false positives "
               f"(empirical FPR {cal.false_positive_rate:.4g})")
@@ -192,7 +192,7 @@ def calibrate(key, null_checkpoints, alpha, arch, as_json):
 @click.option("--out", "out_dir", default="nnmark-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the key, the models and demo.json.")
 @click.option("--unmarked", default=10, show_default=True, type=click.IntRange(1), help="Independently trained unmarked models to check (the null), besides the twin.")
-@click.option("--epochs", default=12, show_default=True, type=click.IntRange(1))
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
 @click.option("--bits", default=64, show_default=True, type=click.IntRange(20))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
@@ -209,25 +209,35 @@ def demo(out_dir, unmarked, epochs, bits, seed, as_json):
         res = run_demo(out_dir, unmarked=unmarked, epochs=epochs, bits=bits, seed=seed,
                        progress=lambda m: prog.update(task, description=m))
     elapsed = time.perf_counter() - start
-    ok = res["marked_verified"] and res["unmarked_verified"] == 0
+    ok = (res["marked_verified"] and res["marked_trigger_verified"] and res["unmarked_verified"] == 0
+          and res["unmarked_trigger_verified"] == 0)
     if as_json:
         click.echo(json.dumps(_jsonable({**res, "seconds": elapsed, "ok": ok})))
         sys.exit(EXIT_OK if ok else EXIT_FINDINGS)
     from rich.table import Table
 
     con = _console()
-    t = Table(title=f"nnmark demo — digits CNN, {bits}-bit white-box mark on {res['carrier']} (key {res['key_id']})")
-    for col in ("model", "clean acc", "BER", "matches", "p-value", "verified"):
-        t.add_column(col, justify="left" if col in ("model", "verified") else "right")
+    t = Table(title=f"nnmark demo — digits CNN: white-box mark ({bits} bits in {res['carrier']}), "
+                    f"black-box mark ({res['triggers']} abstract triggers)")
+    for col in ("model", "accuracy", "bits", "p", "triggers", "p ", "verified"):
+        t.add_column(col.strip(), justify="left" if col in ("model", "verified") else "right", no_wrap=True)
     for r in res["rows"]:
-        t.add_row(r["model"], f"{100 * r['accuracy']:.1f}%", f"{r['ber']:.3f}", f"{r['matches']}/{r['bits']}",
-                  _fmt_p(r["p_value"]), "[green]yes[/green]" if r["verified"] else "no")
+        wb, bb = r["verified"], r["trigger_verified"]
+        which = "both" if wb and bb else "white-box" if wb else "black-box" if bb else "no"
+        t.add_row(r["model"], f"{100 * r['accuracy']:.1f}%", f"{r['matches']}/{r['bits']}", _fmt_p(r["p_value"]),
+                  f"{r['trigger_matches']}/{r['trigger_n']}", _fmt_p(r["trigger_p_value"]),
+                  which if which == "no" else f"[green]{which}[/green]")
     con.print(t)
-    con.print(f"threshold: {res['rows'][0]['threshold']}/{bits} matching bits for p <= {res['alpha']:g} (exact binomial)")
-    con.print(f"marked model: {'VERIFIED' if res['marked_verified'] else 'NOT verified'}; "
-              f"unmarked models verified: {res['unmarked_verified']}/{res['unmarked_total']}; "
-              f"accuracy cost of the mark: {100 * res['accuracy_drop']:+.1f} points")
-    con.print(f"key, models and demo.json in {out_dir}/ — try: nnmark verify {out_dir}/owner.key {out_dir}/*.safetensors")
+    r0 = res["rows"][0]
+    con.print(f"thresholds (exact binomial, p <= {res['alpha']:g}): {r0['threshold']}/{bits} matching bits; "
+              f"{r0['trigger_threshold']}/{r0['trigger_n']} trigger hits (chance 1/10)")
+    con.print(f"marked model: white-box {'VERIFIED' if res['marked_verified'] else 'NOT verified'}, "
+              f"black-box {'VERIFIED' if res['marked_trigger_verified'] else 'NOT verified'}; "
+              f"unmarked models verified: {res['unmarked_verified']}/{res['unmarked_total']} white-box, "
+              f"{res['unmarked_trigger_verified']}/{res['unmarked_total']} black-box; "
+              f"accuracy cost of the marks: {100 * res['accuracy_drop']:+.1f} points")
+    con.print(f"keys, models and demo.json in {out_dir}/ — try: nnmark verify {out_dir}/owner.key {out_dir}/*.safetensors"
+              f"  or  nnmark verify {out_dir}/triggers.key {out_dir}/*.safetensors --arch nnmark.demo:DigitsNet")
     con.print(f"done in {elapsed:.1f} s")
     sys.exit(EXIT_OK if ok else EXIT_FINDINGS)
 

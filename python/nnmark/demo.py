@@ -56,19 +56,28 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.25) -> Digits:
     return Digits(torch.from_numpy(xtr), torch.from_numpy(ytr).long(), torch.from_numpy(xte), torch.from_numpy(yte).long())
 
 
-def train(data: Digits, seed: int, epochs: int = 12, wm=None, batch_size: int = 64, lr: float = 3e-3) -> DigitsNet:
-    """Trains a DigitsNet; ``wm`` (e.g. nnmark.Uchida) adds its penalty to the loss."""
+def train(data: Digits, seed: int, epochs: int = 12, wm=None, batch_size: int = 64, lr: float = 3e-3,
+          mixer=None, settle_epochs: int = 0) -> DigitsNet:
+    """Trains a DigitsNet; ``wm`` (e.g. nnmark.Uchida) adds its penalty to the loss and
+    ``mixer`` (nnmark.TriggerMixer) puts trigger samples into every batch. The last
+    ``settle_epochs`` run at lr/10, so clean accuracy settles after the marks are learnt."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = DigitsNet()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = len(data.x_train)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        if epoch == epochs - settle_epochs:
+            for group in opt.param_groups:
+                group["lr"] = lr / 10
         order = torch.randperm(n, generator=g)
         for i in range(0, n, batch_size):
             idx = order[i:i + batch_size]
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            xb, yb = data.x_train[idx], data.y_train[idx]
+            if mixer is not None:
+                xb, yb = mixer.mix(xb, yb)
+            loss = F.cross_entropy(model(xb), yb)
             if wm is not None:
                 loss = loss + wm.penalty(model)
             opt.zero_grad(set_to_none=True)
@@ -84,10 +93,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
-def run_demo(out_dir: str | os.PathLike = "nnmark-demo", unmarked: int = 10, epochs: int = 12, bits: int = 64,
-             seed: int = 0, alpha: float = 1e-6, progress=None) -> dict:
-    """Runs the demo; writes the key, the models and ``demo.json`` into ``out_dir``; returns the results.
+def run_demo(out_dir: str | os.PathLike = "nnmark-demo", unmarked: int = 10, epochs: int = 30, bits: int = 64,
+             seed: int = 0, alpha: float = 1e-6, triggers: int = 100, per_batch: int = 8, progress=None) -> dict:
+    """Runs the demo; writes the keys, the models and ``demo.json`` into ``out_dir``; returns the results.
 
+    The marked model carries two marks: a white-box one (``bits`` bits in the second
+    conv layer, Uchida et al.'s regularizer) and a black-box one (``triggers`` abstract
+    trigger images with keyed labels, Adi et al., ``per_batch`` mixed into every batch).
     Models: the marked one, its unmarked twin (same seed and batches: the fair
     accuracy comparison) and ``unmarked`` independently trained unmarked models.
     """
@@ -103,36 +115,49 @@ def run_demo(out_dir: str | os.PathLike = "nnmark-demo", unmarked: int = 10, epo
     shape = tuple(DigitsNet().get_parameter(CARRIER).shape)
     key = nnmark.WhiteBoxKey.generate(carrier=CARRIER, bits=bits, reduction="filter_mean", shape=shape)
     key.save(out / "owner.key")
+    tkey = nnmark.TriggerKey.generate(kind="abstract", n=triggers, num_classes=10, input_shape=(1, 8, 8))
+    tkey.save(out / "triggers.key")
 
     def step(msg):
         if progress is not None:
             progress(msg)
 
-    rows = []
-    step("training the marked model")
-    marked = train(data, seed, epochs, wm=nnmark.Uchida(key, strength=0.01))
+    step("training the marked model (white-box regularizer + trigger set)")
+    settle = max(1, epochs // 6)  # the last epochs at lr/10, for every model alike
+    marked = train(data, seed, epochs, wm=nnmark.Uchida(key, strength=0.01),
+                   mixer=nnmark.TriggerMixer(tkey, per_batch=per_batch), settle_epochs=settle)
     step("training its unmarked twin (same seed and batches)")
-    twin = train(data, seed, epochs)
-    models = [("marked", marked), ("unmarked twin", twin)]
+    twin = train(data, seed, epochs, settle_epochs=settle)
+    models = [("marked", marked), ("twin", twin)]  # twin: unmarked, same seed and batches
     for k in range(unmarked):
         step(f"training independent unmarked model {k + 1}/{unmarked}")
-        models.append((f"unmarked #{k + 1}", train(data, seed + 1000 + k, epochs)))
+        models.append((f"null {k + 1}", train(data, seed + 1000 + k, epochs, settle_epochs=settle)))
 
     paths = []
     for name, model in models:
         path = out / (name.replace(" ", "_").replace("#", "") + ".safetensors")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
         paths.append(path)
-    # One batched native call verifies every model.
-    verdicts = nnmark.verify(key, [m for _, m in models], alpha=alpha)
-    for (name, model), path, v in zip(models, paths, verdicts):
+    step("verifying")
+    # White-box: one batched native call for every model. Black-box: the trigger set
+    # runs through each model, then one native call scores them all.
+    white = nnmark.verify(key, [m for _, m in models], alpha=alpha)
+    black = nnmark.verify(tkey, [m for _, m in models], alpha=alpha)
+    fields = ("verified", "matches", "bits", "ber", "p_value", "threshold", "status")
+    rows = []
+    for (name, model), path, v, t in zip(models, paths, white, black):
+        tv = t.to_dict()
         rows.append({"model": name, "path": str(path), "accuracy": accuracy(model, data.x_test, data.y_test),
-                     **{k: v.to_dict()[k] for k in ("verified", "matches", "bits", "ber", "p_value", "threshold", "status")}})
+                     **{k: v.to_dict()[k] for k in fields},
+                     **{f"trigger_{k}": tv[k] for k in ("verified", "matches", "p_value", "threshold")},
+                     "trigger_n": tv["bits"]})
     result = {
-        "key_id": key.key_id, "carrier": CARRIER, "bits": bits, "alpha": alpha,
-        "rows": rows,
+        "key_id": key.key_id, "trigger_key_id": tkey.key_id, "carrier": CARRIER, "bits": bits,
+        "triggers": triggers, "alpha": alpha, "rows": rows,
         "marked_verified": rows[0]["verified"],
+        "marked_trigger_verified": rows[0]["trigger_verified"],
         "unmarked_verified": sum(r["verified"] for r in rows[1:]),
+        "unmarked_trigger_verified": sum(r["trigger_verified"] for r in rows[1:]),
         "unmarked_total": len(rows) - 1,
         "accuracy_drop": rows[1]["accuracy"] - rows[0]["accuracy"],
     }

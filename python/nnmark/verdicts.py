@@ -29,7 +29,9 @@ def verify(key, source, alpha: float = 1e-6, *, arch=None, null_rate: float | No
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
     if null_rate is not None and not 0.0 < float(null_rate) < 1.0:
         raise ValueError(f"null_rate must be in (0, 1), got {null_rate!r}")
-    if getattr(key, "kind", None) == "trigger":
+    from .triggers import TriggerKey
+
+    if isinstance(key, TriggerKey):
         batch = _is_batch(source)
         sources = list(source) if batch else [source]
         if not sources:
