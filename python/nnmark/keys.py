@@ -304,13 +304,18 @@ def write_key_file(path: str | os.PathLike, kind: str, key_id: str, fields: dict
             "warning": "SECRET: whoever holds this file can verify and remove this watermark. Keep it private.",
             **fields}
     body["checksum"] = _checksum(body)
-    text = json.dumps(body, indent=1, sort_keys=True) + "\n"
+    return write_private(path, (json.dumps(body, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def write_private(path: str | os.PathLike, data: bytes) -> Path:
+    """Writes ``data`` atomically to ``path`` with mode 0600 (for secrets and trigger sets)."""
+    path = Path(path)
     # Create with 0600 from the start: the secret is never readable by others, not even briefly.
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)
     except BaseException:

@@ -480,18 +480,7 @@ class TriggerKey:
                 "std": json.dumps(list(self.std) if self.std is not None else None),
                 "target": json.dumps(self.target)}
         data = save({"x": x.contiguous(), "y": y.contiguous()}, metadata=meta)
-        path = Path(path)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return _keys.write_private(path, data)
 
     # -- files -------------------------------------------------------------------------
     def _fields(self) -> dict[str, Any]:
