@@ -1,13 +1,16 @@
 // _C_cpu: the always-built module. Takes raw addresses, sizes and dtype codes
 // from python/nnmark/_arrays.py; never sees a torch object.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <tuple>
+#include <vector>
 
 #include "common/philox.h"
 #include "cpu/isa.h"
 #include "cpu/parallel.h"
 #include "ops/dense_projection.h"
+#include "ops/magnitude_select.h"
 #include "ops/projection.h"
 #include "ops/trigger_verify.h"
 
@@ -79,6 +82,36 @@ PYBIND11_MODULE(_C_cpu, m) {
         },
         py::arg("h"), py::arg("n"), py::arg("p"),
         "Exact P[X >= h] for X ~ Binomial(n, p) (the p-value of trigger_verify).");
+
+  // Lists of tensors come as lists of (address, size, dtype code).
+  m.def("magnitude_select",
+        [](const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& sizes, const std::vector<int>& dtypes,
+           int64_t k) {
+          NNMARK_CHECK_ARG(ptrs.size() == sizes.size() && sizes.size() == dtypes.size(),
+                           "ptrs, sizes and dtypes differ in length");
+          std::vector<const void*> data(ptrs.size());
+          for (size_t i = 0; i < ptrs.size(); ++i) data[i] = reinterpret_cast<const void*>(ptrs[i]);
+          MagnitudeSelection s;
+          {
+            py::gil_scoped_release release;
+            s = magnitude_select_cpu({data.data(), sizes.data(), dtypes.data(), static_cast<int64_t>(ptrs.size())}, k);
+          }
+          return std::make_tuple(s.threshold, s.below, s.equal);
+        },
+        py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::arg("k"));
+  m.def("magnitude_prune",
+        [](const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& sizes, const std::vector<int>& dtypes,
+           int64_t k, double threshold, int64_t below, int64_t equal) {
+          NNMARK_CHECK_ARG(ptrs.size() == sizes.size() && sizes.size() == dtypes.size(),
+                           "ptrs, sizes and dtypes differ in length");
+          std::vector<const void*> data(ptrs.size());
+          for (size_t i = 0; i < ptrs.size(); ++i) data[i] = reinterpret_cast<const void*>(ptrs[i]);
+          py::gil_scoped_release release;
+          magnitude_prune_cpu({data.data(), sizes.data(), dtypes.data(), static_cast<int64_t>(ptrs.size())}, k,
+                              {threshold, below, equal});
+        },
+        py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::arg("k"), py::arg("threshold"), py::arg("below"),
+        py::arg("equal"));
 
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));

@@ -294,3 +294,51 @@ def trigger_verify(logits, labels, null_rate=None) -> dict[str, torch.Tensor]:
     else:
         _ext.cpu.trigger_verify(a.ptr, a.dtype, y.data_ptr(), K, B, C, rate, h, m, p)
     return {k: v.squeeze(0) for k, v in out.items()} if single else out
+
+
+# ---------------------------------------------------------------- magnitude selection (pruning)
+def _cpu_list(tensors, what: str = "tensors"):
+    ts = list(tensors)
+    if not ts:
+        raise ValueError(f"{what}: the list is empty")
+    for i, t in enumerate(ts):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a torch tensor")
+        if t.dtype not in DTYPE_CODES:
+            raise TypeError(f"{what}[{i}] has dtype {t.dtype}; expected float32, float64, float16 or bfloat16")
+        if t.device.type != "cpu":
+            raise ValueError(f"{what}[{i}] is on {t.device}; the native select runs on the CPU")
+        if not t.is_contiguous():
+            raise ValueError(f"{what}[{i}] is not contiguous")
+    return ts
+
+
+def magnitude_threshold(tensors, k: int) -> tuple[float, int, int]:
+    """The k-th smallest |w| (1-based) over a list of CPU tensors, without concatenating them.
+
+    Returns ``(threshold, below, equal)``: ``below`` weights have |w| < threshold and
+    ``equal`` have |w| == threshold (below < k <= below + equal). Exact: the same value
+    as ``torch.kthvalue(torch.cat([t.abs().flatten() ...]), k)``. NaN ranks above +inf.
+    """
+    ts = _cpu_list(tensors)
+    total = sum(t.numel() for t in ts)
+    if isinstance(k, bool) or int(k) != k or not 1 <= k <= total:
+        raise ValueError(f"k must be an integer in [1, {total}] (the number of weights), got {k!r}")
+    return tuple(_ext.cpu.magnitude_select([t.data_ptr() for t in ts], [t.numel() for t in ts],
+                                           [DTYPE_CODES[t.dtype] for t in ts], int(k)))
+
+
+@torch.no_grad()
+def prune_smallest(tensors, k: int) -> tuple[float, int, int]:
+    """Zeroes exactly the k smallest-magnitude weights across the tensors, in place.
+
+    Ties at the threshold are pruned in list order, then element order. Returns the
+    selection ``(threshold, below, equal)`` (threshold 0.0 when k is 0).
+    """
+    ts = _cpu_list(tensors)
+    if int(k) == 0:
+        return 0.0, 0, 0
+    thr, below, equal = magnitude_threshold(ts, k)
+    _ext.cpu.magnitude_prune([t.data_ptr() for t in ts], [t.numel() for t in ts],
+                             [DTYPE_CODES[t.dtype] for t in ts], int(k), thr, below, equal)
+    return thr, below, equal
