@@ -141,3 +141,41 @@ def test_prune_magnitude_per_layer_and_errors():
         prune_magnitude(m, names=["nope.weight"])
     with pytest.raises(TypeError, match="nn.Module"):
         prune_magnitude({"w": torch.randn(3)})
+
+
+def test_quantize_levels_and_only_weights():
+    from nnmark.attacks import quantize
+
+    torch.manual_seed(2)
+    m = Net()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    rec = quantize(m, bits=3)
+    assert rec.tensors == ["conv.weight", "fc.weight"] and rec.changed > 0
+    for n in rec.tensors:
+        w, b = m.state_dict()[n], before[n]
+        scale = b.abs().max() / 3
+        levels = torch.unique(torch.round(w / scale))
+        assert levels.numel() <= 7 and levels.abs().max() <= 3  # 2^(3-1)-1 = 3 levels a side
+        assert (w - b).abs().max() <= scale / 2 + 1e-6
+    for n, v in m.state_dict().items():
+        if n not in rec.tensors:
+            assert torch.equal(v, before[n])
+    with pytest.raises(ValueError, match="bits"):
+        quantize(m, bits=1)
+
+
+def test_gaussian_noise_relative_std_and_seed():
+    from nnmark.attacks import gaussian_noise
+
+    torch.manual_seed(3)
+    a, b = Net(), Net()
+    b.load_state_dict(a.state_dict())
+    before = a.fc.weight.detach().clone()
+    gaussian_noise(a, std=0.1, seed=7)
+    gaussian_noise(b, std=0.1, seed=7)
+    assert torch.equal(a.fc.weight, b.fc.weight)  # seeded: reproducible
+    delta = a.fc.weight.detach() - before
+    assert abs(float(delta.std()) / float(before.std()) - 0.1) < 0.02
+    assert torch.equal(a.fc.bias, b.fc.bias)
+    with pytest.raises(ValueError, match="std"):
+        gaussian_noise(a, std=-1)
