@@ -47,6 +47,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_model, cpu_ticks, own_cpu_s  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "bench_projection.json"
 DEFAULT_SIZES = [576, 1_000_000, 10_000_000, 25_600_000]
@@ -415,29 +418,10 @@ def _parse_sizes(text: str) -> list[int]:
     return out
 
 
-def _cpu_ticks() -> tuple[int, int]:
-    """(busy, total) clock ticks of all CPUs from /proc/stat."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    idle = v[3] + (v[4] if len(v) > 4 else 0)  # idle + iowait
-    total = sum(v[:8])  # user nice system idle iowait irq softirq steal
-    return total - idle, total
 
 
-def _own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _meta(args) -> dict:
@@ -461,7 +445,7 @@ def _meta(args) -> dict:
         "command": " ".join(["python"] + sys.argv),
         "python": sys.version.split()[0],
         "machine": platform.machine(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "mem_total_bytes": None,
@@ -677,8 +661,8 @@ def main(argv=None) -> int:
     min_time = args.min_time if args.min_time is not None else (0.2 if args.quick else 1.0)
     meta = _meta(args)
     t_start = time.perf_counter()
-    busy0, _ = _cpu_ticks()
-    own0 = _own_cpu_s()
+    busy0, _ = cpu_ticks()
+    own0 = own_cpu_s()
     cases = []
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as prog:
@@ -703,9 +687,9 @@ def main(argv=None) -> int:
     meta["wall_s"] = time.perf_counter() - t_start
     # CPU time that other processes took meanwhile (all CPU busy time minus this run's own,
     # children included), in cores: a measure of how noisy the machine was.
-    busy1, _ = _cpu_ticks()
+    busy1, _ = cpu_ticks()
     hz = os.sysconf("SC_CLK_TCK")
-    meta["other_processes_cores_avg"] = round(max(0.0, (busy1 - busy0) / hz - (_own_cpu_s() - own0)) / meta["wall_s"], 3)
+    meta["other_processes_cores_avg"] = round(max(0.0, (busy1 - busy0) / hz - (own_cpu_s() - own0)) / meta["wall_s"], 3)
     worker = next((c for c in cases if "error" not in c), {})
     meta["worker_threads"] = {"torch": worker.get("torch_threads"), "nnmark": worker.get("nnmark_threads")}
     targets = _targets(cases)

@@ -66,6 +66,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpu_model, cpu_ticks, own_cpu_s  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "bench_trigger.json"
 N_TRIGGERS, NUM_CLASSES, INPUT_SHAPE = 100, 10, (3, 32, 32)
@@ -239,26 +242,10 @@ def build_methods(nnmark, dev, x, y, tkey, paths, sds_dev, vmap_chunk, with_vmap
 
 
 # ====================================================================== meta
-def _cpu_ticks() -> int:
-    with open("/proc/stat") as f:
-        v = [int(t) for t in f.readline().split()[1:]]
-    return sum(v[:8]) - (v[3] + v[4])
 
 
-def _own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _meta(args, nnmark, dev) -> dict:
@@ -275,7 +262,7 @@ def _meta(args, nnmark, dev) -> dict:
     meta = {
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python"] + sys.argv),
-        "python": sys.version.split()[0], "machine": platform.machine(), "cpu_model": _cpu_model(),
+        "python": sys.version.split()[0], "machine": platform.machine(), "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(), "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(), "nnmark_version": nnmark.__version__,
         "nnmark_path": str(Path(nnmark.__file__).parent), "nnmark_threads": nnmark.get_num_threads(),
@@ -342,7 +329,7 @@ def main(argv=None) -> int:
     interleave = min(K, args.interleave or (8 if dev.type == "cpu" else K))
     meta = _meta(args, nnmark, dev)
     t_start = time.perf_counter()
-    busy0, own0 = _cpu_ticks(), _own_cpu_s()
+    busy0, own0 = cpu_ticks()[0], own_cpu_s()
 
     x, y, tkey, trig_how = make_triggers(nnmark)
     n_params = sum(p.numel() for p in BenchCNN().parameters())
@@ -484,7 +471,7 @@ def main(argv=None) -> int:
     meta["wall_s"] = time.perf_counter() - t_start
     hz = os.sysconf("SC_CLK_TCK")
     meta["other_processes_cores_avg"] = round(
-        max(0.0, (_cpu_ticks() - busy0) / hz - (_own_cpu_s() - own0)) / meta["wall_s"], 3)
+        max(0.0, (cpu_ticks()[0] - busy0) / hz - (own_cpu_s() - own0)) / meta["wall_s"], 3)
 
     def row(mode, name):
         return next((r for r in rows if r["mode"] == mode and r["method"] == name), None)
