@@ -48,7 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_model, cpu_ticks, own_cpu_s  # noqa: E402
+from _common import cpu_model, cpu_ticks, fmt_time, own_cpu_s  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "bench_projection.json"
@@ -471,14 +471,6 @@ def _meta(args) -> dict:
     return meta
 
 
-def _fmt_t(s) -> str:
-    if s is None:
-        return "-"
-    if s < 1e-3:
-        return f"{s * 1e6:.1f} µs"
-    if s < 1:
-        return f"{s * 1e3:.2f} ms"
-    return f"{s:.2f} s"
 
 
 def _fmt_b(b) -> str:
@@ -558,7 +550,7 @@ def _tables(cases: list[dict], meta: dict):
         rg, rf = c["torch_regen"], c["torch_regen_fast"]
 
         def regen_cell(r):
-            s = _fmt_t(r["median_s"])
+            s = fmt_time(r["median_s"])
             return s + ("*" if r.get("extrapolated") else "")
 
         for name, r in (("torch regen", rg), ("torch regen fast", rf)):
@@ -567,11 +559,11 @@ def _tables(cases: list[dict], meta: dict):
         ok, err, mark = _check_ok(c)
         chk_s = f"{'ok' if ok else '[red]MISMATCH[/red]'} {err:.1e}{mark}"
         if "skipped" in st:
-            t1.add_row(T, N, _fmt_t(nn), st["skipped"], "-", f"- ({_fmt_b(c['x_bytes'])})",
+            t1.add_row(T, N, fmt_time(nn), st["skipped"], "-", f"- ({_fmt_b(c['x_bytes'])})",
                        regen_cell(rg), _ratio(nn, rg["median_s"]), regen_cell(rf), _ratio(nn, rf["median_s"]), chk_s)
         else:
-            t1.add_row(T, N, _fmt_t(nn), _fmt_t(st["median_s"]), _ratio(nn, st["median_s"]),
-                       f"{_fmt_t(st['gen_s'])}, {_fmt_b(c['x_bytes'])}",
+            t1.add_row(T, N, fmt_time(nn), fmt_time(st["median_s"]), _ratio(nn, st["median_s"]),
+                       f"{fmt_time(st['gen_s'])}, {_fmt_b(c['x_bytes'])}",
                        regen_cell(rg), _ratio(nn, rg["median_s"]), regen_cell(rf), _ratio(nn, rf["median_s"]), chk_s)
         tr = c["torch_reg"]
         t2.add_row(T, N, _fmt_b(c["nnmark"]["peak_bytes"]), _fmt_b(st.get("peak_bytes")) if "skipped" not in st
@@ -580,10 +572,10 @@ def _tables(cases: list[dict], meta: dict):
                    else "skipped")
         cr = c.get("check_reg")
         if "skipped" in tr:
-            t3.add_row(T, N, _fmt_t(c["nnmark_reg"]["median_s"]), tr["skipped"], "-", "-")
+            t3.add_row(T, N, fmt_time(c["nnmark_reg"]["median_s"]), tr["skipped"], "-", "-")
         else:
             okr = cr["loss_rel_diff"] < 1e-4 and cr["grad_max_abs_diff_rel"] < 1e-4
-            t3.add_row(T, N, _fmt_t(c["nnmark_reg"]["median_s"]), _fmt_t(tr["median_s"]),
+            t3.add_row(T, N, fmt_time(c["nnmark_reg"]["median_s"]), fmt_time(tr["median_s"]),
                        _ratio(c["nnmark_reg"]["median_s"], tr["median_s"]),
                        f"{'ok' if okr else '[red]MISMATCH[/red]'} {max(cr['loss_rel_diff'], cr['grad_max_abs_diff_rel']):.1e}")
     notes.append("check: max |p_nnmark - p_float64| / ||w||_2 (p_t has std ||w||_2); ok = bits equal, error "
@@ -680,8 +672,8 @@ def main(argv=None) -> int:
                 if "error" in c:
                     prog.console.print(f"T={T} N={_fmt_n(N)}: [red]{c['error']}[/red]")
                 else:
-                    prog.console.print(f"T={T} N={_fmt_n(N)}: nnmark {_fmt_t(c['nnmark']['median_s'])}, "
-                                       f"torch X@w {_fmt_t(_t(c['torch_stored']))} ({c['case_wall_s']:.0f} s)")
+                    prog.console.print(f"T={T} N={_fmt_n(N)}: nnmark {fmt_time(c['nnmark']['median_s'])}, "
+                                       f"torch X@w {fmt_time(_t(c['torch_stored']))} ({c['case_wall_s']:.0f} s)")
                 prog.advance(task)
     meta["loadavg_end"] = os.getloadavg()
     meta["wall_s"] = time.perf_counter() - t_start

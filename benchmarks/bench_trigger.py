@@ -67,7 +67,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import cpu_model, cpu_ticks, own_cpu_s  # noqa: E402
+from _common import cpu_model, cpu_ticks, fmt_time, own_cpu_s  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "bench_trigger.json"
@@ -275,14 +275,6 @@ def _meta(args, nnmark, dev) -> dict:
     return meta
 
 
-def _fmt_t(s) -> str:
-    if s is None:
-        return "-"
-    if s < 1e-3:
-        return f"{s * 1e6:.1f} µs"
-    if s < 1:
-        return f"{s * 1e3:.2f} ms"
-    return f"{s:.2f} s"
 
 
 # ====================================================================== main
@@ -515,11 +507,11 @@ def main(argv=None) -> int:
             chk = ("ok" if ok else f"[red]{c['checkpoints_with_other_hits']} differ[/red]") + \
                 (f" {c['max_abs_logit_diff']:.1e}" if "max_abs_logit_diff" in c else "")
         q = r["ratio_quartiles"]
-        cells = [r["mode"], r["method"], _fmt_t(r["per_checkpoint_s"]), _fmt_t(r["per_checkpoint_fastest_group_s"]),
+        cells = [r["mode"], r["method"], fmt_time(r["per_checkpoint_s"]), fmt_time(r["per_checkpoint_fastest_group_s"]),
                  f"{r['ratio_vs_torch_loop']:.3f}", f"{q[0]:.2f}-{q[2]:.2f}" if q else "-"]
         if dev.type == "cpu":
             cr = r["cpu_ratio_vs_torch_loop"]
-            cells += [_fmt_t(r["cpu_per_checkpoint_s"]), f"{cr:.3f}" if cr is not None else "-"]
+            cells += [fmt_time(r["cpu_per_checkpoint_s"]), f"{cr:.3f}" if cr is not None else "-"]
         t.add_row(*cells, chk)
     bi = meta["nnmark_build_info"]
     console.print(f"[bold]bench_trigger[/bold] {meta['date_utc']}  {meta['cpu_model']}, {meta['cpu_count']} cores, "
@@ -538,9 +530,9 @@ def main(argv=None) -> int:
              "from files it reads each file with safetensors.torch.load_file (page cache warm)",
              "nnmark: includes building the model from the factory"
              + (" and capturing the CUDA graph" if dev.type == "cuda" else "")
-             + f" once per call: {_fmt_t(meta['nnmark_call_fixed_s'])} (one call per group of {interleave} "
-             f"checkpoints here, {_fmt_t(meta['nnmark_call_fixed_s'] / interleave)} per checkpoint; "
-             f"{_fmt_t(meta['nnmark_call_fixed_s'] / K)} in one call for all K)",
+             + f" once per call: {fmt_time(meta['nnmark_call_fixed_s'])} (one call per group of {interleave} "
+             f"checkpoints here, {fmt_time(meta['nnmark_call_fixed_s'] / interleave)} per checkpoint; "
+             f"{fmt_time(meta['nnmark_call_fixed_s'] / K)} in one call for all K)",
              f"methods timed in turns over groups of {interleave} checkpoints; per checkpoint = median over "
              f"(pass, group) of group time / group size; ratio = median over (pass, group) of the method's time "
              f"/ the torch loop's in the same group (paired), with its quartiles"]
@@ -549,7 +541,7 @@ def main(argv=None) -> int:
                      "with the load too (threads spin-wait for each other when they lack cores)")
     if meta.get("vmap_stack_s") is not None:
         notes.append(f"torch vmap: chunks of {meta['vmap_chunk']} checkpoints; stacking the K state dicts once took "
-                     f"{_fmt_t(meta['vmap_stack_s'])} ({_fmt_t(meta['vmap_stack_s'] / K)} per checkpoint), not counted")
+                     f"{fmt_time(meta['vmap_stack_s'])} ({fmt_time(meta['vmap_stack_s'] / K)} per checkpoint), not counted")
     if "verify_unavailable" in meta:
         notes.append(f"nnmark.verify(TriggerKey, ...) not timed: it failed on one checkpoint with "
                      f"{meta['verify_unavailable']}")

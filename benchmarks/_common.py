@@ -1,4 +1,4 @@
-"""Machine facts the benchmark scripts report next to their timings."""
+"""Helpers shared by the benchmark scripts: machine facts and time formatting."""
 from __future__ import annotations
 
 import os
@@ -29,3 +29,14 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def fmt_time(s) -> str:
+    """Seconds as µs / ms / s for tables; '-' for None."""
+    if s is None:
+        return "-"
+    if s < 1e-3:
+        return f"{s * 1e6:.1f} µs"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
