@@ -8,6 +8,8 @@ import nnmark
 from nnmark import ops
 from nnmark.attacks import prune_magnitude
 
+from conftest import requires_cuda
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
@@ -179,3 +181,144 @@ def test_gaussian_noise_relative_std_and_seed():
     assert torch.equal(a.fc.bias, b.fc.bias)
     with pytest.raises(ValueError, match="std"):
         gaussian_noise(a, std=-1)
+
+
+# ---------------------------------------------------------------- strided weights
+def test_prune_magnitude_strided_weights_pruned_in_place():
+    torch.manual_seed(4)
+    a, b = Net(), Net()
+    b.load_state_dict(a.state_dict())
+    # b's fc weight: the same values in a transposed (non-contiguous) layout
+    b.fc.weight = torch.nn.Parameter(b.fc.weight.detach().t().contiguous().t())
+    assert not b.fc.weight.is_contiguous()
+    ra = prune_magnitude(a, sparsity=0.6, scope="global")
+    rb = prune_magnitude(b, sparsity=0.6, scope="global")
+    assert ra.thresholds == rb.thresholds
+    assert not b.fc.weight.is_contiguous()  # pruned where it lives, layout kept
+    for n in ("conv.weight", "fc.weight"):
+        assert torch.equal(a.get_parameter(n), b.get_parameter(n)), n
+    assert int((b.fc.weight == 0).sum()) + int((b.conv.weight == 0).sum()) == rb.pruned
+
+
+# ---------------------------------------------------------------- CUDA: parity with the CPU op
+def _mixed(seed, sizes, dtypes, ties):
+    """Tensors of `sizes`, dtypes cycling through `dtypes`."""
+    return [t.to(dtypes[i % len(dtypes)]) for i, t in enumerate(_tensors(seed, sizes, torch.float64, ties))]
+
+
+def _to_cuda(t, offset):
+    """A CUDA copy of t; with `offset`, a view starting `offset` elements into a larger
+    buffer, so not 16-byte aligned (the kernels' scalar head and tail)."""
+    if not offset:
+        return t.cuda()
+    buf = torch.ones(t.numel() + offset + 3, dtype=t.dtype, device="cuda")
+    view = buf[offset:offset + t.numel()]
+    view.copy_(t)
+    return view
+
+
+def _cuda_matches_cpu(ts, ks, offset=0):
+    for k in ks:
+        sel = ops.magnitude_threshold(ts, k)
+        dev = [_to_cuda(t, offset) for t in ts]
+        assert offset == 0 or all(d.data_ptr() % 16 != 0 for d in dev)
+        assert ops.magnitude_threshold(dev, k) == sel, k
+        work = [t.clone() for t in ts]
+        assert ops.prune_smallest(work, k) == sel
+        assert ops.prune_smallest(dev, k) == sel
+        for got, want in zip(dev, work):
+            got = got.cpu()
+            assert torch.equal(got == 0, want == 0), k  # the same weights pruned
+            assert torch.equal(got, want), k
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtypes", [[torch.float32], [torch.float64], [torch.float16], [torch.bfloat16],
+                                    [torch.float16, torch.float32, torch.bfloat16], [torch.bfloat16, torch.float64]],
+                         ids=["f32", "f64", "f16", "bf16", "mixed16-32", "mixed-64"])
+@pytest.mark.parametrize("sizes", [[1], [7, 0, 300], [16384, 16385, 0, 5], [70_000, 3, 50_001]])
+@pytest.mark.parametrize("ties", [False, True])
+def test_cuda_select_and_prune_equal_cpu(dtypes, sizes, ties):
+    ts = _mixed(sum(sizes) + 7, sizes, dtypes, ties)
+    total = sum(sizes)
+    _cuda_matches_cpu(ts, sorted({1, total, max(1, total // 2), max(1, total // 3), max(1, total - 1)}))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_unaligned_views_and_partial_ties(dtype):
+    # views 1 element into their buffers: the kernels' unaligned head and tail; ties at
+    # every level, so k in the middle of a level prunes only the first ties, in order
+    ts = _mixed(8, [40_000, 17, 33_333], [dtype], ties=True)
+    total = sum(t.numel() for t in ts)
+    flat = torch.cat([t.double().abs() for t in ts])
+    level = float(flat.sort().values[total // 2])
+    below, equal = int((flat < level).sum()), int((flat == level).sum())
+    _cuda_matches_cpu(ts, [below + 1, below + equal // 2, below + equal - 1, total // 5], offset=1)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_special_values(dtype):
+    t = torch.randn(5000, dtype=torch.float64).to(dtype)
+    t[::7] = 0.0
+    t[3::11] = -0.0
+    t[5::13] = float("inf")
+    t[6::17] = -float("inf")
+    t[8::19] = float("nan")
+    t[9::23] = torch.finfo(dtype).tiny / 4  # subnormal
+    ts = [t[:1234], t[1234:1235], t[1235:]]
+    for k in (1, 600, 2500, 4500, 4700, 4990, 5000):
+        want = ops.magnitude_threshold(ts, k)
+        got = ops.magnitude_threshold([x.cuda() for x in ts], k)
+        assert got[1:] == want[1:] and (got[0] == want[0] or (got[0] != got[0] and want[0] != want[0])), k
+        work, dev = [x.clone() for x in ts], [x.cuda() for x in ts]
+        ops.prune_smallest(work, k)
+        ops.prune_smallest(dev, k)
+        for g, w in zip(dev, work):
+            assert torch.equal(g.cpu() == 0, w == 0), k
+            assert torch.equal(g.cpu().nan_to_num(7.0), w.nan_to_num(7.0)), k
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", ["normal", "levels", "zeros"])
+def test_cuda_float32_bitwise_equals_cpu_fast_path(kind):
+    # 1.3M float32: the CPU takes its sampled fast path; results, pruned bits included
+    # (-0.0 ties at a zero threshold too), are the same
+    g = torch.Generator().manual_seed(12)
+    ts = [torch.randn(n, generator=g) * (0.01 + i) for i, n in enumerate([600_000, 1, 0, 700_003])]
+    if kind == "levels":  # ~1300 ties per level: partial ties
+        ts = [torch.round(t * 100) / 100 for t in ts]
+    elif kind == "zeros":
+        for t in ts:
+            t[: t.numel() // 2] = 0.0
+            t[: t.numel() // 8] = -0.0
+    total = sum(t.numel() for t in ts)
+    for k in (1, total // 3, total // 2, total):
+        work, dev = [t.clone() for t in ts], [t.cuda() for t in ts]
+        assert ops.prune_smallest(dev, k) == ops.prune_smallest(work, k), k
+        for got, want in zip(dev, work):
+            assert torch.equal(got.cpu().view(torch.int32), want.view(torch.int32)), k
+
+
+@requires_cuda
+def test_cuda_rejects_mixed_devices():
+    with pytest.raises(ValueError, match="one device"):
+        ops.magnitude_threshold([torch.randn(3), torch.randn(3, device="cuda")], 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.prune_smallest([torch.randn(4, 4, device="cuda").t()], 1)
+
+
+@requires_cuda
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_prune_magnitude_cuda_equals_cpu(scope):
+    torch.manual_seed(5)
+    cpu = Net()
+    gpu = Net().cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.fc.weight = torch.nn.Parameter(gpu.fc.weight.detach().t().contiguous().t())  # strided on the GPU
+    rc = prune_magnitude(cpu, sparsity=0.7, scope=scope)
+    rg = prune_magnitude(gpu, sparsity=0.7, scope=scope)
+    assert rc.thresholds == rg.thresholds and rc.pruned == rg.pruned
+    for name, value in cpu.state_dict().items():
+        assert torch.equal(gpu.state_dict()[name].cpu(), value), name

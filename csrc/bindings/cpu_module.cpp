@@ -9,6 +9,7 @@
 #include "common/philox.h"
 #include "cpu/isa.h"
 #include "cpu/parallel.h"
+#include "ops/channel_stats.h"
 #include "ops/dense_projection.h"
 #include "ops/magnitude_select.h"
 #include "ops/projection.h"
@@ -112,6 +113,17 @@ PYBIND11_MODULE(_C_cpu, m) {
         },
         py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::arg("k"), py::arg("threshold"), py::arg("below"),
         py::arg("equal"));
+
+  // Adds the per-channel sum and count of x > 0 of x into sums [C] (float64) and
+  // positives [C] (int64); x is [B, C, S], or [B, S, C] when channels_last.
+  m.def("channel_stats",
+        [](uintptr_t x, int x_dtype, int64_t B, int64_t C, int64_t S, bool channels_last, uintptr_t sums,
+           uintptr_t positives) {
+          channel_stats_cpu({ptr<const void>(x), x_dtype, B, C, S, channels_last, ptr<double>(sums),
+                             ptr<int64_t>(positives)});
+        },
+        py::arg("x"), py::arg("x_dtype"), py::arg("B"), py::arg("C"), py::arg("S"), py::arg("channels_last"),
+        py::arg("sums"), py::arg("positives"), py::call_guard<py::gil_scoped_release>());
 
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));

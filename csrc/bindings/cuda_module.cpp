@@ -1,11 +1,17 @@
 // _C_cuda: the optional module. Same ops as _C_cpu on device pointers, plus the
 // device index (made current for the call) and the caller's CUDA stream.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cuda_runtime.h>
 
+#include <tuple>
+#include <vector>
+
 #include "cuda/cuda_check.h"
+#include "ops/channel_stats.h"
 #include "ops/dense_projection.h"
+#include "ops/magnitude_select.h"
 #include "ops/projection.h"
 #include "ops/trigger_verify.h"
 
@@ -71,6 +77,51 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("logits"), py::arg("logits_dtype"), py::arg("labels"), py::arg("K"), py::arg("B"),
         py::arg("C"), py::arg("null_rate"), py::arg("hits"), py::arg("margin"), py::arg("p_value"),
         py::arg("device"), py::arg("stream"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("channel_stats",
+        [](uintptr_t x, int x_dtype, int64_t B, int64_t C, int64_t S, bool channels_last, uintptr_t sums,
+           uintptr_t positives, int device, uintptr_t stream) {
+          DeviceGuard guard(device);
+          channel_stats_cuda({ptr<const void>(x), x_dtype, B, C, S, channels_last, ptr<double>(sums),
+                              ptr<int64_t>(positives)},
+                             stream);
+        },
+        py::arg("x"), py::arg("x_dtype"), py::arg("B"), py::arg("C"), py::arg("S"), py::arg("channels_last"),
+        py::arg("sums"), py::arg("positives"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
+
+  // Lists of tensors come as lists of (address, size, dtype code), as in _C_cpu.
+  m.def("magnitude_select",
+        [](const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& sizes, const std::vector<int>& dtypes,
+           int64_t k, int device, uintptr_t stream) {
+          NNMARK_CHECK_ARG(ptrs.size() == sizes.size() && sizes.size() == dtypes.size(),
+                           "ptrs, sizes and dtypes differ in length");
+          std::vector<const void*> data(ptrs.size());
+          for (size_t i = 0; i < ptrs.size(); ++i) data[i] = reinterpret_cast<const void*>(ptrs[i]);
+          MagnitudeSelection s;
+          {
+            py::gil_scoped_release release;
+            DeviceGuard guard(device);
+            s = magnitude_select_cuda({data.data(), sizes.data(), dtypes.data(), static_cast<int64_t>(ptrs.size())},
+                                      k, stream);
+          }
+          return std::make_tuple(s.threshold, s.below, s.equal);
+        },
+        py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::arg("k"), py::arg("device"), py::arg("stream"));
+  m.def("magnitude_prune",
+        [](const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& sizes, const std::vector<int>& dtypes,
+           int64_t k, double threshold, int64_t below, int64_t equal, int device, uintptr_t stream) {
+          NNMARK_CHECK_ARG(ptrs.size() == sizes.size() && sizes.size() == dtypes.size(),
+                           "ptrs, sizes and dtypes differ in length");
+          std::vector<const void*> data(ptrs.size());
+          for (size_t i = 0; i < ptrs.size(); ++i) data[i] = reinterpret_cast<const void*>(ptrs[i]);
+          py::gil_scoped_release release;
+          DeviceGuard guard(device);
+          magnitude_prune_cuda({data.data(), sizes.data(), dtypes.data(), static_cast<int64_t>(ptrs.size())}, k,
+                               {threshold, below, equal}, stream);
+        },
+        py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::arg("k"), py::arg("threshold"), py::arg("below"),
+        py::arg("equal"), py::arg("device"), py::arg("stream"));
 
   m.def("device_count", [] {
     int n = 0;

@@ -144,9 +144,11 @@ void prune(const MagnitudeList& list, const std::vector<int64_t>& offsets, int64
     std::memcpy(&tkey, &sel.threshold, 8);
   }
   const int ranges = std::max(1, plan_ranges(total, kGrain));
+  // |w| == 0 ties are zero already: all are taken (a -0.0 turns +0.0), as on CUDA.
+  const bool all_ties = ties >= sel.equal || tkey == 0;
   // Ties before each range, so every range knows which of its ties are pruned.
   std::vector<int64_t> tie_start(static_cast<size_t>(ranges) + 1, 0);
-  if (ties > 0 && ties < sel.equal) {
+  if (ties > 0 && !all_ties) {
     parallel_ranges(total, kGrain, [&](int64_t b, int64_t e, int w) {
       int64_t c = 0;
       for_pieces(list, offsets, b, e, [&](const void* data, int d, int64_t i0, int64_t i1, int64_t) {
@@ -164,7 +166,7 @@ void prune(const MagnitudeList& list, const std::vector<int64_t>& offsets, int64
       for (int64_t i = i0; i < i1; ++i) {
         const Key key = key_of<Key>(data, d, i);
         bool zero = key < tkey;
-        if (key == tkey) zero = (ties >= sel.equal) || (seen++ < ties);
+        if (key == tkey) zero = ties > 0 && (all_ties || seen++ < ties);
         if (zero) std::memset(base + i * es, 0, static_cast<size_t>(es));
       }
     });

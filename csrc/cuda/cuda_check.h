@@ -2,6 +2,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -33,6 +34,22 @@ class DeviceGuard {
  private:
   int previous_ = 0, device_ = 0;
 };
+
+// Scratch comes from the device's default memory pool; keeping freed memory in the
+// pool (instead of returning it at each synchronisation) makes the next call's
+// cudaMallocAsync a cheap reuse.
+inline void keep_pool_memory() {
+  int dev = 0;
+  NNMARK_CUDA_CHECK(cudaGetDevice(&dev));
+  static bool done[64] = {};
+  if (dev < 64 && !done[dev]) {
+    cudaMemPool_t pool;
+    NNMARK_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, dev));
+    uint64_t keep = UINT64_MAX;
+    NNMARK_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    done[dev] = true;
+  }
+}
 
 inline int sm_count() {
   int dev = 0, sms = 0;

@@ -132,22 +132,6 @@ int forward_grid_x(int64_t N, int64_t C, int64_t nblk) {
   return static_cast<int>(std::min<int64_t>(want, by_work));
 }
 
-// Scratch comes from the device's default memory pool; keeping freed memory in the
-// pool (instead of returning it at each synchronisation) makes the next call's
-// cudaMallocAsync a cheap reuse.
-void keep_pool_memory() {
-  int dev = 0;
-  NNMARK_CUDA_CHECK(cudaGetDevice(&dev));
-  static bool done[64] = {};
-  if (dev < 64 && !done[dev]) {
-    cudaMemPool_t pool;
-    NNMARK_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, dev));
-    uint64_t keep = UINT64_MAX;
-    NNMARK_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
-    done[dev] = true;
-  }
-}
-
 template <typename In, typename Acc>
 void launch_forward(const ProjectionForwardArgs& a, cudaStream_t stream) {
   const int64_t nblk = (a.T + kRows - 1) / kRows, Tpad = nblk * kRows;

@@ -29,4 +29,10 @@ MagnitudeSelection magnitude_select_cpu(const MagnitudeList& list, int64_t k);
 // Zeroes exactly k weights (see above); `sel` is what magnitude_select_cpu returned for k.
 void magnitude_prune_cpu(const MagnitudeList& list, int64_t k, const MagnitudeSelection& sel);
 
+// CUDA twins (cuda/magnitude_select_cuda.cu): device pointers, all on the current
+// device, launched on `stream` (a cudaStream_t as an integer); the same results as the
+// CPU ops. select waits for the stream (it returns host values); prune does not.
+MagnitudeSelection magnitude_select_cuda(const MagnitudeList& list, int64_t k, uintptr_t stream);
+void magnitude_prune_cuda(const MagnitudeList& list, int64_t k, const MagnitudeSelection& sel, uintptr_t stream);
+
 }  // namespace nnmark

@@ -93,8 +93,21 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
+# The demo's robustness grid: small, so the whole demo stays well under a minute and a half.
+DEMO_GRID = {
+    "prune_global": [0.1, 0.3, 0.5, 0.7, 0.9],
+    "fine_prune": [0.5, 0.9],
+    "ftal": [1, 3],
+    "overwrite": [1, 3],
+    "quantize": [8, 4, 2],
+    "permute": [1],
+    "permute+realign": [1],
+}
+
+
 def run_demo(out_dir: str | os.PathLike = "nnmark-demo", unmarked: int = 10, epochs: int = 30, bits: int = 64,
-             seed: int = 0, alpha: float = 1e-6, triggers: int = 100, per_batch: int = 8, progress=None) -> dict:
+             seed: int = 0, alpha: float = 1e-6, triggers: int = 100, per_batch: int = 8, progress=None,
+             robustness=True) -> dict:
     """Runs the demo; writes the keys, the models and ``demo.json`` into ``out_dir``; returns the results.
 
     The marked model carries two marks: a white-box one (``bits`` bits in the second
@@ -102,6 +115,10 @@ def run_demo(out_dir: str | os.PathLike = "nnmark-demo", unmarked: int = 10, epo
     trigger images with keyed labels, Adi et al., ``per_batch`` mixed into every batch).
     Models: the marked one, its unmarked twin (same seed and batches: the fair
     accuracy comparison) and ``unmarked`` independently trained unmarked models.
+    Then, unless ``robustness`` is False, the marked model goes through a grid of
+    attacks (``DEMO_GRID``, or the grid ``robustness`` gives; the attacker's data is
+    the training split) and the report is written to ``out_dir/robustness/``
+    (``robustness.json`` and one PNG per attack); ``result["robustness"]`` holds it.
     """
     import nnmark
     from safetensors.torch import save_file
@@ -161,6 +178,15 @@ def run_demo(out_dir: str | os.PathLike = "nnmark-demo", unmarked: int = 10, epo
         "unmarked_total": len(rows) - 1,
         "accuracy_drop": rows[1]["accuracy"] - rows[0]["accuracy"],
     }
+    if robustness is not False and robustness is not None:
+        from .robustness import robustness_report
+
+        grid = DEMO_GRID if robustness is True else robustness
+        report = robustness_report(marked, [key, tkey], train=(data.x_train, data.y_train),
+                                   test=(data.x_test, data.y_test), attacks=grid, out_dir=out / "robustness",
+                                   alpha=alpha, seed=seed,
+                                   progress=lambda done, total, what: step(f"robustness grid {done}/{total}: {what}"))
+        result["robustness"] = report.to_dict()
     (out / "demo.json").write_text(json.dumps(_jsonable(result), indent=1) + "\n")
     return result
 

@@ -297,7 +297,8 @@ def trigger_verify(logits, labels, null_rate=None) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- magnitude selection (pruning)
-def _cpu_list(tensors, what: str = "tensors"):
+def _weight_list(tensors, what: str = "tensors") -> tuple[list[torch.Tensor], torch.device]:
+    """The tensors as a list, checked, and the one device (cpu or a cuda device) they share."""
     ts = list(tensors)
     if not ts:
         raise ValueError(f"{what}: the list is empty")
@@ -306,26 +307,44 @@ def _cpu_list(tensors, what: str = "tensors"):
             raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a torch tensor")
         if t.dtype not in DTYPE_CODES:
             raise TypeError(f"{what}[{i}] has dtype {t.dtype}; expected float32, float64, float16 or bfloat16")
-        if t.device.type != "cpu":
-            raise ValueError(f"{what}[{i}] is on {t.device}; the native select runs on the CPU")
+        if t.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"{what}[{i}] is on {t.device}; the native select runs on cpu or cuda tensors")
+        if t.device != ts[0].device:
+            raise ValueError(f"{what}[{i}] is on {t.device} but {what}[0] is on {ts[0].device}; "
+                             f"put all the tensors on one device")
         if not t.is_contiguous():
             raise ValueError(f"{what}[{i}] is not contiguous")
-    return ts
+    return ts, ts[0].device
+
+
+def _list_args(ts: list[torch.Tensor]) -> tuple[list[int], list[int], list[int]]:
+    return [t.data_ptr() for t in ts], [t.numel() for t in ts], [DTYPE_CODES[t.dtype] for t in ts]
+
+
+def _cuda_args(device: torch.device) -> tuple[int, int]:
+    """Device index and the current stream's handle, for a _C_cuda call."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(device).cuda_stream
 
 
 def magnitude_threshold(tensors, k: int) -> tuple[float, int, int]:
-    """The k-th smallest |w| (1-based) over a list of CPU tensors, without concatenating them.
+    """The k-th smallest |w| (1-based) over a list of tensors, without concatenating them.
 
-    Returns ``(threshold, below, equal)``: ``below`` weights have |w| < threshold and
-    ``equal`` have |w| == threshold (below < k <= below + equal). Exact: the same value
-    as ``torch.kthvalue(torch.cat([t.abs().flatten() ...]), k)``. NaN ranks above +inf.
+    The tensors are contiguous, all on the CPU or all on one CUDA device (CUDA runs on
+    the current stream and waits for it). Returns ``(threshold, below, equal)``:
+    ``below`` weights have |w| < threshold and ``equal`` have |w| == threshold
+    (below < k <= below + equal). Exact: the same value as
+    ``torch.kthvalue(torch.cat([t.abs().flatten() ...]), k)``, and the same result on
+    either device. NaN ranks above +inf.
     """
-    ts = _cpu_list(tensors)
+    ts, device = _weight_list(tensors)
     total = sum(t.numel() for t in ts)
     if isinstance(k, bool) or int(k) != k or not 1 <= k <= total:
         raise ValueError(f"k must be an integer in [1, {total}] (the number of weights), got {k!r}")
-    return tuple(_ext.cpu.magnitude_select([t.data_ptr() for t in ts], [t.numel() for t in ts],
-                                           [DTYPE_CODES[t.dtype] for t in ts], int(k)))
+    if device.type == "cuda":
+        cuda = _ext.cuda_module()
+        return tuple(cuda.magnitude_select(*_list_args(ts), int(k), *_cuda_args(device)))
+    return tuple(_ext.cpu.magnitude_select(*_list_args(ts), int(k)))
 
 
 @torch.no_grad()
@@ -333,12 +352,77 @@ def prune_smallest(tensors, k: int) -> tuple[float, int, int]:
     """Zeroes exactly the k smallest-magnitude weights across the tensors, in place.
 
     Ties at the threshold are pruned in list order, then element order. Returns the
-    selection ``(threshold, below, equal)`` (threshold 0.0 when k is 0).
+    selection ``(threshold, below, equal)`` (threshold 0.0 when k is 0). On CUDA the
+    zeroing is queued on the current stream (the selection itself waits for it).
     """
-    ts = _cpu_list(tensors)
+    ts, device = _weight_list(tensors)
     if int(k) == 0:
         return 0.0, 0, 0
     thr, below, equal = magnitude_threshold(ts, k)
-    _ext.cpu.magnitude_prune([t.data_ptr() for t in ts], [t.numel() for t in ts],
-                             [DTYPE_CODES[t.dtype] for t in ts], int(k), thr, below, equal)
+    if device.type == "cuda":
+        _ext.cuda_module().magnitude_prune(*_list_args(ts), int(k), thr, below, equal, *_cuda_args(device))
+    else:
+        _ext.cpu.magnitude_prune(*_list_args(ts), int(k), thr, below, equal)
     return thr, below, equal
+
+
+# ---------------------------------------------------------------- per-channel activation statistics
+def _stats_accumulator(t, name: str, dtype: torch.dtype, C: int, device: torch.device) -> torch.Tensor:
+    if t is None:
+        return torch.zeros(C, dtype=dtype, device=device)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch tensor ({dtype}, [{C}]) or None, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype} (it accumulates in place), got {t.dtype}")
+    if tuple(t.shape) != (C,):
+        raise ValueError(f"{name} must have shape [{C}] (one entry per channel of x), got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}; accumulators must be on x's device")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+    return t
+
+
+def channel_stats(x, sums=None, positives=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adds per-channel statistics of an activation to running accumulators, in place.
+
+    ``x``: ``[B, C, *spatial]`` (a conv output ``[B, C, H, W]``, a linear output ``[B, C]``,
+    ...), float32/float64/float16/bfloat16, on the CPU or CUDA (the current stream).
+    Contiguous and channels-last layouts are read as they are; any other strides are
+    copied first. ``sums`` (float64 ``[C]``) gets the sum of ``x`` over the batch and
+    spatial positions of each channel added, ``positives`` (int64 ``[C]``) the count of
+    ``x > 0``; both are created (zeros, on ``x``'s device) when not given. Returns
+    ``(sums, positives)``. Deterministic; every element is widened exactly to float64.
+    The mean activation of channel c is ``sums[c] / (B * prod(spatial))``, summed over batches.
+    """
+    x = as_tensor(x, "activation x")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"activation x must be float32, float64, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"activation x must be [B, C, ...] (at least 2 dims), got shape {list(x.shape)}")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"activation x is on {x.device}; expected a cpu or cuda tensor")
+    B, C = x.shape[0], x.shape[1]
+    if C < 1:
+        raise ValueError(f"activation x has no channels (shape {list(x.shape)})")
+    sums = _stats_accumulator(sums, "sums", torch.float64, C, x.device)
+    positives = _stats_accumulator(positives, "positives", torch.int64, C, x.device)
+    if x.numel() == 0:  # an empty batch adds nothing
+        return sums, positives
+    S = x.numel() // (B * C)
+    x = x.detach()
+    channels_last = False
+    if not x.is_contiguous():
+        # [B, *spatial, C] in memory (NHWC and its 1-d / 3-d kin) is read as it is.
+        moved = x.movedim(1, -1)
+        if moved.is_contiguous():
+            x, channels_last = moved, True
+        else:
+            x = x.contiguous()
+    a = native(x)
+    if x.is_cuda:
+        _ext.cuda_module().channel_stats(a.ptr, a.dtype, B, C, S, channels_last, sums.data_ptr(),
+                                         positives.data_ptr(), a.device, a.stream)
+    else:
+        _ext.cpu.channel_stats(a.ptr, a.dtype, B, C, S, channels_last, sums.data_ptr(), positives.data_ptr())
+    return sums, positives

@@ -6,3 +6,18 @@ from .pruning import PruneRecord, prune_magnitude
 from .weights import WeightAttackRecord, gaussian_noise, quantize
 
 __all__ = ["prune_magnitude", "PruneRecord", "quantize", "gaussian_noise", "WeightAttackRecord"]
+
+from .finetune import FineTuneRecord, finetune
+from .fineprune import FinePruneRecord, fine_prune
+from .overwrite import OverwriteRecord, attacker_key_like, overwrite
+
+__all__ += ["finetune", "FineTuneRecord", "fine_prune", "FinePruneRecord", "overwrite", "OverwriteRecord",
+            "attacker_key_like"]
+
+from .obfuscation import ObfuscationRecord, RealignRecord, permute_units, realign
+
+__all__ += ["permute_units", "ObfuscationRecord", "realign", "RealignRecord"]
+
+from .activations import ChannelActivations, ChannelStats, channel_activations
+
+__all__ += ["ChannelStats", "channel_activations", "ChannelActivations"]

@@ -1,4 +1,4 @@
-"""Magnitude pruning, global or per layer, on the native exact select."""
+"""Magnitude pruning, global or per layer, on the native exact select (CPU or CUDA)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -60,17 +60,15 @@ def prune_magnitude(model: torch.nn.Module, sparsity: float = 0.5, scope: str = 
         record.pruned += k
         if k == 0:
             continue
-        if all(t.device.type == "cpu" and t.is_contiguous() for t in gtensors):
-            thr, _, _ = ops.prune_smallest([t.data for t in gtensors], k)
-        else:  # CUDA or strided weights: the plain torch way until the CUDA select lands
-            flat = torch.cat([t.detach().abs().flatten().double() for t in gtensors])
-            order = torch.argsort(flat, stable=True)[:k]
-            thr = float(flat[order[-1]])
-            mask = torch.ones_like(flat, dtype=torch.bool)
-            mask[order] = False
-            offset = 0
-            for t in gtensors:
-                t.mul_(mask[offset:offset + t.numel()].view_as(t).to(t.dtype))
-                offset += t.numel()
+        # The native exact select on the weights' device (CPU or CUDA), in place. Strided
+        # weights go through a contiguous copy; weights spread over several devices through
+        # CPU copies (one global order needs one device). Copies are written back.
+        same = all(t.device == gtensors[0].device for t in gtensors)
+        target = gtensors[0].device if same else torch.device("cpu")
+        work = [t.data.to(target).contiguous() for t in gtensors]
+        thr, _, _ = ops.prune_smallest(work, k)
+        for t, w in zip(gtensors, work):
+            if w.device != t.device or w.data_ptr() != t.data_ptr():
+                t.data.copy_(w)
         record.thresholds["global" if scope == "global" else gnames[0]] = thr
     return record
