@@ -188,6 +188,125 @@ def calibrate(key, null_checkpoints, alpha, arch, as_json):
               f"(empirical FPR {cal.false_positive_rate:.4g})")
 
 
+def _load_data(spec: str, seed: int):
+    """``digits`` (the bundled split) or a safetensors file with x_test, y_test (x_train, y_train optional)."""
+    if spec == "digits":
+        from .demo import load_digits_split
+
+        d = load_digits_split(seed)
+        return (d.x_train, d.y_train), (d.x_test, d.y_test)
+    path = Path(spec)
+    if not path.is_file():
+        raise click.BadParameter(f"{spec!r} is neither 'digits' nor an existing safetensors file", param_hint="--data")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k in ("x_train", "y_train", "x_test", "y_test")}
+    except Exception as exc:  # not safetensors, truncated, bad header
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise ValueError(f"--data {spec!r} is not a readable safetensors file: {why}") from None
+    if "x_test" not in tensors or "y_test" not in tensors:
+        raise ValueError(f"--data {spec!r} must hold tensors x_test and y_test (and x_train, y_train for the "
+                         f"training attacks); it has {sorted(tensors) or 'none of them'}")
+    if ("x_train" in tensors) != ("y_train" in tensors):
+        raise ValueError(f"--data {spec!r}: x_train and y_train come together; it has only one of them")
+    train = (tensors["x_train"], tensors["y_train"]) if "x_train" in tensors else None
+    return train, (tensors["x_test"], tensors["y_test"])
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--arch", required=True, metavar="MODULE:FACTORY",
+              help="The function that builds the model the checkpoint is loaded into (e.g. nnmark.demo:DigitsNet).")
+@click.option("--key", "keys", required=True, multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="A key file (white-box or trigger); repeat for several marks.")
+@click.option("--data", "data_spec", required=True, metavar="DATA",
+              help="'digits' (the bundled scikit-learn digits split) or a safetensors file with x_test, y_test "
+                   "(clean accuracy) and x_train, y_train (the attacker's data for the training attacks).")
+@click.option("--attack", "attack_specs", multiple=True, metavar="NAME[:S1,S2,...]",
+              help="An attack and its strengths; repeat for several (default: the full grid). Names: "
+                   "prune_global, prune_layer, fine_prune, ftal, ftll, rtll, rtal, overwrite, quantize, noise, "
+                   "permute, permute+realign.")
+@click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="Write robustness.json and one PNG per attack here.")
+@click.option("--alpha", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0),
+              help="Seeds every attack (and the digits split).")
+@click.option("--device", default=None, help="Run the attacks there, e.g. cuda (default: where the model is built).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as one JSON object.")
+def robustness(checkpoint, arch, keys, data_spec, attack_specs, out_dir, alpha, seed, device, as_json):
+    """Attack CHECKPOINT with a grid of attacks × strengths and verify every mark after each.
+
+    Each attack runs on a fresh copy of the model; the table shows, per attack and
+    strength, whether each mark still verifies (p-value, BER or trigger hits) and the
+    attacked model's clean accuracy. The checkpoint is read safely (safetensors or
+    torch.load(weights_only=True)). Exit 0 when every mark verifies on the unattacked
+    model, 1 when one does not, 2 on an unreadable key, checkpoint or data file,
+    4 on a bad command line (unknown attack, bad strength).
+    """
+    import torch
+
+    import nnmark
+
+    from .inference import _align, load_factory
+    from .robustness import _normalise_grid, parse_attack, robustness_report
+
+    grid = None
+    if attack_specs:
+        try:
+            grid = [parse_attack(s) for s in attack_specs]
+            _normalise_grid(grid)  # repeated names, empty lists: before any work is done
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--attack") from None
+    from rich.markup import escape
+
+    con_err = _console(stderr=True)
+
+    def err(msg: str) -> None:  # one unwrapped line, so paths and messages stay whole
+        con_err.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True)
+
+    try:
+        marks = [nnmark.load_key(k) for k in keys]
+    except nnmark.KeyFileError as exc:
+        err(str(exc))
+        sys.exit(EXIT_ERROR)
+    try:
+        train, test = _load_data(data_spec, seed)
+        model = load_factory(arch)()
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"--arch {arch!r} returned a {type(model).__name__}, not a torch.nn.Module")
+        from .checkpoints import load_state_dict
+
+        expected = list(model.state_dict().keys())
+        sd = _align(load_state_dict(checkpoint), expected)
+        model.load_state_dict(sd, strict=False)  # _align checked every required tensor is there
+        model.eval()
+    except nnmark.CheckpointError as exc:
+        err(f"{checkpoint}: {exc.status}: {exc}")
+        sys.exit(EXIT_ERROR)
+    except (ValueError, TypeError, RuntimeError) as exc:  # bad --arch, bad data file, shapes that do not fit
+        err(str(exc).splitlines()[0])
+        sys.exit(EXIT_ERROR)
+    try:
+        report = robustness_report(model, marks, train=train, test=test, attacks=grid, out_dir=out_dir, alpha=alpha,
+                                   seed=seed, device=device, progress=True)
+    except (ValueError, TypeError) as exc:  # e.g. data that does not fit the model
+        err(str(exc))
+        sys.exit(EXIT_ERROR)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        con = _console()
+        con.print(report.table(title=f"nnmark robustness — {checkpoint.name}, alpha {alpha:g}, seed {seed}"))
+        for line in report.notes():
+            con.print(line, markup=False, soft_wrap=True)
+        if out_dir is not None:
+            con.print(f"report: {report.json_path} and {len(report.plots)} plots in {out_dir}/", markup=False)
+    base = report.baseline["marks"]
+    sys.exit(EXIT_OK if all(m["verified"] for m in base.values()) else EXIT_FINDINGS)
+
+
 @cli.command()
 @click.option("--out", "out_dir", default="nnmark-demo", show_default=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder for the key, the models and demo.json.")
@@ -195,9 +314,13 @@ def calibrate(key, null_checkpoints, alpha, arch, as_json):
 @click.option("--epochs", default=30, show_default=True, type=click.IntRange(1))
 @click.option("--bits", default=64, show_default=True, type=click.IntRange(20))
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--robustness/--no-robustness", default=True, show_default=True,
+              help="Then attack the marked model (pruning, fine-pruning, FTAL, overwriting, quantization, "
+                   "permutation with and without realignment) and write the report to OUT/robustness/.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
-def demo(out_dir, unmarked, epochs, bits, seed, as_json):
-    """End-to-end demo on scikit-learn's bundled digits: embed, then verify marked and unmarked models."""
+def demo(out_dir, unmarked, epochs, bits, seed, robustness, as_json):
+    """End-to-end demo on scikit-learn's bundled digits: embed, verify marked and unmarked models,
+    then attack the marked one (the robustness report)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from .demo import _jsonable, run_demo
@@ -206,7 +329,7 @@ def demo(out_dir, unmarked, epochs, bits, seed, as_json):
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=_console(stderr=True), transient=True, disable=as_json) as prog:
         task = prog.add_task("starting", total=None)
-        res = run_demo(out_dir, unmarked=unmarked, epochs=epochs, bits=bits, seed=seed,
+        res = run_demo(out_dir, unmarked=unmarked, epochs=epochs, bits=bits, seed=seed, robustness=robustness,
                        progress=lambda m: prog.update(task, description=m))
     elapsed = time.perf_counter() - start
     ok = (res["marked_verified"] and res["marked_trigger_verified"] and res["unmarked_verified"] == 0
@@ -236,6 +359,15 @@ def demo(out_dir, unmarked, epochs, bits, seed, as_json):
               f"unmarked models verified: {res['unmarked_verified']}/{res['unmarked_total']} white-box, "
               f"{res['unmarked_trigger_verified']}/{res['unmarked_total']} black-box; "
               f"accuracy cost of the marks: {100 * res['accuracy_drop']:+.1f} points")
+    if "robustness" in res:
+        from .robustness import RobustnessReport
+
+        rep = RobustnessReport.from_dict(res["robustness"])
+        con.print(rep.table(title=f"robustness of the marked model — attacks on copies, alpha {res['alpha']:g}"))
+        for line in rep.notes():
+            con.print(line, markup=False, soft_wrap=True)
+        con.print(f"robustness report: {out_dir}/robustness/robustness.json and {len(rep.plots)} plots "
+                  f"(p-value, BER and accuracy against attack strength)")
     con.print(f"keys, models and demo.json in {out_dir}/ — try: nnmark verify {out_dir}/owner.key {out_dir}/*.safetensors"
               f"  or  nnmark verify {out_dir}/triggers.key {out_dir}/*.safetensors --arch nnmark.demo:DigitsNet")
     con.print(f"done in {elapsed:.1f} s")
@@ -255,6 +387,10 @@ def main(argv=None):
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
+from .cli_scan import register as _register_scan  # noqa: E402 - scan, ledger, manifest (issue 5)
+_register_scan(cli)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,229 @@
+"""The scan ledger: one SQLite row per (checkpoint, key), written as a scan goes.
+
+A row records the file's identity (path, size, mtime_ns: what a re-run
+compares to skip unchanged files), what was read (the carrier's tensor name,
+the sha256 of the carrier bytes actually read, bytes read), the verdict
+(verified, matches, bits, ber, p_value, threshold, alpha), why a check could
+not be made (status, error_class, error_message), the integrity check against
+a manifest, and timings. Keys appear only as their public ``key_id``.
+
+The database runs in WAL mode with ``synchronous=NORMAL``: each committed
+batch survives the scanning process being killed at any moment (SIGKILL);
+only a power loss can cost the last commits. Rows are written by one thread.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+SCHEMA_VERSION = 1
+DEFAULT_LEDGER = "nnmark-ledger.sqlite"
+LEDGER_ENV = "NNMARK_LEDGER"
+
+# (column, SQL type, meaning) -- the order of the table, of exports and of rows.
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("path", "TEXT NOT NULL", "absolute path of the checkpoint (a shard index for a sharded checkpoint)"),
+    ("key_id", "TEXT NOT NULL", "public fingerprint of the key (never the secret)"),
+    ("size", "INTEGER", "file size in bytes (sharded: index + shards); NULL if it could not be stat'ed"),
+    ("mtime_ns", "INTEGER", "modification time in ns (sharded: the latest); with path and size, the identity"),
+    ("format", "TEXT", "safetensors, hf-sharded, torch-zip or torch-legacy; NULL if not recognised"),
+    ("carrier", "TEXT", "tensor name of the carrier in the file (white-box keys)"),
+    ("carrier_sha256", "TEXT", "sha256 of the carrier bytes read (trigger keys: of every tensor the model read)"),
+    ("bytes_read", "INTEGER", "bytes read from the checkpoint to check it (all keys of this scan)"),
+    ("status", "TEXT NOT NULL", "ok, absent, corrupt, unsafe, unsupported, io_error or invalid"),
+    ("verified", "INTEGER NOT NULL", "1 if the mark is present at significance alpha"),
+    ("matches", "INTEGER", "matching bits (white-box) or trigger labels (black-box)"),
+    ("bits", "INTEGER", "number of bits or triggers"),
+    ("ber", "REAL", "bit (or trigger) error rate"),
+    ("p_value", "REAL", "exact one-sided binomial p-value"),
+    ("threshold", "INTEGER", "fewest matches that verify at alpha"),
+    ("alpha", "REAL", "significance level"),
+    ("error_class", "TEXT", "why the check could not be made, a stable CamelCase name (e.g. TruncatedFile)"),
+    ("error_message", "TEXT", "what was wrong, for people"),
+    ("integrity", "TEXT", "against --manifest: ok, changed or unlisted; NULL without a manifest"),
+    ("file_sha256", "TEXT", "whole-file sha256 (only computed against a manifest)"),
+    ("read_s", "REAL", "seconds spent reading the file"),
+    ("verify_s", "REAL", "seconds of verification attributed to this row"),
+    ("scanned_at", "REAL", "UNIX time the row was produced"),
+)
+FIELDS: tuple[str, ...] = tuple(c[0] for c in COLUMNS)
+# Columns that differ between two scans of the same files (everything else must not).
+TIMING_FIELDS = ("read_s", "verify_s", "scanned_at")
+EXPORT_FORMATS = ("jsonl", "csv")
+
+# WITHOUT ROWID: one b-tree keyed by (path, key_id) instead of a table plus an index.
+_CREATE = ("CREATE TABLE IF NOT EXISTS results (" + ", ".join(f"{n} {t}" for n, t, _ in COLUMNS)
+           + ", PRIMARY KEY (path, key_id)) WITHOUT ROWID")
+_FLOAT_COLS = tuple(i for i, (_, t, _) in enumerate(COLUMNS) if t.startswith("REAL"))
+_INSERT = f"INSERT OR REPLACE INTO results ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
+
+
+def default_ledger_path() -> Path:
+    """``$NNMARK_LEDGER``, else ``nnmark-ledger.sqlite`` in the current directory."""
+    return Path(os.environ.get(LEDGER_ENV) or DEFAULT_LEDGER)
+
+
+def _clean(v: Any) -> Any:
+    # NaN p-values of failed checks are stored as NULL (SQLite has no NaN).
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class Ledger:
+    """An SQLite ledger of scan results. ``path=None``: an in-memory ledger (nothing kept)."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = None if path is None else Path(path)
+        if self.path is not None and self.path.is_dir():
+            raise ValueError(f"ledger {str(self.path)!r} is a directory; expected an SQLite file path")
+        if self.path is not None and self.path.parent and not self.path.parent.exists():
+            raise ValueError(f"ledger {str(self.path)!r}: folder {str(self.path.parent)!r} does not exist")
+        try:
+            # timeout: another scan may be committing to the same ledger; wait for it.
+            self._db = sqlite3.connect(":memory:" if path is None else str(self.path), isolation_level=None,
+                                       timeout=60.0)
+            if path is not None:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+            self._init_schema()
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"{str(self.path)!r} is not an nnmark ledger (SQLite said: {exc})") from None
+
+    def _init_schema(self) -> None:
+        db = self._db
+        db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
+        row = db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()
+        if row is None:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if "results" in tables:
+                raise ValueError(f"{str(self.path)!r} has a results table but no nnmark schema version; "
+                                 "not an nnmark ledger")
+            db.execute("BEGIN")
+            db.execute(_CREATE)
+            db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            db.execute("INSERT INTO meta VALUES ('created', ?)", (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),))
+            db.execute("COMMIT")
+        elif row[0] != str(SCHEMA_VERSION):
+            raise ValueError(f"ledger {str(self.path)!r} has schema version {row[0]}; this nnmark writes "
+                             f"version {SCHEMA_VERSION}: use another --ledger file")
+
+    # -- writing -----------------------------------------------------------------
+    def write(self, rows: Iterable[dict]) -> int:
+        """Inserts or replaces rows (dicts with :data:`FIELDS`) in one transaction."""
+        values = []
+        for r in rows:
+            v = tuple(map(r.get, FIELDS))
+            if not all(v[i] is None or math.isfinite(v[i]) for i in _FLOAT_COLS):
+                v = tuple(map(_clean, v))
+            values.append(v)
+        if not values:
+            return 0
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            db.executemany(_INSERT, values)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return len(values)
+
+    # -- reading -----------------------------------------------------------------
+    def identities(self, key_ids: Iterable[str] | None = None) -> dict[str, dict[str, tuple]]:
+        """{path: {key_id: (size, mtime_ns, alpha, status, integrity)}} of every row."""
+        want = None if key_ids is None else set(key_ids)
+        out: dict[str, dict[str, tuple]] = {}
+        for path, kid, size, mtime, alpha, status, integrity in self._db.execute(
+                "SELECT path, key_id, size, mtime_ns, alpha, status, integrity FROM results"):
+            if want is None or kid in want:
+                out.setdefault(path, {})[kid] = (size, mtime, alpha, status, integrity)
+        return out
+
+    def rows(self, paths: Iterable[str] | None = None, key_ids: Iterable[str] | None = None,
+             status: str | None = None) -> Iterator[dict]:
+        """Rows as dicts, ordered by path then key_id (``verified`` as a bool)."""
+        where, args = [], []
+        if key_ids is not None:
+            kids = list(key_ids)
+            where.append(f"key_id IN ({', '.join('?' * len(kids))})")
+            args += kids
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        base = f"SELECT {', '.join(FIELDS)} FROM results" + (f" WHERE {' AND '.join(where)}" if where else "")
+        if paths is None:
+            yield from (self._row(v) for v in self._db.execute(base + " ORDER BY path, key_id", args))
+            return
+        paths = list(paths)
+        for i in range(0, len(paths), 500):  # SQLite caps the number of parameters
+            part = paths[i:i + 500]
+            q = base + (" AND " if where else " WHERE ") + f"path IN ({', '.join('?' * len(part))}) ORDER BY path, key_id"
+            yield from (self._row(v) for v in self._db.execute(q, args + part))
+
+    @staticmethod
+    def _row(values) -> dict:
+        d = dict(zip(FIELDS, values))
+        d["verified"] = bool(d["verified"])
+        return d
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+
+    # -- export --------------------------------------------------------------------
+    def export(self, out: str | os.PathLike | IO[str], fmt: str | None = None, status: str | None = None) -> int:
+        """Writes every row to ``out`` (a path or a text stream) as JSON Lines or CSV;
+        ``fmt`` defaults to the file suffix (``.csv`` -> CSV, else JSON Lines). Returns the row count."""
+        if fmt is None:
+            fmt = "csv" if isinstance(out, (str, os.PathLike)) and os.fspath(out).lower().endswith(".csv") else "jsonl"
+        if fmt not in EXPORT_FORMATS:
+            raise ValueError(f"export format must be one of {EXPORT_FORMATS}, got {fmt!r}")
+        if isinstance(out, (str, os.PathLike)):
+            with open(out, "w", newline="" if fmt == "csv" else None, encoding="utf-8") as f:
+                return self._export(f, fmt, status)
+        return self._export(out, fmt, status)
+
+    def _export(self, f: IO[str], fmt: str, status: str | None) -> int:
+        n = 0
+        if fmt == "csv":
+            w = csv.writer(f)
+            w.writerow(FIELDS)
+            for r in self.rows(status=status):
+                w.writerow(["" if r[k] is None else int(r[k]) if k == "verified" else r[k] for k in FIELDS])
+                n += 1
+        else:
+            for r in self.rows(status=status):
+                f.write(json.dumps(r) + "\n")
+                n += 1
+        return n
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Ledger({str(self.path) if self.path else ':memory:'!r})"
+
+
+def export_ledger(ledger: str | os.PathLike, out: str | os.PathLike | IO[str], fmt: str | None = None,
+                  status: str | None = None) -> int:
+    """Exports an existing ledger file to JSON Lines or CSV; returns the row count."""
+    ledger = Path(ledger)
+    if not ledger.is_file():
+        raise ValueError(f"ledger {str(ledger)!r} does not exist")
+    with Ledger(ledger) as led:
+        return led.export(out, fmt, status)
+
+
+__all__ = ["Ledger", "COLUMNS", "FIELDS", "TIMING_FIELDS", "SCHEMA_VERSION", "DEFAULT_LEDGER", "default_ledger_path",
+           "export_ledger"]
