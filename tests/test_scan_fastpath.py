@@ -1,0 +1,140 @@
+"""The scan's fast paths give the answers of the plain ones: the numpy batch reduction
+(every float dtype, both element orders, both reductions) against key.reduce and
+nnmark.verify, and the cache of parsed safetensors headers against damaged files that
+share a cached header."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import nnmark
+from nnmark.formats import FormatError, open_file
+
+scan_mod = importlib.import_module("nnmark.scan")  # "import nnmark.scan" names the function
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction,order", [("filter_mean", "torch"), ("filter_mean", "keras"), ("flat", "torch")])
+def test_numpy_batch_reduction_matches_key_reduce(dtype, reduction, order):
+    shape = (6, 5, 3, 2)
+    if order == "keras":
+        key = nnmark.DenseKey(torch.randn(32, 30).sign(), "w", torch.randint(0, 2, (32,)), reduction=reduction,
+                              order="keras")
+    else:
+        key = nnmark.WhiteBoxKey.generate(carrier="w", bits=32, reduction=reduction)
+    batch = torch.randn(7, *shape).to(dtype)
+    got = scan_mod._reduce_cpu(key, batch)
+    ref = key.reduce(batch.to(torch.float64 if dtype == torch.float64 else torch.float32), batched=True)
+    assert got.dtype == (np.float64 if dtype == torch.float64 else np.float32)
+    assert got.shape == tuple(ref.shape) and got.flags.c_contiguous
+    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-6, atol=1e-7)
+    # float8 has no numpy dtype: the caller falls back to torch
+    if hasattr(torch, "float8_e4m3fn"):
+        assert scan_mod._reduce_cpu(key, batch.to(torch.float32).to(torch.float8_e4m3fn)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_scan_verdicts_equal_verify_for_every_dtype(tmp_path, dtype):
+    key = nnmark.WhiteBoxKey.generate(carrier="conv.weight", bits=64)
+    g = torch.Generator().manual_seed(3)
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"m{i}.safetensors"
+        save_file({"conv.weight": torch.randn(16, 8, 3, 3, generator=g).to(dtype)}, str(p))
+        paths.append(str(p))
+    rows = scan_mod.scan(key, [str(tmp_path)], progress=False).rows
+    for r, v in zip(rows, nnmark.verify(key, paths)):
+        assert r["status"] == "ok" and (r["matches"], r["p_value"], r["verified"]) == (v.matches, v.p_value,
+                                                                                         v.verified)
+
+
+def _damaged_twins(tmp_path):
+    """Files that share one header byte for byte: intact, cut short, padded."""
+    sd = {"a": torch.randn(64, 8), "b": torch.randn(32)}
+    good = tmp_path / "good.safetensors"
+    save_file(sd, str(good))
+    raw = good.read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(raw[:-4])
+    (tmp_path / "long.safetensors").write_bytes(raw + b"\0" * 4)
+    return good, raw
+
+
+def test_cached_header_still_checks_each_file(tmp_path):
+    good, raw = _damaged_twins(tmp_path)
+    for _ in range(2):  # the second round finds the header in the cache
+        with open_file(str(good)) as ck:
+            assert ck.carrier("a").tensor.shape == (64, 8)
+        with pytest.raises(FormatError) as exc:
+            open_file(str(tmp_path / "short.safetensors"))
+        assert exc.value.error_class == "TruncatedFile"
+        with pytest.raises(FormatError) as exc:
+            open_file(str(tmp_path / "long.safetensors"))
+        assert exc.value.error_class == "TrailingBytes"
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    assert header["a"]["dtype"] == "F32"
+
+
+def test_the_header_cache_is_bounded(tmp_path, monkeypatch):
+    import nnmark.formats as fm
+
+    monkeypatch.setattr(fm, "_LAYOUTS", {})
+    monkeypatch.setattr(fm, "_LAYOUT_CACHE_SIZE", 4)
+    for i in range(10):  # ten different headers
+        p = tmp_path / f"m{i}.safetensors"
+        save_file({f"t{i}": torch.zeros(i + 1)}, str(p))
+        with open_file(str(p)) as ck:
+            assert ck.names() == [f"t{i}"]
+    assert 0 < len(fm._LAYOUTS) <= 4
+
+
+def test_deferred_hash_is_the_hash_of_the_bytes_read(tmp_path):
+    import hashlib
+
+    w = torch.randn(16, 8, 3, 3)
+    p = tmp_path / "m.safetensors"
+    save_file({"conv.weight": w}, str(p))
+    key = nnmark.WhiteBoxKey.generate(carrier="conv.weight", bits=32)
+    (row,) = scan_mod.scan(key, [str(p)], progress=False).rows
+    assert row["carrier_sha256"] == hashlib.sha256(w.numpy().tobytes()).hexdigest()
+    assert os.path.getsize(p) == row["size"]
+
+
+def test_switch_interval_is_lowered_during_a_scan_and_restored(tmp_path, monkeypatch):
+    import sys
+
+    key = nnmark.WhiteBoxKey.generate(carrier="conv.weight", bits=32)
+    for i in range(4):
+        save_file({"conv.weight": torch.randn(8, 4, 3, 3)}, str(tmp_path / f"m{i}.safetensors"))
+    seen = []
+    real = scan_mod._scan_batch
+
+    def spy(*a, **k):
+        seen.append(sys.getswitchinterval())
+        return real(*a, **k)
+
+    monkeypatch.setattr(scan_mod, "_scan_batch", spy)
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.004)
+        scan_mod.scan(key, [str(tmp_path)], progress=False, workers=2)
+        assert seen and all(abs(s - scan_mod.SCAN_SWITCH_INTERVAL) < 1e-6 for s in seen)
+        assert abs(sys.getswitchinterval() - 0.004) < 1e-6
+        # nested (as two scans on two threads): only the last one out restores it
+        with scan_mod._quick_switching():
+            with scan_mod._quick_switching():
+                pass
+            assert abs(sys.getswitchinterval() - scan_mod.SCAN_SWITCH_INTERVAL) < 1e-6
+        assert abs(sys.getswitchinterval() - 0.004) < 1e-6
+        seen.clear()
+        scan_mod.scan(key, [str(tmp_path)], progress=False, workers=1)  # one loader: nothing to hand over
+        assert seen and all(abs(s - 0.004) < 1e-6 for s in seen)
+    finally:
+        sys.setswitchinterval(before)
