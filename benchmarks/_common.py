@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 
 
 def cpu_ticks() -> tuple[int, int]:
@@ -40,3 +41,17 @@ def fmt_time(s) -> str:
     if s < 1:
         return f"{s * 1e3:.2f} ms"
     return f"{s:.2f} s"
+
+
+def git_state(root) -> dict:
+    """The commit a benchmark ran at and the tracked files changed since (empty if no git)."""
+    git = {}
+    try:
+        run = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True,  # noqa: E731
+                                        text=True, timeout=10).stdout
+        git["commit"] = run("rev-parse", "HEAD").strip()
+        git["dirty_files"] = [s.strip() for s in run("status", "--porcelain", "--untracked-files=no").split("\n")
+                              if s.strip()]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return git

@@ -42,7 +42,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model, cpu_ticks, fmt_time, own_cpu_s  # noqa: E402
+from _common import cpu_model, cpu_ticks, fmt_time, git_state, own_cpu_s  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "bench_channel_stats.json"
@@ -146,15 +146,7 @@ def run_case(torch, nnmark, dev, name, shape, dtype_name, channels_last, reps, m
 
 def _meta(args, torch, nnmark) -> dict:
     so = next(Path(nnmark.__file__).parent.glob("_C_cpu*"), None)
-    git = {}
-    try:
-        git["commit"] = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "HEAD"], capture_output=True,
-                                       text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.split("\n")
-        git["dirty_files"] = [s.strip() for s in dirty if s.strip()]
-    except (OSError, subprocess.SubprocessError):
-        pass
+    git = git_state(HERE.parent)
     meta = {
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python"] + sys.argv),

@@ -48,7 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model, cpu_ticks, fmt_time, own_cpu_s  # noqa: E402
+from _common import cpu_model, cpu_ticks, fmt_time, git_state, own_cpu_s  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "bench_projection.json"
@@ -430,16 +430,7 @@ def _meta(args) -> dict:
     import nnmark
 
     so = next(Path(nnmark.__file__).parent.glob("_C_cpu*"), None)
-    git = {}
-    try:
-        root = HERE.parent
-        git["commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                       text=True, timeout=10).stdout.strip()
-        git["dirty_files"] = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                            capture_output=True, text=True, timeout=10).stdout.split("\n")
-        git["dirty_files"] = [s.strip() for s in git["dirty_files"] if s.strip()]
-    except (OSError, subprocess.SubprocessError):
-        pass
+    git = git_state(HERE.parent)
     meta = {
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python"] + sys.argv),

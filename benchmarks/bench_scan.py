@@ -52,7 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model, cpu_ticks, own_cpu_s  # noqa: E402
+from _common import cpu_model, cpu_ticks, git_state, own_cpu_s  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "bench_scan.json"
@@ -363,15 +363,7 @@ def _meta(args) -> dict:
 
     import nnmark
 
-    git = {}
-    try:
-        git["commit"] = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "HEAD"], capture_output=True,
-                                       text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.split("\n")
-        git["dirty_files"] = [s.strip() for s in dirty if s.strip()]
-    except (OSError, subprocess.SubprocessError):
-        pass
+    git = git_state(HERE.parent)
     import safetensors
 
     return {

@@ -67,7 +67,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model, cpu_ticks, fmt_time, own_cpu_s  # noqa: E402
+from _common import cpu_model, cpu_ticks, fmt_time, git_state, own_cpu_s  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "bench_trigger.json"
@@ -250,15 +250,7 @@ def build_methods(nnmark, dev, x, y, tkey, paths, sds_dev, vmap_chunk, with_vmap
 
 def _meta(args, nnmark, dev) -> dict:
     so = next(Path(nnmark.__file__).parent.glob("_C_cpu*"), None)
-    git = {}
-    try:
-        git["commit"] = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "HEAD"], capture_output=True,
-                                       text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(HERE.parent), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.split("\n")
-        git["dirty_files"] = [s.strip() for s in dirty if s.strip()]
-    except (OSError, subprocess.SubprocessError):
-        pass
+    git = git_state(HERE.parent)
     meta = {
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python"] + sys.argv),
