@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from .carriers import _strip, find_name
-from .checkpoints import STATE_DICT_KEYS, CheckpointError, _first_line, _unsafe_globals
+from .checkpoints import CheckpointError, _first_line, _unsafe_globals, state_dict_of
 
 # First read of a file: enough for the header of a small safetensors file in one
 # syscall, far below the "header + 64 KiB" a lazy read may cost.
@@ -469,15 +469,10 @@ def _is_foreign_zip(path: str) -> bool:
 
 
 def _state_dict_of(obj, path: str) -> Mapping[str, torch.Tensor]:
-    if isinstance(obj, Mapping):
-        for k in STATE_DICT_KEYS:  # Lightning .ckpt and common training-script layouts
-            inner = obj.get(k)
-            if isinstance(inner, Mapping) and any(isinstance(v, torch.Tensor) for v in inner.values()):
-                return inner
-        if any(isinstance(v, torch.Tensor) for v in obj.values()):
-            return obj
-    raise FormatError("unsupported", "NoStateDict", f"{path!r} holds no state dict of tensors "
-                                                    f"(got {type(obj).__name__})")
+    try:  # the layouts checkpoints.py knows (Lightning .ckpt, training-script dicts)
+        return state_dict_of(obj, path)
+    except CheckpointError as exc:
+        raise FormatError(exc.status, "NoStateDict", str(exc)) from None
 
 
 class TorchFile(Checkpoint):
