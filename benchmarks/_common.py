@@ -55,3 +55,37 @@ def git_state(root) -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return git
+
+
+def run_meta(device: str) -> dict:
+    """What every benchmark's JSON records about the run: when, what command, the
+    machine, torch, the nnmark build used (with a hash of its CPU module) and git."""
+    import hashlib
+    import sys
+    from datetime import datetime, timezone
+    from pathlib import Path
+
+    import torch
+
+    import nnmark
+
+    so = next(Path(nnmark.__file__).parent.glob("_C_cpu*"), None)
+    return {
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python"] + sys.argv),
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "nnmark_version": nnmark.__version__,
+        "nnmark_path": str(Path(nnmark.__file__).parent),
+        "nnmark_threads": nnmark.get_num_threads(),
+        "nnmark_build_info": nnmark.build_info(),
+        "nnmark_cpu_so_sha256": hashlib.sha256(so.read_bytes()).hexdigest()[:16] if so else None,
+        "git": git_state(Path(__file__).resolve().parent.parent),
+        "device": device,
+        "loadavg_start": os.getloadavg(),
+    }

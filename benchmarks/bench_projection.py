@@ -36,19 +36,16 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model, cpu_ticks, fmt_time, git_state, own_cpu_s  # noqa: E402
+from _common import cpu_ticks, fmt_time, own_cpu_s, run_meta  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "bench_projection.json"
@@ -427,32 +424,8 @@ def _parse_sizes(text: str) -> list[int]:
 def _meta(args) -> dict:
     import torch
 
-    import nnmark
-
-    so = next(Path(nnmark.__file__).parent.glob("_C_cpu*"), None)
-    git = git_state(HERE.parent)
-    meta = {
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python"] + sys.argv),
-        "python": sys.version.split()[0],
-        "machine": platform.machine(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "mem_total_bytes": None,
-        "mem_available_bytes": mem_available_bytes(),
-        "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "nnmark_version": nnmark.__version__,
-        "nnmark_path": str(Path(nnmark.__file__).parent),
-        "nnmark_threads": nnmark.get_num_threads(),
-        "nnmark_build_info": nnmark.build_info(),
-        "nnmark_cpu_so_sha256": hashlib.sha256(so.read_bytes()).hexdigest()[:16] if so else None,
-        "git": git,
-        "device": args.device,
-        "loadavg_start": os.getloadavg(),
-        "max_seconds": args.max_seconds,
-    }
+    meta = {**run_meta(args.device), "mem_total_bytes": None, "mem_available_bytes": mem_available_bytes(),
+            "max_seconds": args.max_seconds}
     with open("/proc/meminfo") as f:
         for line in f:
             if line.startswith("MemTotal:"):
