@@ -126,3 +126,17 @@ def test_cli_ledger_export(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["ledger", "export", "--ledger", str(path), "--format", "xml"])
     assert exc.value.code == 4
+
+
+def test_cli_ledger_export_takes_the_ledger_as_an_argument(tmp_path, capsys):
+    path = tmp_path / "l.sqlite"
+    with Ledger(path) as led:
+        led.write([_row(i) for i in range(2)])
+    with pytest.raises(SystemExit) as exc:
+        main(["ledger", "export", str(path), "--format", "csv"])
+    assert exc.value.code == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3  # header + 2 rows
+    with pytest.raises(SystemExit) as exc:
+        main(["ledger", "export", str(path), "--ledger", str(tmp_path / "other.sqlite")])
+    assert exc.value.code == 4
+    assert "two ledgers" in capsys.readouterr().err

@@ -66,7 +66,9 @@ def corpus(tmp_path_factory):
 def ray_local():
     ray = pytest.importorskip("ray")
     # A small object store: CI containers often have a small /dev/shm, and rows are small.
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+    # One logical GPU (Ray does not check for a physical one): the tests see which tasks
+    # ask for it.
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              configure_logging=False, object_store_memory=128 << 20)
     try:
         yield ray
@@ -198,9 +200,50 @@ def test_a_cluster_where_no_task_runs_stops_the_scan(ray_local, corpus, monkeypa
         scan_fn(key_files, [str(root)], progress=False, ray="auto", batch_size=4)
 
 
-def test_cuda_on_a_cluster_without_gpus_is_refused(ray_local, corpus):
+def _recording_task(log_dir):
+    """A task that notes the GPUs Ray gave it and the device it was asked for, then runs
+    the real task on the CPU (this machine may have no CUDA)."""
+    real = scan_ray._ray_scan_task
+
+    def recording(targets, known, key_files, key_ids, alpha, arch, device, *rest):
+        import ray
+
+        with open(os.path.join(log_dir, f"{os.getpid()}-{len(os.listdir(log_dir))}.json"), "w") as f:
+            json.dump({"gpus": [str(g) for g in ray.get_gpu_ids()], "device": device}, f)
+        return real(targets, known, key_files, key_ids, alpha, arch, None, *rest)
+
+    return recording
+
+
+def _task_log(log_dir):
+    return [json.loads(p.read_text()) for p in log_dir.iterdir()]
+
+
+def test_cuda_scans_take_one_gpu_per_task(ray_local, corpus, tmp_path, monkeypatch):
+    root, key_files, keys = corpus
+    log_dir = tmp_path / "tasks"
+    log_dir.mkdir()
+    monkeypatch.setattr(scan_ray, "_ray_scan_task", _recording_task(str(log_dir)))
+    res = scan_fn(key_files, [str(root)], progress=False, ray="auto", device="cuda", batch_size=5)
+    log = _task_log(log_dir)
+    assert len(log) == 3  # 15 files, 5 per task
+    assert all(len(t["gpus"]) == 1 and t["device"] == "cuda" for t in log)
+    assert _strip(res.rows) == _strip(scan_fn(list(keys), [str(root)], progress=False).rows)
+
+
+def test_white_box_scans_stay_on_cpus_on_a_gpu_cluster(ray_local, corpus, tmp_path, monkeypatch):
     root, key_files, _ = corpus
-    if ray_local.cluster_resources().get("GPU"):
-        pytest.skip("this Ray cluster has GPUs")
+    log_dir = tmp_path / "tasks"
+    log_dir.mkdir()
+    monkeypatch.setattr(scan_ray, "_ray_scan_task", _recording_task(str(log_dir)))
+    scan_fn(key_files, [str(root)], progress=False, ray="auto", batch_size=5)
+    log = _task_log(log_dir)
+    assert len(log) == 3 and all(t["gpus"] == [] and t["device"] is None for t in log)
+
+
+def test_cuda_on_a_cluster_without_gpus_is_refused(ray_local, corpus, monkeypatch):
+    root, key_files, _ = corpus
+    real = ray_local.cluster_resources
+    monkeypatch.setattr(ray_local, "cluster_resources", lambda: {k: v for k, v in real().items() if k != "GPU"})
     with pytest.raises(ValueError, match="no GPUs"):
         scan_fn(key_files, [str(root)], progress=False, ray="auto", device="cuda")

@@ -6,6 +6,7 @@ Exit codes (modelscan's convention, adapted to ownership checks):
 - 1: the checks ran, and at least one checkpoint does not carry the mark
 - 2: error: a key could not be loaded, or a checkpoint could not be checked
      (missing carrier, wrong shape, NaN/Inf, unreadable, unsafe or unknown file)
+- 3: ``scan`` and ``manifest`` only: no files found under the paths given
 - 4: usage error (bad command line)
 """
 from __future__ import annotations

@@ -85,7 +85,6 @@ def scan_cmd(paths, keys, ledger, alpha, arch, device, workers, batch_size, as_j
     import nnmark
 
     from .ledger import default_ledger_path
-    from .scan import scan
 
     err = _console(stderr=True)
     try:
@@ -128,8 +127,10 @@ def _summary(res, keys, con) -> None:
                   f"[red]{c['errors']}[/red]" if c["errors"] else "0")
     con.print(t)
     counts = ", ".join(f"{st} {s['status'][st]}" for st in STATUSES if s["status"].get(st))
-    con.print(f"rows by status: {counts}" + (f"; {s['changed']} files changed against the manifest" if s["changed"] else ""),
-              markup=False, soft_wrap=True)
+    changed = s["changed"]
+    if changed:
+        counts += f"; {changed} file{'s' if changed > 1 else ''} changed against the manifest"
+    con.print(f"rows by status: {counts}", markup=False, soft_wrap=True)
     for r in res.problems[:_SHOWN_PROBLEMS]:
         con.print(f"{r['path']}: {r['status']} ({r['error_class']}): {r['error_message']}", markup=False, soft_wrap=True)
     more = s["errors"] - min(len(res.problems), _SHOWN_PROBLEMS)
@@ -146,6 +147,7 @@ def ledger_group():
 
 
 @ledger_group.command("export")
+@click.argument("ledger_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--ledger", "ledger", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="Ledger file (default: $NNMARK_LEDGER, else ./nnmark-ledger.sqlite).")
 @click.option("-o", "--output", default="-", show_default=True, type=click.Path(dir_okay=False, allow_dash=True),
@@ -153,14 +155,17 @@ def ledger_group():
 @click.option("--format", "fmt", default=None, type=click.Choice(["jsonl", "csv"]),
               help="Default: csv for a .csv output file, else JSON Lines.")
 @click.option("--status", default=None, type=click.Choice(list(STATUSES)), help="Only rows with this status.")
-def ledger_export(ledger, output, fmt, status):
+def ledger_export(ledger_file, ledger, output, fmt, status):
     """Export every ledger row as JSON Lines (one object per row) or CSV (one header line).
 
+    The ledger is LEDGER_FILE, or --ledger (the same thing), else the default.
     Exit codes: 0 exported, 2 the ledger is missing or not an nnmark ledger, 4 usage error.
     """
     from .ledger import default_ledger_path, export_ledger
 
-    path = ledger if ledger is not None else default_ledger_path()
+    if ledger_file is not None and ledger is not None and ledger_file != ledger:
+        raise click.UsageError(f"two ledgers given: {str(ledger_file)!r} and --ledger {str(ledger)!r}")
+    path = ledger_file or ledger or default_ledger_path()
     try:
         if output == "-":
             n = export_ledger(path, sys.stdout, fmt or "jsonl", status)
