@@ -14,6 +14,7 @@ from .blackbox import Calibration, calibrate
 from .triggers import TriggerKey, TriggerMixer, embed_triggers
 from .scan import scan  # the function; the module stays importable as nnmark.scan via "from nnmark.scan import ..."
 from .robustness import RobustnessReport, robustness_report
+from .integrations import PenaltyHook
 
 __all__ = [
     "build_info", "get_num_threads", "set_num_threads",
@@ -21,6 +22,6 @@ __all__ = [
     "Uchida", "extract", "verify", "calibrate", "Calibration", "Verdict", "binomial_p_value", "binomial_threshold",
     "keyed_projection", "dense_projection", "philox4x32_10", "CheckpointError",
     "TriggerKey", "TriggerMixer", "embed_triggers", "scan",
-    "robustness_report", "RobustnessReport",
+    "robustness_report", "RobustnessReport", "PenaltyHook",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,162 @@
+"""What every training-stack adapter shares: the marks, the penalty, its gradient, the state.
+
+An adapter owns one :class:`Embedding`: a list of :class:`nnmark.Uchida` regularizers
+(white-box marks) and optionally a :class:`nnmark.TriggerMixer` (black-box marks).
+Its state (steps done, the mixer's cursor, which keys) holds key ids only, never
+a secret, so trainers may save it in their checkpoints.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+from ..keys import _WhiteBoxBase
+from ..triggers import TriggerKey, TriggerMixer
+from ..whitebox import Uchida
+
+STATE_VERSION = 1
+
+
+def as_regularizers(marks: Any, strength: float = 0.01) -> list[Uchida]:
+    """``marks``: an Uchida regularizer, a white-box key (wrapped at ``strength``), or a list of them."""
+    if marks is None:
+        return []
+    items = list(marks) if isinstance(marks, (list, tuple)) else [marks]
+    out = []
+    for m in items:
+        if isinstance(m, Uchida):
+            out.append(m)
+        elif isinstance(m, _WhiteBoxBase):
+            out.append(Uchida(m, strength=strength))
+        elif isinstance(m, TriggerKey):
+            raise TypeError("a TriggerKey is embedded by mixing its triggers into batches: "
+                            "pass mixer=nnmark.TriggerMixer(tkey) instead of listing it in marks")
+        else:
+            raise TypeError(f"marks must be nnmark.Uchida regularizers or white-box keys, got {type(m).__name__}")
+    ids = [r.key.key_id for r in out]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the same key is listed twice in marks: {ids}")
+    return out
+
+
+def _no_autocast(device: torch.device):
+    """The penalty is computed in float32 from the weights as they are: autocast off."""
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        return nullcontext()
+
+
+class Embedding:
+    """The marks an adapter embeds, and its resumable state.
+
+    - :meth:`penalty` (differentiable): the sum of the regularizers' penalties, for
+      adapters that add it to the loss (Hugging Face ``compute_loss``);
+    - :meth:`add_penalty_grad`: adds the penalty's gradient to the carriers' ``.grad``,
+      for adapters that run just before the optimizer step (the plain-torch hook,
+      Lightning). There the task gradient is final: unscaled by AMP, averaged by
+      DDP, accumulated; every rank adds the same penalty gradient, so ranks stay
+      in step without any extra communication.
+    """
+
+    def __init__(self, marks: Any = None, mixer: TriggerMixer | None = None, strength: float = 0.01):
+        self.regularizers = as_regularizers(marks, strength)
+        if mixer is not None and not isinstance(mixer, TriggerMixer):
+            raise TypeError(f"mixer must be an nnmark.TriggerMixer, got {type(mixer).__name__}")
+        if not self.regularizers and mixer is None:
+            raise ValueError("nothing to embed: give marks (white-box keys) and/or a mixer (trigger key)")
+        self.mixer = mixer
+        self.steps = 0  # optimizer steps the penalty was added to
+        self._last: torch.Tensor | None = None  # kept as a tensor: no device sync per step
+
+    def __repr__(self) -> str:
+        ids = [r.key.key_id for r in self.regularizers]
+        return f"Embedding(marks={ids}, mixer={self.mixer!r}, steps={self.steps})"
+
+    @property
+    def key_ids(self) -> list[str]:
+        return [r.key.key_id for r in self.regularizers]
+
+    @property
+    def last_penalty(self) -> float | None:
+        """The penalty of the last step (a float; None before the first)."""
+        return None if self._last is None else float(self._last)
+
+    def carriers(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        return [r.parameter(model) for r in self.regularizers]
+
+    def penalty(self, model: torch.nn.Module) -> torch.Tensor:
+        """Sum of the marks' penalties (float32 scalar, differentiable, autocast off)."""
+        if not self.regularizers:
+            raise ValueError("no white-box marks to penalise")
+        first = self.regularizers[0].parameter(model)
+        with _no_autocast(first.device):
+            total = self.regularizers[0].penalty(model)
+            for r in self.regularizers[1:]:
+                total = total + r.penalty(model).to(total.device)
+        self._last = total.detach()
+        return total
+
+    def add_penalty_grad(self, model: torch.nn.Module, params: set[int] | None = None) -> None:
+        """Adds d(penalty)/d(carrier) to each carrier's ``.grad`` (creates it when None).
+
+        ``params``: ids of the parameters the optimizer about to step updates; marks whose
+        carrier is not among them are left out of this step."""
+        regs = self.regularizers
+        if params is not None:
+            regs = [r for r in regs if id(r.parameter(model)) in params]
+        if not regs:
+            return
+        carriers = [r.parameter(model) for r in regs]
+        for r, w in zip(regs, carriers):
+            if not w.requires_grad:
+                raise ValueError(f"carrier {r.key.carrier!r} does not require grad: the mark cannot be embedded")
+        with torch.enable_grad(), _no_autocast(carriers[0].device):
+            total = regs[0].penalty(model)
+            for r in regs[1:]:
+                total = total + r.penalty(model).to(total.device)
+            unique = list({id(w): w for w in carriers}.values())
+            grads = torch.autograd.grad(total, unique)
+        with torch.no_grad():
+            for w, g in zip(unique, grads):
+                if w.grad is None:
+                    w.grad = g.to(w.dtype).contiguous()
+                else:
+                    w.grad.add_(g.to(w.grad.dtype))
+        self._last = total.detach()
+        self.steps += 1
+
+    @torch.no_grad()
+    def ber(self, model: torch.nn.Module) -> dict[str, float]:
+        """Bit error rate per key id: 0.0 once a mark is embedded."""
+        return {r.key.key_id: r.ber(model) for r in self.regularizers}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Steps, the marks' public fields and the mixer's cursor; no secret."""
+        return {
+            "version": STATE_VERSION,
+            "steps": self.steps,
+            "marks": [{"key_id": r.key.key_id, "carrier": r.key.carrier, "strength": r.strength,
+                       "bits": r.key.num_bits} for r in self.regularizers],
+            "mixer": self.mixer.state_dict() if self.mixer is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not an nnmark embedding state (version {STATE_VERSION}): {type(state).__name__}")
+        saved = [m.get("key_id") for m in state.get("marks", [])]
+        if saved != self.key_ids:
+            raise ValueError(f"the saved state embeds keys {saved}, this adapter embeds {self.key_ids}")
+        if (state.get("mixer") is None) != (self.mixer is None):
+            raise ValueError("the saved state and this adapter disagree on trigger mixing "
+                             f"(saved: {'a mixer' if state.get('mixer') else 'none'}, "
+                             f"here: {'a mixer' if self.mixer is not None else 'none'})")
+        steps = state.get("steps")
+        if not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"bad steps in the saved state: {steps!r}")
+        if self.mixer is not None:
+            self.mixer.load_state_dict(state["mixer"])
+        self.steps = steps

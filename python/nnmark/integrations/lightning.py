@@ -1,0 +1,96 @@
+"""Lightning: a callback that embeds marks without touching the LightningModule.
+
+    from nnmark.integrations.lightning import WatermarkCallback
+    trainer = L.Trainer(callbacks=[WatermarkCallback(key)], precision="bf16-mixed")
+
+The penalty's gradient is added in ``on_before_optimizer_step``: after Lightning
+has unscaled AMP gradients and before it clips them, so clipping (and every
+other gradient hook) sees the task and the penalty together; with gradient
+accumulation it is added once per optimizer step; under DDP every rank adds the
+same gradient. With a ``mixer`` the triggers are appended to each training batch
+in ``on_train_batch_start`` (the batch must be a list or dict, as the default
+collate gives). The callback's state (steps, mixer cursor, key ids; no secret)
+is saved in Lightning checkpoints and restored on ``fit(ckpt_path=...)``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..triggers import TriggerMixer
+from .core import Embedding
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # the older package name
+    try:
+        import pytorch_lightning as pl
+    except ImportError:
+        raise ImportError('nnmark.integrations.lightning needs Lightning: pip install "nnmark[lightning]"') from None
+
+
+class WatermarkCallback(pl.Callback):
+    """Embeds ``marks`` (white-box keys at ``strength`` or :class:`nnmark.Uchida`) and/or
+    the triggers of ``mixer`` while a Lightning ``Trainer`` fits.
+
+    ``submodule``: the attribute path of the network inside the LightningModule when
+    carrier names are relative to it (``"net"`` for ``self.net``); by default the
+    carrier is looked up in the LightningModule itself (``model.`` and ``module.``
+    prefixes are tolerated). ``inputs``/``labels``: where a batch keeps them (list
+    indices or dict keys) for trigger mixing. ``log``: log ``nnmark/penalty`` each step.
+    """
+
+    def __init__(self, marks: Any = None, strength: float = 0.01, mixer: TriggerMixer | None = None,
+                 submodule: str | None = None, inputs: int | str = 0, labels: int | str = 1, log: bool = True):
+        super().__init__()
+        self.embedding = Embedding(marks, mixer=mixer, strength=strength)
+        self.submodule = submodule
+        self.inputs, self.labels = inputs, labels
+        self.log = bool(log)
+
+    def __repr__(self) -> str:
+        return f"WatermarkCallback({self.embedding!r})"
+
+    @property
+    def state_key(self) -> str:
+        # One state per set of keys: two callbacks with other keys do not collide.
+        return self._generate_state_key(keys=tuple(self.embedding.key_ids),
+                                        mixer=self.embedding.mixer.key.key_id if self.embedding.mixer else None)
+
+    def network(self, pl_module: torch.nn.Module) -> torch.nn.Module:
+        if self.submodule is None:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.submodule)
+        except AttributeError:
+            raise ValueError(f"the LightningModule has no submodule {self.submodule!r}") from None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            self.embedding.carriers(self.network(pl_module))  # a missing carrier fails before training
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        mixer = self.embedding.mixer
+        if mixer is None:
+            return
+        if not isinstance(batch, (list, dict)):
+            raise TypeError(f"trigger mixing changes the batch in place, which needs a list or dict batch, "
+                            f"got {type(batch).__name__}; or mix in the DataLoader: collate_fn=mixer.collate")
+        batch[self.inputs], batch[self.labels] = mixer.mix(batch[self.inputs], batch[self.labels])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer: torch.optim.Optimizer) -> None:
+        if not self.embedding.regularizers:
+            return
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        before = self.embedding.steps
+        self.embedding.add_penalty_grad(self.network(pl_module), owned)
+        if self.log and self.embedding.steps != before:
+            pl_module.log("nnmark/penalty", self.embedding._last.float(), on_step=True, prog_bar=False,
+                          logger=True, sync_dist=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.embedding.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.embedding.load_state_dict(state_dict)
