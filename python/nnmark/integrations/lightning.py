@@ -85,7 +85,7 @@ class WatermarkCallback(pl.Callback):
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
         before = self.embedding.steps
         self.embedding.add_penalty_grad(self.network(pl_module), owned)
-        if self.log and self.embedding.steps != before:
+        if self.log and trainer.loggers and self.embedding.steps != before:
             pl_module.log("nnmark/penalty", self.embedding._last.float(), on_step=True, prog_bar=False,
                           logger=True, sync_dist=False)
 

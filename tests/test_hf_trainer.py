@@ -1,0 +1,153 @@
+"""The Hugging Face adapter: nnmark.integrations.huggingface.WatermarkTrainer with a real
+transformers Trainer (CPU, tiny model): the penalty joins the training loss only
+(scaled like the loss under gradient accumulation), embeds the mark, trigger mixing,
+checkpoints hold the adapter's state and no secret, resuming restores it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nnmark
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from transformers import TrainingArguments  # noqa: E402
+
+from nnmark.integrations.huggingface import STATE_FILE, WatermarkTrainer  # noqa: E402
+from test_integrations import assert_no_secret  # noqa: E402
+
+SHAPE = (8, 16, 3, 3)
+
+
+class TinyNet(torch.nn.Module):
+    """A model as the Trainer expects: keyword inputs, a dict with "loss"."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 8, 3),
+                                        torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 10))
+        self.seen = []
+
+    def forward(self, pixel_values, labels=None):
+        self.seen.append(pixel_values.shape[0])
+        logits = self.body(pixel_values)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self, n=64):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, 8, 8, generator=g)
+        self.y = torch.randint(0, 10, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def _args(tmp_path, **kw):
+    opts = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, learning_rate=1e-2, max_steps=8,
+                report_to="none", use_cpu=True, save_strategy="no", logging_steps=4, disable_tqdm=True,
+                dataloader_num_workers=0, seed=0)
+    opts.update(kw)
+    return TrainingArguments(**opts)
+
+
+def _key(bits=32):
+    return nnmark.WhiteBoxKey.generate(carrier="body.2.weight", bits=bits, shape=SHAPE)
+
+
+def test_the_penalty_joins_the_training_loss_only(tmp_path):
+    key = _key()
+    model = TinyNet()
+    trainer = WatermarkTrainer(model=model, args=_args(tmp_path), train_dataset=Data(), marks=[key], strength=0.5)
+    batch = {"pixel_values": Data().x[:8], "labels": Data().y[:8]}
+    task = F.cross_entropy(model.body(batch["pixel_values"]), batch["labels"])
+    penalty = nnmark.Uchida(key, strength=0.5).penalty(model)
+    model.train()
+    torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), task + penalty)
+    model.eval()
+    torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), task)  # evaluation: no penalty
+    # a loss the Trainer does not divide by the accumulation steps gets the penalty divided here
+    model.train()
+    trainer.loss_is_scaled_for_ga = True
+    trainer.current_gradient_accumulation_steps = 4
+    torch.testing.assert_close(trainer.compute_loss(model, dict(batch), num_items_in_batch=8), task + penalty / 4)
+
+
+def test_training_embeds_the_mark_and_logs_the_penalty(tmp_path):
+    key = _key()
+    model = TinyNet()
+    trainer = WatermarkTrainer(model=model, args=_args(tmp_path, max_steps=40, gradient_accumulation_steps=2),
+                               train_dataset=Data(), marks=[key], strength=1.0)
+    trainer.train()
+    v = nnmark.verify(key, model)
+    assert v.ber == 0.0 and v.verified
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert logged and all("nnmark_penalty" in h for h in logged)
+
+
+def test_bf16_autocast(tmp_path):
+    key = _key()
+    model = TinyNet()
+    trainer = WatermarkTrainer(model=model, args=_args(tmp_path, max_steps=30, bf16=True), train_dataset=Data(),
+                               marks=[key], strength=1.0)
+    trainer.train()
+    assert nnmark.verify(key, model).ber == 0.0
+
+
+def test_trigger_mixing(tmp_path):
+    tkey = nnmark.TriggerKey.generate(n=20, input_shape=(3, 8, 8))
+    mixer = nnmark.TriggerMixer(tkey, per_batch=3)
+    model = TinyNet()
+    trainer = WatermarkTrainer(model=model, args=_args(tmp_path, max_steps=4), train_dataset=Data(), mixer=mixer)
+    trainer.train()
+    assert model.seen == [11] * 4 and mixer.cursor == 12
+
+
+def test_checkpoints_hold_the_state_and_no_secret_and_resume(tmp_path):
+    key = _key()
+    tkey = nnmark.TriggerKey.generate(n=20, input_shape=(3, 8, 8))
+    args = _args(tmp_path, max_steps=6, save_strategy="steps", save_steps=3)
+    trainer = WatermarkTrainer(model=TinyNet(), args=args, train_dataset=Data(), marks=[key],
+                               mixer=nnmark.TriggerMixer(tkey, per_batch=2))
+    trainer.train()
+    out = tmp_path / "out"
+    for ckpt in ("checkpoint-3", "checkpoint-6"):
+        state = json.loads((out / ckpt / STATE_FILE).read_text())
+        step = int(ckpt.split("-")[1])
+        assert state["steps"] == step and state["mixer"]["cursor"] == 2 * step
+        assert state["marks"][0]["key_id"] == key.key_id
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert_no_secret(f.read_bytes(), key, tkey)
+    # resume from checkpoint-3: the mixer's cursor comes back, and goes on to step 6
+    mixer = nnmark.TriggerMixer(tkey, per_batch=2)
+    again = WatermarkTrainer(model=TinyNet(), args=args, train_dataset=Data(), marks=[key], mixer=mixer)
+    again.train(resume_from_checkpoint=str(out / "checkpoint-3"))
+    assert mixer.cursor == 12
+    other = WatermarkTrainer(model=TinyNet(), args=args, train_dataset=Data(), marks=[_key()])
+    with pytest.raises(ValueError, match="embeds keys"):
+        other.train(resume_from_checkpoint=True)  # the last checkpoint embeds another key
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(KeyError, match="carrier"):
+        WatermarkTrainer(model=TinyNet(), args=_args(tmp_path), train_dataset=Data(),
+                         marks=[nnmark.WhiteBoxKey.generate(carrier="body.9.weight", bits=32)])
+    with pytest.raises(ValueError, match="nothing to embed"):
+        WatermarkTrainer(model=TinyNet(), args=_args(tmp_path), train_dataset=Data())
+    tkey = nnmark.TriggerKey.generate(n=20, input_shape=(3, 8, 8))
+    trainer = WatermarkTrainer(model=TinyNet(), args=_args(tmp_path), train_dataset=Data(),
+                               mixer=nnmark.TriggerMixer(tkey), trigger_input="images")
+    with pytest.raises(KeyError, match="images"):
+        trainer.train()
