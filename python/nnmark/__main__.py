@@ -1,0 +1,4 @@
+"""``python -m nnmark``: the ``nnmark`` command."""
+from .cli import main
+
+main()
