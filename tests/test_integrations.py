@@ -198,7 +198,9 @@ def test_bad_input_is_named():
     with pytest.raises(TypeError, match="TriggerKey"):
         PenaltyHook(model, nnmark.TriggerKey.generate(n=5, input_shape=(3, 8, 8)))
     with pytest.raises(TypeError, match="white-box keys"):
-        PenaltyHook(model, "owner.key")
+        PenaltyHook(model, 42)
+    with pytest.raises(nnmark.KeyFileError, match="missing.key"):
+        PenaltyHook(model, "missing.key")
     with pytest.raises(ValueError, match="twice"):
         PenaltyHook(model, [key, key])
     with pytest.raises(ValueError, match="nothing to embed"):
@@ -297,3 +299,23 @@ def test_embedding_penalty_sums_the_marks():
     want = nnmark.Uchida(k1).penalty(model) + nnmark.Uchida(k2, strength=0.3).penalty(model)
     torch.testing.assert_close(emb.penalty(model), want)
     assert emb.penalty(model).requires_grad
+
+
+def test_adapters_from_key_files_pickle_without_secrets(tmp_path):
+    import pickle
+
+    key = _key()
+    tkey = nnmark.TriggerKey.generate(n=20, input_shape=(3, 8, 8))
+    key.save(tmp_path / "owner.key")
+    tkey.save(tmp_path / "triggers.key")
+    emb = Embedding(str(tmp_path / "owner.key"), mixer=tmp_path / "triggers.key", strength=0.5, per_batch=3)
+    emb.mixer.next_indices()
+    data = pickle.dumps(emb)
+    assert_no_secret(data, key, tkey)  # paths travel, not keys
+    back = pickle.loads(data)
+    assert back.key_ids == [key.key_id] and back.mixer.cursor == 3 and back.mixer.per_batch == 3
+    assert back.regularizers[0].strength == 0.5
+    with pytest.raises(TypeError, match="key-file paths"):
+        pickle.dumps(Embedding(key))
+    with pytest.raises(TypeError, match="mixer="):
+        Embedding(str(tmp_path / "triggers.key"))

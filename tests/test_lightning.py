@@ -135,3 +135,30 @@ def test_bad_input(tmp_path):
     cb = WatermarkCallback(mixer=nnmark.TriggerMixer(tkey))
     with pytest.raises(TypeError, match="list or dict"):
         cb.on_train_batch_start(None, None, (torch.zeros(1, 3, 8, 8), torch.zeros(1)), 0)
+
+
+class SaveRankWeights(L.Callback):
+    """Each rank writes its final weights (to check that the ranks stayed in step)."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(pl_module.state_dict(), f"{self.folder}/rank{trainer.global_rank}.pt")
+
+
+def test_ddp_spawn_two_processes(tmp_path):
+    """strategy="ddp_spawn" pickles the callbacks: given key-file paths, the callback
+    travels without its secret, each rank loads the key and adds the same penalty."""
+    key = _key()
+    key.save(tmp_path / "owner.key")
+    cb = WatermarkCallback(str(tmp_path / "owner.key"), strength=1.0)
+    model = Tiny()
+    trainer = _trainer(tmp_path, max_epochs=3, devices=2, strategy="ddp_spawn",
+                       callbacks=[cb, SaveRankWeights(tmp_path)])
+    trainer.fit(model, _loader())
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+    assert nnmark.verify(key, model).ber == 0.0  # the weights came back from the ranks

@@ -7,25 +7,36 @@ a secret, so trainers may save it in their checkpoints.
 """
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from typing import Any
 
 import torch
 
-from ..keys import _WhiteBoxBase
+from ..keys import _WhiteBoxBase, load_key
 from ..triggers import TriggerKey, TriggerMixer
 from ..whitebox import Uchida
 
 STATE_VERSION = 1
 
 
+def _is_path(m: Any) -> bool:
+    return isinstance(m, (str, os.PathLike))
+
+
 def as_regularizers(marks: Any, strength: float = 0.01) -> list[Uchida]:
-    """``marks``: an Uchida regularizer, a white-box key (wrapped at ``strength``), or a list of them."""
+    """``marks``: an Uchida regularizer, a white-box key or key-file path (wrapped at
+    ``strength``), or a list of them."""
     if marks is None:
         return []
     items = list(marks) if isinstance(marks, (list, tuple)) else [marks]
     out = []
     for m in items:
+        if _is_path(m):
+            m = load_key(m)
+            if isinstance(m, TriggerKey):
+                raise TypeError("a trigger key file was given in marks: pass it as mixer= (its triggers are "
+                                "mixed into batches)")
         if isinstance(m, Uchida):
             out.append(m)
         elif isinstance(m, _WhiteBoxBase):
@@ -61,10 +72,23 @@ class Embedding:
       in step without any extra communication.
     """
 
-    def __init__(self, marks: Any = None, mixer: TriggerMixer | None = None, strength: float = 0.01):
+    def __init__(self, marks: Any = None, mixer: Any = None, strength: float = 0.01, per_batch: int = 2):
+        # Key-file paths are remembered: an adapter made from paths can be pickled (spawn
+        # launchers such as Lightning's ddp_spawn do) and each process loads the keys itself.
+        items = list(marks) if isinstance(marks, (list, tuple)) else [] if marks is None else [marks]
+        self._paths = ([os.fspath(m) for m in items] if items and all(_is_path(m) for m in items) else
+                       [] if not items else None)
+        self._strength = strength
+        self._mixer_path = None
         self.regularizers = as_regularizers(marks, strength)
+        if _is_path(mixer):
+            self._mixer_path = os.fspath(mixer)
+            mixer = load_key(mixer)
+        if isinstance(mixer, TriggerKey):
+            mixer = TriggerMixer(mixer, per_batch=per_batch)
         if mixer is not None and not isinstance(mixer, TriggerMixer):
-            raise TypeError(f"mixer must be an nnmark.TriggerMixer, got {type(mixer).__name__}")
+            raise TypeError(f"mixer must be an nnmark.TriggerMixer, a TriggerKey or a trigger key file, "
+                            f"got {type(mixer).__name__}")
         if not self.regularizers and mixer is None:
             raise ValueError("nothing to embed: give marks (white-box keys) and/or a mixer (trigger key)")
         self.mixer = mixer
@@ -74,6 +98,19 @@ class Embedding:
     def __repr__(self) -> str:
         ids = [r.key.key_id for r in self.regularizers]
         return f"Embedding(marks={ids}, mixer={self.mixer!r}, steps={self.steps})"
+
+    # Pickling: only what was given as key-file paths travels, never a secret.
+    def __getstate__(self) -> dict[str, Any]:
+        if self._paths is None or (self.mixer is not None and self._mixer_path is None):
+            raise TypeError("this nnmark adapter holds keys (secrets) and cannot be pickled, as spawn-based "
+                            "launchers (Lightning's ddp_spawn, mp.spawn) need: give the keys as key-file paths "
+                            "(marks=['owner.key'], mixer='triggers.key') and each process loads them")
+        return {"paths": self._paths, "strength": self._strength, "mixer_path": self._mixer_path,
+                "per_batch": self.mixer.per_batch if self.mixer is not None else 2, "state": self.state_dict()}
+
+    def __setstate__(self, st: dict[str, Any]) -> None:
+        self.__init__(st["paths"] or None, mixer=st["mixer_path"], strength=st["strength"], per_batch=st["per_batch"])
+        self.load_state_dict(st["state"])
 
     @property
     def key_ids(self) -> list[str]:

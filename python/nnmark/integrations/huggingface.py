@@ -23,7 +23,6 @@ import os
 import warnings
 from typing import Any
 
-from ..triggers import TriggerMixer
 from .core import Embedding
 
 try:
@@ -55,16 +54,17 @@ class _SaveState(TrainerCallback):
 class WatermarkTrainerMixin:
     """Adds nnmark's marks to a ``transformers.Trainer`` (subclass) through ``compute_loss``.
 
-    Keyword arguments taken before the Trainer's own: ``marks`` (white-box keys at
-    ``strength``, or :class:`nnmark.Uchida`), ``mixer`` (:class:`nnmark.TriggerMixer`),
+    Keyword arguments taken before the Trainer's own: ``marks`` (white-box keys or key-file
+    paths at ``strength``, or :class:`nnmark.Uchida`), ``mixer`` (:class:`nnmark.TriggerMixer`,
+    or a trigger key / key-file path mixed ``per_batch`` at a time),
     ``trigger_input`` (the input key the triggers join, default ``"pixel_values"``),
     ``label_key`` (default ``"labels"``). Carrier names are looked up in the model the
     Trainer trains (``model.``/``module.`` wrapper prefixes are tolerated).
     """
 
-    def __init__(self, *args: Any, marks: Any = None, strength: float = 0.01, mixer: TriggerMixer | None = None,
+    def __init__(self, *args: Any, marks: Any = None, strength: float = 0.01, mixer: Any = None, per_batch: int = 2,
                  trigger_input: str = "pixel_values", label_key: str = "labels", **kwargs: Any):
-        self.nnmark = Embedding(marks, mixer=mixer, strength=strength)
+        self.nnmark = Embedding(marks, mixer=mixer, strength=strength, per_batch=per_batch)
         self.nnmark_trigger_input = trigger_input
         self.nnmark_label_key = label_key
         super().__init__(*args, **kwargs)

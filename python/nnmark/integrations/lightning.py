@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from ..triggers import TriggerMixer
 from .core import Embedding
 
 try:
@@ -31,8 +30,11 @@ except ImportError:  # the older package name
 
 
 class WatermarkCallback(pl.Callback):
-    """Embeds ``marks`` (white-box keys at ``strength`` or :class:`nnmark.Uchida`) and/or
-    the triggers of ``mixer`` while a Lightning ``Trainer`` fits.
+    """Embeds ``marks`` (white-box keys or key-file paths at ``strength``, or
+    :class:`nnmark.Uchida`) and/or the triggers of ``mixer`` (a :class:`nnmark.TriggerMixer`,
+    or a trigger key / key-file path mixed ``per_batch`` at a time) while a Lightning
+    ``Trainer`` fits. Given as key-file paths, the callback can be pickled, as
+    ``strategy="ddp_spawn"`` needs: each process loads the keys from the files.
 
     ``submodule``: the attribute path of the network inside the LightningModule when
     carrier names are relative to it (``"net"`` for ``self.net``); by default the
@@ -41,10 +43,10 @@ class WatermarkCallback(pl.Callback):
     indices or dict keys) for trigger mixing. ``log``: log ``nnmark/penalty`` each step.
     """
 
-    def __init__(self, marks: Any = None, strength: float = 0.01, mixer: TriggerMixer | None = None,
+    def __init__(self, marks: Any = None, strength: float = 0.01, mixer: Any = None, per_batch: int = 2,
                  submodule: str | None = None, inputs: int | str = 0, labels: int | str = 1, log: bool = True):
         super().__init__()
-        self.embedding = Embedding(marks, mixer=mixer, strength=strength)
+        self.embedding = Embedding(marks, mixer=mixer, strength=strength, per_batch=per_batch)
         self.submodule = submodule
         self.inputs, self.labels = inputs, labels
         self.log = bool(log)

@@ -18,26 +18,26 @@ from typing import Any
 
 import torch
 
-from ..triggers import TriggerMixer
 from .core import Embedding
 
 
 class PenaltyHook:
     """Embeds white-box ``marks`` in ``model`` through ``optimizer.step()``.
 
-    ``marks``: white-box keys (each at ``strength``) or :class:`nnmark.Uchida`
-    regularizers, one or a list. ``mixer``: an optional :class:`nnmark.TriggerMixer`
+    ``marks``: white-box keys or key-file paths (each at ``strength``) or
+    :class:`nnmark.Uchida` regularizers, one or a list. ``mixer``: an optional
+    :class:`nnmark.TriggerMixer` (or a trigger key / key-file path, ``per_batch`` a step)
     whose cursor is saved with this hook's state (call ``hook.mix(x, y)`` in the loop,
     or use ``mixer.collate`` in the DataLoader). ``state_dict()`` holds no secret: save
     it with the model and optimizer, ``load_state_dict`` it when resuming.
     """
 
-    def __init__(self, model: torch.nn.Module, marks: Any, strength: float = 0.01,
-                 mixer: TriggerMixer | None = None):
+    def __init__(self, model: torch.nn.Module, marks: Any, strength: float = 0.01, mixer: Any = None,
+                 per_batch: int = 2):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"PenaltyHook needs a torch.nn.Module, got {type(model).__name__}")
         self.model = model
-        self.embedding = Embedding(marks, mixer=mixer, strength=strength)
+        self.embedding = Embedding(marks, mixer=mixer, strength=strength, per_batch=per_batch)
         if not self.embedding.regularizers:
             raise ValueError("PenaltyHook needs at least one white-box mark (a mixer alone needs no hook)")
         self.embedding.carriers(model)  # a missing carrier fails here, not at the first step
