@@ -319,3 +319,12 @@ def test_adapters_from_key_files_pickle_without_secrets(tmp_path):
         pickle.dumps(Embedding(key))
     with pytest.raises(TypeError, match="mixer="):
         Embedding(str(tmp_path / "triggers.key"))
+
+
+def test_a_frozen_carrier_is_refused_by_the_loss_penalty_too():
+    model = _net()
+    model[2].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match="does not require grad"):
+        Embedding(_key()).penalty(model)
+    with torch.no_grad():  # evaluating the penalty without training is fine
+        assert float(Embedding(_key()).penalty(model)) > 0

@@ -129,6 +129,10 @@ class Embedding:
         if not self.regularizers:
             raise ValueError("no white-box marks to penalise")
         first = self.regularizers[0].parameter(model)
+        if torch.is_grad_enabled():
+            for r in self.regularizers:
+                if not r.parameter(model).requires_grad:  # the penalty would be a constant: no mark, no error
+                    raise ValueError(f"carrier {r.key.carrier!r} does not require grad: the mark cannot be embedded")
         with _no_autocast(first.device):
             total = self.regularizers[0].penalty(model)
             for r in self.regularizers[1:]:
