@@ -162,3 +162,16 @@ def test_bad_arguments(tmp_path, marked):
     with pytest.raises(FileExistsError, match="overwrite"):
         minilm.run(out)  # would replace the key of the marked model
     assert minilm.main([str(tmp_path / "b"), "--bits", "8"]) == 2
+
+
+def test_the_guide_command_line(tmp_path):
+    """`python -m nnmark.examples.minilm minilm-marked`, as docs/guide.md shows it."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "nnmark.examples.minilm", "minilm-marked"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "minilm-marked" / "model" / "model.safetensors").exists()
+    assert stat.S_IMODE((tmp_path / "minilm-marked" / minilm.KEY_FILE).stat().st_mode) == 0o600
