@@ -1,10 +1,12 @@
 """The Hugging Face adapter: nnmark.integrations.huggingface.WatermarkTrainer with a real
 transformers Trainer (CPU, tiny model): the penalty joins the training loss only
 (scaled like the loss under gradient accumulation), embeds the mark, trigger mixing,
-checkpoints hold the adapter's state and no secret, resuming restores it."""
+checkpoints hold the adapter's state and no secret, resuming restores it; 2-process DDP
+over gloo under torch.distributed.run."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -151,3 +153,49 @@ def test_bad_input(tmp_path):
                                mixer=nnmark.TriggerMixer(tkey), trigger_input="images")
     with pytest.raises(KeyError, match="images"):
         trainer.train()
+
+
+DDP_WORKER = '''
+import os, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, os.environ["NNMARK_TESTS_DIR"])
+from test_hf_trainer import Data, TinyNet, _args
+from nnmark.integrations.huggingface import WatermarkTrainer
+
+out = Path(sys.argv[1])
+torch.set_num_threads(1)
+model = TinyNet()
+trainer = WatermarkTrainer(model=model, args=_args(out, max_steps=20, per_device_train_batch_size=4),
+                           train_dataset=Data(), marks=[str(out / "owner.key")], strength=1.0)
+trainer.train()
+torch.save({"params": model.state_dict(), "world": trainer.args.world_size,
+            "distributed": str(trainer.accelerator.distributed_type)}, out / f"rank{os.environ['RANK']}.pt")
+'''
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    """Two CPU processes under torch.distributed.run: the Trainer runs DDP over gloo, each
+    rank adds the same penalty to its loss, the ranks end with the same weights, marked."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    key = _key()
+    key.save(tmp_path / "owner.key")
+    (tmp_path / "worker.py").write_text(DDP_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "NNMARK_TESTS_DIR": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(port), str(tmp_path / "worker.py"), str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["world"] == 2 and "MULTI_CPU" in r0["distributed"]
+    for name in r0["params"]:
+        assert torch.equal(r0["params"][name], r1["params"][name]), name
+    assert nnmark.verify(key, r0["params"]).ber == 0.0
