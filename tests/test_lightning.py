@@ -162,3 +162,15 @@ def test_ddp_spawn_two_processes(tmp_path):
     for name in r0:
         assert torch.equal(r0[name], r1[name]), name
     assert nnmark.verify(key, model).ber == 0.0  # the weights came back from the ranks
+
+
+def test_the_penalty_is_logged(tmp_path):
+    import csv
+
+    cb = WatermarkCallback(_key(), strength=1.0)
+    logger = L.loggers.CSVLogger(str(tmp_path / "logs"))
+    _trainer(tmp_path, max_epochs=2, logger=logger, log_every_n_steps=2, callbacks=[cb]).fit(Tiny(), _loader())
+    (metrics,) = (tmp_path / "logs").rglob("metrics.csv")
+    with open(metrics) as f:
+        values = [float(r["nnmark/penalty"]) for r in csv.DictReader(f) if r.get("nnmark/penalty")]
+    assert len(values) == 8 and values[-1] < values[0]  # logged every other step, and falling
