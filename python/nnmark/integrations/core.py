@@ -76,8 +76,8 @@ class Embedding:
         # Key-file paths are remembered: an adapter made from paths can be pickled (spawn
         # launchers such as Lightning's ddp_spawn do) and each process loads the keys itself.
         items = list(marks) if isinstance(marks, (list, tuple)) else [] if marks is None else [marks]
-        self._paths = ([os.fspath(m) for m in items] if items and all(_is_path(m) for m in items) else
-                       [] if not items else None)
+        # None: some mark is a key object, so this embedding cannot be pickled.
+        self._paths = [os.fspath(m) for m in items] if all(_is_path(m) for m in items) else None
         self._strength = strength
         self._mixer_path = None
         self.regularizers = as_regularizers(marks, strength)
@@ -124,41 +124,42 @@ class Embedding:
     def carriers(self, model: torch.nn.Module) -> list[torch.Tensor]:
         return [r.parameter(model) for r in self.regularizers]
 
+    @staticmethod
+    def _total(regs: list[Uchida], model: torch.nn.Module) -> torch.Tensor:
+        """Sum of ``regs``' penalties, autocast off; refuses a frozen carrier while training."""
+        carriers = [r.parameter(model) for r in regs]
+        if torch.is_grad_enabled():
+            for r, w in zip(regs, carriers):
+                if not w.requires_grad:  # the penalty would be a constant: no mark, and no error
+                    raise ValueError(f"carrier {r.key.carrier!r} does not require grad: the mark cannot be embedded")
+        with _no_autocast(carriers[0].device):
+            total = regs[0].penalty(model)
+            for r in regs[1:]:
+                total = total + r.penalty(model).to(total.device)
+        return total
+
     def penalty(self, model: torch.nn.Module) -> torch.Tensor:
         """Sum of the marks' penalties (float32 scalar, differentiable, autocast off)."""
         if not self.regularizers:
             raise ValueError("no white-box marks to penalise")
-        first = self.regularizers[0].parameter(model)
-        if torch.is_grad_enabled():
-            for r in self.regularizers:
-                if not r.parameter(model).requires_grad:  # the penalty would be a constant: no mark, no error
-                    raise ValueError(f"carrier {r.key.carrier!r} does not require grad: the mark cannot be embedded")
-        with _no_autocast(first.device):
-            total = self.regularizers[0].penalty(model)
-            for r in self.regularizers[1:]:
-                total = total + r.penalty(model).to(total.device)
+        total = self._total(self.regularizers, model)
         self._last = total.detach()
         return total
 
-    def add_penalty_grad(self, model: torch.nn.Module, params: set[int] | None = None) -> None:
+    def add_penalty_grad(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Adds d(penalty)/d(carrier) to each carrier's ``.grad`` (creates it when None).
 
-        ``params``: ids of the parameters the optimizer about to step updates; marks whose
-        carrier is not among them are left out of this step."""
+        ``optimizer``: the one about to step; marks whose carrier it does not update are
+        left out of this step."""
         regs = self.regularizers
-        if params is not None:
-            regs = [r for r in regs if id(r.parameter(model)) in params]
+        if optimizer is not None:
+            owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            regs = [r for r in regs if id(r.parameter(model)) in owned]
         if not regs:
             return
-        carriers = [r.parameter(model) for r in regs]
-        for r, w in zip(regs, carriers):
-            if not w.requires_grad:
-                raise ValueError(f"carrier {r.key.carrier!r} does not require grad: the mark cannot be embedded")
-        with torch.enable_grad(), _no_autocast(carriers[0].device):
-            total = regs[0].penalty(model)
-            for r in regs[1:]:
-                total = total + r.penalty(model).to(total.device)
-            unique = list({id(w): w for w in carriers}.values())
+        with torch.enable_grad():
+            total = self._total(regs, model)
+            unique = list({id(w): w for w in (r.parameter(model) for r in regs)}.values())
             grads = torch.autograd.grad(total, unique)
         with torch.no_grad():
             for w, g in zip(unique, grads):

@@ -84,9 +84,8 @@ class WatermarkCallback(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer: torch.optim.Optimizer) -> None:
         if not self.embedding.regularizers:
             return
-        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
         before = self.embedding.steps
-        self.embedding.add_penalty_grad(self.network(pl_module), owned)
+        self.embedding.add_penalty_grad(self.network(pl_module), optimizer)
         if self.log and trainer.loggers and self.embedding.steps != before:
             pl_module.log("nnmark/penalty", self.embedding._last.float(), on_step=True, prog_bar=False,
                           logger=True, sync_dist=False)

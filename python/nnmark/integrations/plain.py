@@ -66,8 +66,7 @@ class PenaltyHook:
                                  "pass the model's parameters (or a group holding it) to the optimizer")
 
         def pre_step(opt, args, kwargs):
-            ids = {id(p) for g in opt.param_groups for p in g["params"]}
-            self.embedding.add_penalty_grad(self.model, ids)
+            self.embedding.add_penalty_grad(self.model, opt)
 
         self._handles.append(optimizer.register_step_pre_hook(pre_step))
         return self
