@@ -21,6 +21,18 @@ def own_cpu_s() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+class OtherLoad:
+    """CPU time other processes take while a benchmark runs (all busy CPU time minus this
+    process's own, children included), in cores on average: how noisy the machine was."""
+
+    def __init__(self):
+        self.busy0, self.own0 = cpu_ticks()[0], own_cpu_s()
+
+    def cores(self, wall_s: float) -> float:
+        busy = (cpu_ticks()[0] - self.busy0) / os.sysconf("SC_CLK_TCK")
+        return round(max(0.0, busy - (own_cpu_s() - self.own0)) / wall_s, 3)
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

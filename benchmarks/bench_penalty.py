@@ -51,7 +51,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_ticks, fmt_time, own_cpu_s, run_meta  # noqa: E402
+from _common import OtherLoad, fmt_time, run_meta  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "bench_penalty.json"
@@ -399,15 +399,11 @@ def main(argv=None) -> int:
         nnmark.set_num_threads(args.threads)
     meta = run_meta("cpu")
     t_start = time.perf_counter()
-    busy0, _ = cpu_ticks()
-    own0 = own_cpu_s()
+    load = OtherLoad()
     res = run(args, console)
     meta["loadavg_end"] = os.getloadavg()
     meta["wall_s"] = time.perf_counter() - t_start
-    busy1, _ = cpu_ticks()
-    hz = os.sysconf("SC_CLK_TCK")
-    # CPU time other processes took meanwhile, in cores: how noisy the machine was.
-    meta["other_processes_cores_avg"] = round(max(0.0, (busy1 - busy0) / hz - (own_cpu_s() - own0)) / meta["wall_s"], 3)
+    meta["other_processes_cores_avg"] = load.cores(meta["wall_s"])
     targets = _targets(res)
 
     m, th, sd, pa, ck = res["model"], res["threads"], res["sides"], res["penalty_alone"], res["check"]

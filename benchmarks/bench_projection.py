@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_ticks, fmt_time, own_cpu_s, run_meta  # noqa: E402
+from _common import OtherLoad, fmt_time, run_meta  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "bench_projection.json"
@@ -617,8 +617,7 @@ def main(argv=None) -> int:
     min_time = args.min_time if args.min_time is not None else (0.2 if args.quick else 1.0)
     meta = _meta(args)
     t_start = time.perf_counter()
-    busy0, _ = cpu_ticks()
-    own0 = own_cpu_s()
+    load = OtherLoad()
     cases = []
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=True) as prog:
@@ -641,11 +640,7 @@ def main(argv=None) -> int:
                 prog.advance(task)
     meta["loadavg_end"] = os.getloadavg()
     meta["wall_s"] = time.perf_counter() - t_start
-    # CPU time that other processes took meanwhile (all CPU busy time minus this run's own,
-    # children included), in cores: a measure of how noisy the machine was.
-    busy1, _ = cpu_ticks()
-    hz = os.sysconf("SC_CLK_TCK")
-    meta["other_processes_cores_avg"] = round(max(0.0, (busy1 - busy0) / hz - (own_cpu_s() - own0)) / meta["wall_s"], 3)
+    meta["other_processes_cores_avg"] = load.cores(meta["wall_s"])
     worker = next((c for c in cases if "error" not in c), {})
     meta["worker_threads"] = {"torch": worker.get("torch_threads"), "nnmark": worker.get("nnmark_threads")}
     targets = _targets(cases)

@@ -52,7 +52,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model, cpu_ticks, git_state, own_cpu_s  # noqa: E402
+from _common import OtherLoad, cpu_model, git_state  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "bench_scan.json"
@@ -242,8 +242,7 @@ def _worker(cfg: dict) -> dict:
 
 def _run_side(cfg: dict, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", json.dumps(cfg)]
-    busy0, _ = cpu_ticks()
-    own0 = own_cpu_s()
+    load = OtherLoad()
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -253,10 +252,7 @@ def _run_side(cfg: dict, timeout: float) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_MARK):
             r = json.loads(line[len(RESULT_MARK):])
-            busy1, _ = cpu_ticks()
-            hz = os.sysconf("SC_CLK_TCK")
-            # CPU that other processes took while this side ran, in cores: how noisy it was.
-            r["other_processes_cores_avg"] = round(max(0.0, (busy1 - busy0) / hz - (own_cpu_s() - own0)) / dt, 3)
+            r["other_processes_cores_avg"] = load.cores(dt)  # while this side ran
             r["files_per_s"] = r["files"] / r["wall_s"] if r["wall_s"] > 0 else None
             return r
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
@@ -445,8 +441,7 @@ def main(argv=None) -> int:
         args.large_files, args.small_files = min(args.large_files, 8), min(args.small_files, 1000)
     meta = _meta(args)
     t_start = time.perf_counter()
-    busy0, _ = cpu_ticks()
-    own0 = own_cpu_s()
+    load = OtherLoad()
     notes = []
     wanted = ("large", "small") if args.case == "both" else (args.case,)
     large_bytes = sum(4 * math.prod(s) for s in resnet50_shapes().values()) + 64 * 1024
@@ -479,9 +474,7 @@ def main(argv=None) -> int:
         cases[case] = run_case(case, folder, files, repeats, case == "large", args.workers, args.timeout, console)
     meta["loadavg_end"] = os.getloadavg()
     meta["wall_s"] = time.perf_counter() - t_start
-    busy1, _ = cpu_ticks()
-    hz = os.sysconf("SC_CLK_TCK")
-    meta["other_processes_cores_avg"] = round(max(0.0, (busy1 - busy0) / hz - (own_cpu_s() - own0)) / meta["wall_s"], 3)
+    meta["other_processes_cores_avg"] = load.cores(meta["wall_s"])
     meta["notes"] = notes
     targets = _targets(cases)
 

@@ -56,7 +56,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,7 +66,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import cpu_model, cpu_ticks, fmt_time, git_state, own_cpu_s  # noqa: E402
+from _common import OtherLoad, cpu_model, fmt_time, git_state  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "bench_trigger.json"
@@ -313,7 +312,7 @@ def main(argv=None) -> int:
     interleave = min(K, args.interleave or (8 if dev.type == "cpu" else K))
     meta = _meta(args, nnmark, dev)
     t_start = time.perf_counter()
-    busy0, own0 = cpu_ticks()[0], own_cpu_s()
+    load = OtherLoad()
 
     x, y, tkey, trig_how = make_triggers(nnmark)
     n_params = sum(p.numel() for p in BenchCNN().parameters())
@@ -453,9 +452,7 @@ def main(argv=None) -> int:
                          "check": checks.get((mode, name))})
     meta["loadavg_end"] = os.getloadavg()
     meta["wall_s"] = time.perf_counter() - t_start
-    hz = os.sysconf("SC_CLK_TCK")
-    meta["other_processes_cores_avg"] = round(
-        max(0.0, (cpu_ticks()[0] - busy0) / hz - (own_cpu_s() - own0)) / meta["wall_s"], 3)
+    meta["other_processes_cores_avg"] = load.cores(meta["wall_s"])
 
     def row(mode, name):
         return next((r for r in rows if r["mode"] == mode and r["method"] == name), None)
