@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import nnmark
-from nnmark.checkpoints import CheckpointError, load_state_dict, read_tensor, sniff
+from nnmark.checkpoints import CheckpointError, load_state_dict, open_checkpoint, read_tensor, sniff
 
 
 @pytest.fixture
@@ -81,12 +81,19 @@ def test_ambiguous_carrier_is_invalid(tmp_path):
 
 def test_safetensors_is_lazy_and_read_only(tmp_path, sd):
     path = _write(tmp_path / "m.safetensors", sd, "safetensors")
-    view = load_state_dict(path)
-    assert set(iter(view)) == set(sd) and "fc.weight" in view
-    with pytest.raises(KeyError):
-        view["nope"]
-    with pytest.raises(TypeError):
-        view["fc.weight"] = torch.ones(1)  # a Mapping, not a dict
+    with open_checkpoint(path) as ck:
+        view = ck.state_dict()
+        assert set(iter(view)) == set(sd) and "fc.weight" in view
+        before = ck.bytes_read
+        with pytest.raises(KeyError):
+            view["nope"]
+        with pytest.raises(TypeError):
+            view["fc.weight"] = torch.ones(1)  # a Mapping, not a dict
+        assert ck.bytes_read == before  # nothing read until a tensor is asked for
+        assert torch.equal(view["fc.weight"], sd["fc.weight"])
+        # that tensor, and only it (its start may have come with the first read of the file)
+        assert before < ck.bytes_read <= before + sd["fc.weight"].numel() * 8
+    assert sorted(load_state_dict(path)) == sorted(sd)  # load_state_dict: every tensor, as a dict
 
 
 def test_empty_file_is_corrupt(tmp_path):
@@ -107,7 +114,7 @@ def test_garbage_is_unsupported(tmp_path, content):
     path = tmp_path / "garbage.bin"
     path.write_bytes(content)
     assert sniff(path) == "unknown"
-    with pytest.raises(CheckpointError, match="neither safetensors nor a torch checkpoint") as exc:
+    with pytest.raises(CheckpointError, match="neither safetensors nor a torch checkpoint|not a checkpoint") as exc:
         load_state_dict(path)
     assert exc.value.status == "unsupported"
 

@@ -1,4 +1,4 @@
-"""nnmark.formats: sniffing by magic bytes, lazy carrier reads per format, errors with a status and a class."""
+"""The checkpoint reader's formats: sniffing by magic bytes, lazy carrier reads per format, errors with a status and a class."""
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from nnmark import formats
-from nnmark.formats import FormatError, open_file, read_carrier, sniff, sniff_head, tensor_sha256
+from nnmark import checkpoints
+from nnmark.checkpoints import CheckpointError, open_file, read_carrier, sniff, sniff_head, tensor_sha256
 
 CARRIER = "features.3.weight"
 
@@ -114,10 +114,10 @@ def test_safetensors_reads_only_header_and_carrier(tmp_path, sd, monkeypatch):
     header = json.loads(open(path, "rb").read(8 + n)[8:])
     b, e = header["big.weight"]["data_offsets"]
     big_range = (8 + n + b, 8 + n + e)
-    assert ranges[0] == (0, formats.HEAD_BYTES)  # one small first read: length, header, a little more
+    assert ranges[0] == (0, checkpoints.HEAD_BYTES)  # one small first read: length, header, a little more
     assert all(hi <= big_range[0] or lo >= big_range[1] for lo, hi in ranges[1:]), (ranges, big_range)
     assert read == sum(hi - lo for lo, hi in ranges)
-    assert read <= 8 + n + c.nbytes + formats.HEAD_BYTES
+    assert read <= 8 + n + c.nbytes + checkpoints.HEAD_BYTES
     assert os.path.getsize(path) > 4_000_000 > 20 * read
 
 
@@ -125,13 +125,13 @@ def test_hf_sharded_opens_only_the_carrier_shard(tmp_path, sd, monkeypatch):
     index = write_sharded(tmp_path / "hf", sd, lambda k: 1 if k == CARRIER else 0)
     assert sniff(index) == "hf-sharded"
     opened = []
-    real = formats.open_file
+    real = checkpoints.open_file
 
-    def spy(path, st=None):
+    def spy(path):
         opened.append(os.path.basename(path))
-        return real(path, st)
+        return real(path)
 
-    monkeypatch.setattr(formats, "open_file", spy)
+    monkeypatch.setattr(checkpoints, "open_file", spy)
     ck = real(index)
     assert ck.format == "hf-sharded"
     shard_sizes = sum(os.path.getsize(tmp_path / "hf" / f) for f in os.listdir(tmp_path / "hf"))
@@ -140,7 +140,7 @@ def test_hf_sharded_opens_only_the_carrier_shard(tmp_path, sd, monkeypatch):
         c = ck.carrier(CARRIER)
     assert torch.equal(c.tensor, sd[CARRIER]) and c.sha256 == tensor_sha256(sd[CARRIER])
     assert opened == ["model-00002-of-00002.safetensors"]
-    assert formats.index_shards(index) == [str(tmp_path / "hf" / f"model-0000{i}-of-00002.safetensors") for i in (1, 2)]
+    assert checkpoints.index_shards(index) == [str(tmp_path / "hf" / f"model-0000{i}-of-00002.safetensors") for i in (1, 2)]
 
 
 def test_hf_sharded_torch_shards(tmp_path, sd):
@@ -159,19 +159,19 @@ def test_hf_sharded_torch_shards(tmp_path, sd):
 def test_hf_sharded_defects(tmp_path, sd):
     index = write_sharded(tmp_path / "hf", sd, lambda k: 1 if k == CARRIER else 0)
     os.remove(tmp_path / "hf" / "model-00002-of-00002.safetensors")
-    with pytest.raises(FormatError) as exc:
+    with pytest.raises(CheckpointError) as exc:
         open_file(index)
     assert (exc.value.status, exc.value.error_class) == ("corrupt", "MissingShard")
     (tmp_path / "evil").mkdir()
     evil = tmp_path / "evil" / "model.safetensors.index.json"
     evil.write_text(json.dumps({"weight_map": {CARRIER: "../hf/model-00001-of-00002.safetensors"}}))
-    with pytest.raises(FormatError) as exc:
+    with pytest.raises(CheckpointError) as exc:
         open_file(str(evil))
     assert (exc.value.status, exc.value.error_class) == ("corrupt", "BadIndex")
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"hidden_size": 4}))
     assert sniff(cfg) == "unknown"
-    with pytest.raises(FormatError) as exc:
+    with pytest.raises(CheckpointError) as exc:
         open_file(str(cfg))
     assert exc.value.status == "unsupported"
 
@@ -209,7 +209,7 @@ def test_malicious_pickle_is_unsafe_and_never_runs(tmp_path, legacy):
     path = tmp_path / "evil.pt"
     torch.save({CARRIER: torch.ones(4, 4, 3, 3), "payload": _Evil(marker)}, path,
                _use_new_zipfile_serialization=not legacy)
-    with pytest.raises(FormatError) as exc:
+    with pytest.raises(CheckpointError) as exc:
         read_carrier(path, CARRIER)
     assert (exc.value.status, exc.value.error_class) == ("unsafe", "UnsafePickle")
     assert "os.system" in str(exc.value)
@@ -283,7 +283,7 @@ def test_every_damage_has_a_status_and_a_class(tmp_path, sd):
     cases = _bad_cases(tmp_path, sd)
     assert len(cases) >= 13
     for path, status, cls in cases:
-        with pytest.raises(FormatError) as exc:
+        with pytest.raises(CheckpointError) as exc:
             read_carrier(path, CARRIER)
         assert exc.value.status == status, (path, exc.value.status, str(exc.value))
         if cls is not None:
@@ -301,7 +301,7 @@ def test_unreadable_file_is_io_error(tmp_path, sd, monkeypatch):
         return real(p, *a, **kw)
 
     monkeypatch.setattr(os, "open", deny)  # chmod 000 does not stop root: deny the open itself
-    with pytest.raises(FormatError) as exc:
+    with pytest.raises(CheckpointError) as exc:
         read_carrier(path, CARRIER)
     assert (exc.value.status, exc.value.error_class) == ("io_error", "PermissionError")
 
@@ -311,7 +311,7 @@ def test_chmod_000_is_io_error(tmp_path, sd):
     path = write(tmp_path / "m.safetensors", sd, "safetensors")
     os.chmod(path, 0)
     try:
-        with pytest.raises(FormatError) as exc:
+        with pytest.raises(CheckpointError) as exc:
             read_carrier(path, CARRIER)
         assert (exc.value.status, exc.value.error_class) == ("io_error", "PermissionError")
     finally:
@@ -324,16 +324,16 @@ def test_validator_runs_before_the_carrier_is_read(tmp_path, sd, monkeypatch):
 
     def validate(name, shape, dtype):
         seen.append((name, shape, dtype))
-        raise FormatError("invalid", "WrongShape", "no")
+        raise CheckpointError("invalid", "WrongShape", "no")
 
     def no_read(*a):  # pragma: no cover - must not be reached
         raise AssertionError("the carrier was read although validation failed")
 
     monkeypatch.setattr(os, "preadv", no_read)
     with open_file(path) as ck:
-        with pytest.raises(FormatError, match="no"):
+        with pytest.raises(CheckpointError, match="no"):
             ck.carrier(CARRIER, validate)
-        with pytest.raises(FormatError):
+        with pytest.raises(CheckpointError):
             ck.carrier("steps", validate)  # integer tensors reach the validator with dtype None
     assert seen == [(CARRIER, (16, 8, 3, 3), torch.float32), ("steps", (1,), None)]
 
@@ -363,9 +363,9 @@ def test_state_dict_view_hashes_what_it_reads(tmp_path, sd):
 
 def test_file_sha256(tmp_path):
     p = tmp_path / "f"
-    data = os.urandom(3 * formats._HASH_CHUNK + 17)
+    data = os.urandom(3 * checkpoints.HASH_CHUNK + 17)
     p.write_bytes(data)
-    assert formats.file_sha256(p) == hashlib.sha256(data).hexdigest()
+    assert checkpoints.file_sha256(p) == hashlib.sha256(data).hexdigest()
 
 
 def test_header_larger_than_the_first_read(tmp_path):
@@ -374,7 +374,7 @@ def test_header_larger_than_the_first_read(tmp_path):
     sd[CARRIER] = torch.randn(16, 8, 3, 3)
     path = write(tmp_path / "m.safetensors", sd, "safetensors")
     n = struct.unpack("<Q", open(path, "rb").read(8))[0]
-    assert 8 + n > formats.HEAD_BYTES
+    assert 8 + n > checkpoints.HEAD_BYTES
     with open_file(path) as ck:
         c = ck.carrier(CARRIER)
         assert torch.equal(c.tensor, sd[CARRIER])

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 import nnmark
 from nnmark import scan as scan_fn
 from nnmark.cli import main
-from nnmark.ledger import TIMING_FIELDS, Ledger
+from nnmark.ledger import FIELDS, TIMING_FIELDS, Ledger
 from nnmark.scan import expand_paths, load_manifest, scan_batch, write_manifest
 
 CARRIER = "features.3.weight"
@@ -334,17 +334,24 @@ def test_bytes_read_stay_near_the_carrier(tmp_path):
     assert row["size"] > 4_000_000
 
 
-def test_json_lines_one_object_per_file(corpus):
+def test_json_lines_one_object_per_file_and_key(corpus):
     root, keys, exp, _, _ = corpus
     buf = io.StringIO()
     res = scan_fn(list(keys), [str(root / "bad"), str(root / "hf_marked")], progress=False, json_out=buf)
     objs = [json.loads(line) for line in buf.getvalue().splitlines()]
-    assert len(objs) == res.summary["files"] == len({r["path"] for r in res.rows})
+    assert len(objs) == len(res.rows) == len(keys) * res.summary["files"]
+    assert len({o["path"] for o in objs}) == res.summary["files"]
+    for o, r in zip(objs, res.rows):  # the row itself, in scan order: fields, then "skipped"
+        assert list(o) == list(FIELDS) + ["skipped"]
+        assert (o["path"], o["key_id"], o["status"], o["error_class"]) == (r["path"], r["key_id"], r["status"],
+                                                                           r["error_class"])
+        assert o["status"] in nnmark.rows.STATUSES and isinstance(o["verified"], bool) and o["skipped"] is False
+    by_file = {}
     for o in objs:
-        assert [x["key_id"] for x in o["results"]] == [k.key_id for k in keys]
-        assert o["status"] in nnmark.stats.STATUSES and isinstance(o["verified"], bool) and o["skipped"] is False
+        by_file.setdefault(o["path"], []).append(o["key_id"])
+    assert all(ids == [k.key_id for k in keys] for ids in by_file.values())  # keys in the order given
     hf = [o for o in objs if o["format"] == "hf-sharded"][0]
-    assert hf["results"][0]["verified"] is True and hf["status"] == "ok"
+    assert hf["verified"] is True and hf["status"] == "ok" and hf["key_id"] == keys[0].key_id
 
 
 def test_manifest_flags_changed_files(tmp_path, corpus):

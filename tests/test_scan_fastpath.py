@@ -4,7 +4,6 @@ nnmark.verify, and the cache of parsed safetensors headers against damaged files
 share a cached header."""
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import struct
@@ -15,9 +14,9 @@ import torch
 from safetensors.torch import save_file
 
 import nnmark
-from nnmark.formats import FormatError, open_file
-
-scan_mod = importlib.import_module("nnmark.scan")  # "import nnmark.scan" names the function
+from nnmark.checkpoints import CheckpointError, open_file
+from nnmark.scan import local
+from nnmark.whitebox import reduce_cpu
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -30,14 +29,14 @@ def test_numpy_batch_reduction_matches_key_reduce(dtype, reduction, order):
     else:
         key = nnmark.WhiteBoxKey.generate(carrier="w", bits=32, reduction=reduction)
     batch = torch.randn(7, *shape).to(dtype)
-    got = scan_mod._reduce_cpu(key, batch)
+    got = reduce_cpu(key, batch)
     ref = key.reduce(batch.to(torch.float64 if dtype == torch.float64 else torch.float32), batched=True)
     assert got.dtype == (np.float64 if dtype == torch.float64 else np.float32)
     assert got.shape == tuple(ref.shape) and got.flags.c_contiguous
     np.testing.assert_allclose(got, ref.numpy(), rtol=1e-6, atol=1e-7)
     # float8 has no numpy dtype: the caller falls back to torch
     if hasattr(torch, "float8_e4m3fn"):
-        assert scan_mod._reduce_cpu(key, batch.to(torch.float32).to(torch.float8_e4m3fn)) is None
+        assert reduce_cpu(key, batch.to(torch.float32).to(torch.float8_e4m3fn)) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -49,7 +48,7 @@ def test_scan_verdicts_equal_verify_for_every_dtype(tmp_path, dtype):
         p = tmp_path / f"m{i}.safetensors"
         save_file({"conv.weight": torch.randn(16, 8, 3, 3, generator=g).to(dtype)}, str(p))
         paths.append(str(p))
-    rows = scan_mod.scan(key, [str(tmp_path)], progress=False).rows
+    rows = nnmark.scan(key, [str(tmp_path)], progress=False).rows
     for r, v in zip(rows, nnmark.verify(key, paths)):
         assert r["status"] == "ok" and (r["matches"], r["p_value"], r["verified"]) == (v.matches, v.p_value,
                                                                                          v.verified)
@@ -71,10 +70,10 @@ def test_cached_header_still_checks_each_file(tmp_path):
     for _ in range(2):  # the second round finds the header in the cache
         with open_file(str(good)) as ck:
             assert ck.carrier("a").tensor.shape == (64, 8)
-        with pytest.raises(FormatError) as exc:
+        with pytest.raises(CheckpointError) as exc:
             open_file(str(tmp_path / "short.safetensors"))
         assert exc.value.error_class == "TruncatedFile"
-        with pytest.raises(FormatError) as exc:
+        with pytest.raises(CheckpointError) as exc:
             open_file(str(tmp_path / "long.safetensors"))
         assert exc.value.error_class == "TrailingBytes"
     n = struct.unpack("<Q", raw[:8])[0]
@@ -83,7 +82,7 @@ def test_cached_header_still_checks_each_file(tmp_path):
 
 
 def test_the_header_cache_is_bounded(tmp_path, monkeypatch):
-    import nnmark.formats as fm
+    import nnmark.checkpoints as fm
 
     monkeypatch.setattr(fm, "_LAYOUTS", {})
     monkeypatch.setattr(fm, "_LAYOUT_CACHE_SIZE", 4)
@@ -102,7 +101,7 @@ def test_deferred_hash_is_the_hash_of_the_bytes_read(tmp_path):
     p = tmp_path / "m.safetensors"
     save_file({"conv.weight": w}, str(p))
     key = nnmark.WhiteBoxKey.generate(carrier="conv.weight", bits=32)
-    (row,) = scan_mod.scan(key, [str(p)], progress=False).rows
+    (row,) = nnmark.scan(key, [str(p)], progress=False).rows
     assert row["carrier_sha256"] == hashlib.sha256(w.numpy().tobytes()).hexdigest()
     assert os.path.getsize(p) == row["size"]
 
@@ -114,27 +113,27 @@ def test_switch_interval_is_lowered_during_a_scan_and_restored(tmp_path, monkeyp
     for i in range(4):
         save_file({"conv.weight": torch.randn(8, 4, 3, 3)}, str(tmp_path / f"m{i}.safetensors"))
     seen = []
-    real = scan_mod._scan_batch
+    real = local.run_batch
 
     def spy(*a, **k):
         seen.append(sys.getswitchinterval())
         return real(*a, **k)
 
-    monkeypatch.setattr(scan_mod, "_scan_batch", spy)
+    monkeypatch.setattr(local, "run_batch", spy)
     before = sys.getswitchinterval()
     try:
         sys.setswitchinterval(0.004)
-        scan_mod.scan(key, [str(tmp_path)], progress=False, workers=2)
-        assert seen and all(abs(s - scan_mod.SCAN_SWITCH_INTERVAL) < 1e-6 for s in seen)
+        nnmark.scan(key, [str(tmp_path)], progress=False, workers=2)
+        assert seen and all(abs(s - local.SCAN_SWITCH_INTERVAL) < 1e-6 for s in seen)
         assert abs(sys.getswitchinterval() - 0.004) < 1e-6
         # nested (as two scans on two threads): only the last one out restores it
-        with scan_mod._quick_switching():
-            with scan_mod._quick_switching():
+        with local.quick_switching():
+            with local.quick_switching():
                 pass
-            assert abs(sys.getswitchinterval() - scan_mod.SCAN_SWITCH_INTERVAL) < 1e-6
+            assert abs(sys.getswitchinterval() - local.SCAN_SWITCH_INTERVAL) < 1e-6
         assert abs(sys.getswitchinterval() - 0.004) < 1e-6
         seen.clear()
-        scan_mod.scan(key, [str(tmp_path)], progress=False, workers=1)  # one loader: nothing to hand over
+        nnmark.scan(key, [str(tmp_path)], progress=False, workers=1)  # one loader: nothing to hand over
         assert seen and all(abs(s - 0.004) < 1e-6 for s in seen)
     finally:
         sys.setswitchinterval(before)

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 import nnmark
 from nnmark import scan as scan_fn
-from nnmark import scan_ray
+from nnmark.scan import ray_backend as scan_ray
 from nnmark._reference import torch_projection_matrix
 from nnmark.cli import main
 from nnmark.ledger import TIMING_FIELDS, Ledger
@@ -161,7 +161,8 @@ def test_cli_scan_on_ray(ray_local, corpus, tmp_path, capsys):
               "--no-progress", "--json", str(root)])
     out = capsys.readouterr().out
     assert exc.value.code == 2  # the bad files
-    assert len([json.loads(line) for line in out.splitlines()]) == 15
+    objs = [json.loads(line) for line in out.splitlines()]
+    assert len(objs) == 2 * 15 and len({o["path"] for o in objs}) == 15  # one object per (file, key)
     local = scan_fn(list(keys), [str(root)], progress=False)
     assert _ledger_rows(led) == _strip(sorted(local.rows, key=lambda r: (r["path"], r["key_id"])))
 

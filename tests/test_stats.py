@@ -124,7 +124,7 @@ def test_verdict_from_matches():
     assert math.isclose(v.p_value, float(exact_sf(170, 256, Fraction(1, 2))), rel_tol=1e-9)
     assert v.threshold == 167 and v.alpha == 1e-6
     d = v.to_dict()
-    assert d["verified"] is True and d["key_id"] == "abc" and d["source"] == "m.pt"
+    assert d["verified"] is True and d["key_id"] == "abc" and d["path"] == "m.pt" and v.source == "m.pt"
     assert not Verdict.from_matches(166, 256, 1e-6).verified
     assert Verdict.from_matches(167, 256, 1e-6).verified
     assert Verdict.from_matches(30, 100, 1e-6, p0=0.1).threshold == 28

@@ -10,9 +10,9 @@ from .ops import dense_projection, keyed_projection, philox4x32_10
 from .stats import Verdict, binomial_p_value, binomial_threshold
 from .whitebox import Uchida, extract
 from .verdicts import verify
-from .blackbox import Calibration, calibrate
+from .calibration import Calibration, calibrate
 from .triggers import TriggerKey, TriggerMixer, embed_triggers
-from .scan import scan  # the function; the module stays importable as nnmark.scan via "from nnmark.scan import ..."
+from .scan import scan  # the function; its package stays importable: "from nnmark.scan import expand_paths"
 from .robustness import RobustnessReport, robustness_report
 from .integrations import PenaltyHook
 

@@ -63,8 +63,8 @@ def find_name(names, carrier: str) -> str:
     names = list(names)
     if carrier in names:
         return carrier
-    bare = _strip(carrier)
-    hits = [n for n in names if _strip(n) == bare]
+    bare = strip_prefixes(carrier)
+    hits = [n for n in names if strip_prefixes(n) == bare]
     if len(hits) == 1:
         return hits[0]
     if len(hits) > 1:
@@ -74,7 +74,8 @@ def find_name(names, carrier: str) -> str:
     raise KeyError(f"carrier {carrier!r} not found among {len(names)} tensors{hint}")
 
 
-def _strip(name: str) -> str:
+def strip_prefixes(name: str) -> str:
+    """``name`` without the wrapper prefixes (``module.``, ``model.``, ``_orig_mod.``) it starts with."""
     changed = True
     while changed:
         changed = False
@@ -84,19 +85,28 @@ def _strip(name: str) -> str:
     return name
 
 
-def module_parameter(model: torch.nn.Module, carrier: str) -> torch.Tensor:
-    """The live parameter (or buffer) of ``model`` called ``carrier``."""
+def module_tensor(model: torch.nn.Module, carrier: str) -> tuple[str, torch.Tensor]:
+    """``(name, tensor)``: the live parameter (or else buffer) of ``model`` called ``carrier``.
+
+    Raises KeyError with close matches when there is none, ValueError when ambiguous."""
     named = dict(model.named_parameters())
     try:
-        return named[find_name(named, carrier)]
+        name = find_name(named, carrier)
+        return name, named[name]
     except KeyError:
         buffers = dict(model.named_buffers())
         if buffers:
             try:
-                return buffers[find_name(buffers, carrier)]
+                name = find_name(buffers, carrier)
+                return name, buffers[name]
             except KeyError:
                 pass
         raise
+
+
+def module_parameter(model: torch.nn.Module, carrier: str) -> torch.Tensor:
+    """The live parameter (or buffer) of ``model`` called ``carrier``."""
+    return module_tensor(model, carrier)[1]
 
 
 def from_state_dict(sd: Mapping[str, torch.Tensor], carrier: str) -> torch.Tensor:

@@ -12,7 +12,6 @@ Exit codes (modelscan's convention, adapted to ownership checks):
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,8 +27,11 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False)
 
 
-def _json_safe(d: dict) -> dict:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+def _error(exc) -> None:
+    """``error: ...`` on stderr, the message shown as it is (file names are never markup)."""
+    from rich.markup import escape
+
+    _console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
 
 
 def _fmt_p(p: float) -> str:
@@ -96,12 +98,13 @@ def keygen(carrier, bits, reduction, message, shape, output, force):
 @click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--alpha", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Significance level: verified iff p_value <= alpha.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per checkpoint on stdout (path + verdict).")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per checkpoint on stdout: the row `nnmark scan --json` prints for it.")
 @click.option("--arch", default=None, metavar="MODULE:FACTORY",
               help="Trigger keys: the function that builds the model (e.g. mypkg.models:resnet18 or file.py:make).")
 @click.option("--null-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Chance match rate under the null (default 1/2 per bit, 1/classes per trigger), e.g. from calibrate.")
-@click.option("--device", default=None, help="Device for trigger keys, e.g. cuda (default: cpu).")
+@click.option("--device", default=None, help="Where carriers are projected / models run, e.g. cuda (default: cpu).")
 def verify(key, checkpoints, alpha, as_json, arch, null_rate, device):
     """Verify KEY's watermark in each CHECKPOINT (safetensors, .pt/.pth/.ckpt; loaded safely).
 
@@ -114,7 +117,7 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, device):
     try:
         k = nnmark.load_key(key)
     except nnmark.KeyFileError as exc:
-        _console(stderr=True).print(f"[red]error:[/red] {exc}")
+        _error(exc)
         sys.exit(EXIT_ERROR)
     if isinstance(k, nnmark.TriggerKey) and arch is None:
         raise click.UsageError("a trigger key runs the model: pass --arch MODULE:FACTORY")
@@ -123,14 +126,14 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, device):
         verdicts = nnmark.verify(k, [str(p) for p in checkpoints], alpha=alpha, arch=arch, null_rate=null_rate,
                                  device=device)
     except ValueError as exc:  # e.g. an --arch that cannot be imported
-        _console(stderr=True).print(f"[red]error:[/red] {exc}")
+        _error(exc)
         sys.exit(EXIT_ERROR)
     elapsed = time.perf_counter() - start
     if as_json:
-        for p, v in zip(checkpoints, verdicts):
-            d = v.to_dict()
-            d.pop("source", None)
-            click.echo(json.dumps(_json_safe({"path": str(p), **d})))
+        from .rows import row_json
+
+        for v in verdicts:
+            click.echo(json.dumps(row_json(v.to_dict())))
     else:
         from rich.table import Table
 
@@ -138,6 +141,7 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, device):
         what = "triggers" if isinstance(k, nnmark.TriggerKey) else "bits"
         t = Table(title=f"nnmark verify — key {k.key_id}, {n} {what}, alpha {alpha:g}")
         t.add_column("checkpoint", overflow="fold")
+        from rich.markup import escape  # file names are shown as they are, never as markup
         t.add_column("verified")
         for col in ("matches", "BER", "p-value"):
             t.add_column(col, justify="right")
@@ -146,10 +150,10 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, device):
         for p, v in zip(checkpoints, verdicts):
             ok = v.status == "ok"
             mark = "[green]yes[/green]" if v.verified else ("no" if ok else "[red]—[/red]")
-            t.add_row(str(p), mark, f"{v.matches}/{v.bits}" if ok else "—", f"{v.ber:.3f}" if ok else "—",
+            t.add_row(escape(str(p)), mark, f"{v.matches}/{v.bits}" if ok else "—", f"{v.ber:.3f}" if ok else "—",
                       _fmt_p(v.p_value), v.status if ok else f"[red]{v.status}[/red]")
             if not ok:
-                problems.append(f"{p}: {v.status}: {v.detail}")
+                problems.append(f"{p}: {v.status} ({v.error_class}): {v.detail}")
         con = _console()
         con.print(t)
         for line in problems:
@@ -167,17 +171,21 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, device):
 @click.argument("null_checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--alpha", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
 @click.option("--arch", default=None, metavar="MODULE:FACTORY", help="Trigger keys: the model factory.")
+@click.option("--null-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="The chance match rate whose threshold is evaluated (default 1/2 per bit, 1/classes per trigger).")
+@click.option("--device", default=None, help="Where carriers are projected / models run, e.g. cuda (default: cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def calibrate(key, null_checkpoints, alpha, arch, as_json):
+def calibrate(key, null_checkpoints, alpha, arch, null_rate, device, as_json):
     """Measure KEY's match rate on independent (unmarked) NULL_CHECKPOINTS and the
     empirical false-positive rate at the threshold in use."""
     import nnmark
 
     try:
         k = nnmark.load_key(key)
-        cal = nnmark.calibrate(k, [str(p) for p in null_checkpoints], alpha=alpha, arch=arch)
+        cal = nnmark.calibrate(k, [str(p) for p in null_checkpoints], alpha=alpha, arch=arch, null_rate=null_rate,
+                               device=device)
     except (nnmark.KeyFileError, ValueError) as exc:
-        _console(stderr=True).print(f"[red]error:[/red] {exc}")
+        _error(exc)
         sys.exit(EXIT_ERROR)
     if as_json:
         click.echo(json.dumps(cal.to_dict()))
@@ -250,7 +258,8 @@ def robustness(checkpoint, arch, keys, data_spec, attack_specs, out_dir, alpha, 
 
     import nnmark
 
-    from .inference import _align, load_factory
+    from .checkpoints import open_checkpoint
+    from .inference import align_state_dict, load_factory
     from .robustness import _normalise_grid, parse_attack, robustness_report
 
     grid = None
@@ -277,14 +286,13 @@ def robustness(checkpoint, arch, keys, data_spec, attack_specs, out_dir, alpha, 
         model = load_factory(arch)()
         if not isinstance(model, torch.nn.Module):
             raise ValueError(f"--arch {arch!r} returned a {type(model).__name__}, not a torch.nn.Module")
-        from .checkpoints import load_state_dict
-
         expected = list(model.state_dict().keys())
-        sd = _align(load_state_dict(checkpoint), expected)
-        model.load_state_dict(sd, strict=False)  # _align checked every required tensor is there
+        with open_checkpoint(checkpoint) as ck:
+            sd = align_state_dict(ck.state_dict(), expected)
+        model.load_state_dict(sd, strict=False)  # align_state_dict checked every required tensor is there
         model.eval()
     except nnmark.CheckpointError as exc:
-        err(f"{checkpoint}: {exc.status}: {exc}")
+        err(f"{checkpoint}: {exc.status} ({exc.error_class}): {exc}")
         sys.exit(EXIT_ERROR)
     except (ValueError, TypeError, RuntimeError) as exc:  # bad --arch, bad data file, shapes that do not fit
         err(str(exc).splitlines()[0])

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .carriers import WRAPPER_PREFIXES
-from .checkpoints import CheckpointError, state_dict_of, load_state_dict
+from .checkpoints import CheckpointError, check_tensor, error_of, open_checkpoint, state_dict_of
 
 Factory = Callable[[], torch.nn.Module]
 
@@ -60,16 +60,19 @@ def load_factory(spec) -> Factory:
 _OPTIONAL_SUFFIXES = (".num_batches_tracked",)
 
 
-def _align(sd: Mapping[str, torch.Tensor], expected: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The state dict with wrapper prefixes (module., model., _orig_mod.) removed where that makes it match."""
+def align_state_dict(sd: Mapping[str, torch.Tensor], expected: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The tensors of ``sd`` a model with parameter/buffer names ``expected`` needs, with
+    wrapper prefixes (module., model., _orig_mod.) removed where that makes them match.
+    Reads exactly those tensors of a lazy state dict. CheckpointError(invalid) if some
+    are missing."""
     required = {k for k in expected if not k.endswith(_OPTIONAL_SUFFIXES)}
     for prefix in ("", *WRAPPER_PREFIXES):
         names = {k[len(prefix):]: k for k in sd.keys() if k.startswith(prefix)}
         if set(names) >= required:
             return {k: sd[names[k]] for k in expected if k in names}
     missing = sorted(required - set(sd.keys()))
-    raise CheckpointError("invalid", f"checkpoint does not fit the architecture: {len(missing)} tensors missing, "
-                                     f"e.g. {missing[:3]}")
+    raise CheckpointError("invalid", "ArchitectureMismatch", f"checkpoint does not fit the architecture: "
+                                                             f"{len(missing)} tensors missing, e.g. {missing[:3]}")
 
 
 class TriggerRunner:
@@ -103,19 +106,28 @@ class TriggerRunner:
             self.out = self.model(self.x)
         self.graph = graph
 
-    @torch.no_grad()
-    def load(self, sd: Mapping[str, torch.Tensor]) -> None:
-        """Copies a checkpoint's tensors into the model in place (addresses unchanged)."""
-        aligned = _align(sd, self.names)
+    def align(self, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors of ``sd`` this model needs (read now, if ``sd`` is lazy), checked
+        against the model's shapes; CheckpointError(invalid) if they do not fit."""
+        aligned = align_state_dict(sd, self.names)
         for name, src in aligned.items():
+            src = check_tensor("<checkpoint>", name, src)
             dst = self.tensors[name]
             if tuple(src.shape) != tuple(dst.shape):
-                raise CheckpointError("invalid", f"tensor {name!r} has shape {list(src.shape)}, "
-                                                 f"the architecture has {list(dst.shape)}")
+                raise CheckpointError("invalid", "ArchitectureMismatch", f"tensor {name!r} has shape "
+                                                                         f"{list(src.shape)}, the architecture has "
+                                                                         f"{list(dst.shape)}")
             if not src.is_floating_point() and dst.is_floating_point():
-                raise CheckpointError("invalid", f"tensor {name!r} has dtype {src.dtype}, expected floating point")
-            with torch.no_grad():
-                dst.copy_(src, non_blocking=True)
+                raise CheckpointError("invalid", "WrongDtype", f"tensor {name!r} has dtype {src.dtype}, "
+                                                               f"expected floating point")
+        return aligned
+
+    @torch.no_grad()
+    def load(self, sd: Mapping[str, torch.Tensor], aligned: bool = False) -> None:
+        """Copies a checkpoint's tensors into the model in place (addresses unchanged).
+        ``aligned``: ``sd`` is what :meth:`align` returned (not checked again)."""
+        for name, src in (sd if aligned else self.align(sd)).items():
+            self.tensors[name].copy_(src, non_blocking=True)
 
     @torch.no_grad()
     def logits(self) -> torch.Tensor:
@@ -126,21 +138,22 @@ class TriggerRunner:
         return self.model(self.x)
 
 
-def _read(source):
-    """A source made ready to run, on the prefetch thread: a module, a state dict of
-    tensors (files read whole here), or the CheckpointError that prevents it."""
+def _prepare(source, runner: TriggerRunner | None):
+    """A source made ready to run, on the read-ahead thread: a module, or the tensors the
+    model needs (read here: from files, or from a lazy state dict), or the
+    CheckpointError that prevents it."""
     try:
         if isinstance(source, torch.nn.Module):
             return source
         if isinstance(source, (str, os.PathLike)):
-            sd = load_state_dict(source)
-            return {k: sd[k] for k in sd.keys()}  # materialise lazy safetensors views here
+            with open_checkpoint(source) as ck:
+                return runner.align(ck.state_dict())
         if isinstance(source, Mapping):
-            return state_dict_of(source, "<state dict>")  # unwraps {"state_dict": ...} as files do
-        return CheckpointError("unsupported", f"a source must be a module, a state dict or a checkpoint path, "
-                                              f"got {type(source).__name__}")
-    except CheckpointError as exc:
-        return exc
+            return runner.align(state_dict_of(source, "<state dict>"))  # unwraps {"state_dict": ...} as files do
+        return CheckpointError("unsupported", "UnsupportedSource", f"a source must be a module, a state dict or a "
+                                                                   f"checkpoint path, got {type(source).__name__}")
+    except Exception as exc:  # noqa: BLE001 - one source's problem, reported in its row
+        return error_of(exc, os.fspath(source) if isinstance(source, (str, os.PathLike)) else None)
 
 
 @torch.no_grad()
@@ -168,22 +181,23 @@ def trigger_logits(factory, sources: Sequence, x: torch.Tensor, device=None, cud
     errors: list[CheckpointError | None] = [None] * len(sources)
     rows: list[torch.Tensor | None] = [None] * len(sources)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(_read, sources[0]) if sources else None
+        pending = pool.submit(_prepare, sources[0], runner) if sources else None
         for k in range(len(sources)):
             item = pending.result()
-            pending = pool.submit(_read, sources[k + 1]) if k + 1 < len(sources) else None
+            pending = pool.submit(_prepare, sources[k + 1], runner) if k + 1 < len(sources) else None
             try:
                 if isinstance(item, CheckpointError):
                     raise item
                 if isinstance(item, torch.nn.Module):
                     rows[k] = _run_module(item, x).float()
                 else:
-                    runner.load(item)
+                    runner.load(item, aligned=True)
                     rows[k] = runner.logits().float()
             except CheckpointError as exc:
                 errors[k] = exc
             except RuntimeError as exc:  # e.g. a dtype the architecture cannot take
-                errors[k] = CheckpointError("invalid", f"running the checkpoint failed: {str(exc).splitlines()[0]}")
+                errors[k] = CheckpointError("invalid", "InferenceError", f"running the checkpoint failed: "
+                                                                         f"{str(exc).splitlines()[0]}")
             if progress is not None:
                 progress(k + 1)
     shape = next((r.shape for r in rows if r is not None), None)
@@ -194,7 +208,8 @@ def trigger_logits(factory, sources: Sequence, x: torch.Tensor, device=None, cud
     for k, r in enumerate(rows):
         if r is not None:
             if r.shape != shape:
-                errors[k] = CheckpointError("invalid", f"output shape {list(r.shape)} differs from {list(shape)}")
+                errors[k] = CheckpointError("invalid", "InferenceError", f"output shape {list(r.shape)} differs "
+                                                                         f"from {list(shape)}")
                 continue
             out[k] = r
     return out, errors

@@ -93,7 +93,7 @@ def _min_bits_warning(n: int) -> None:
         warnings.warn(f"a key with {n} bits can never verify at alpha=1e-6 (needs >= 20 bits)", stacklevel=3)
 
 
-class _WhiteBoxBase:
+class WhiteBoxKeyBase:
     """What both key kinds share: carrier, reduction, owner bits, projection, files."""
 
     kind = ""
@@ -177,7 +177,7 @@ class _WhiteBoxBase:
         return write_key_file(path, self.kind, self.key_id, self._fields())
 
 
-class WhiteBoxKey(_WhiteBoxBase):
+class WhiteBoxKey(WhiteBoxKeyBase):
     """A keyed white-box watermark key (spec v1): 32-byte secret, carrier, reduction, bits.
 
     The projection X in {-1,+1}^{T x N} is derived from the secret and the carrier
@@ -239,7 +239,7 @@ class WhiteBoxKey(_WhiteBoxBase):
     __hash__ = None  # type: ignore[assignment]
 
 
-class DenseKey(_WhiteBoxBase):
+class DenseKey(WhiteBoxKeyBase):
     """A white-box key with an explicit projection matrix X[T, N] (keys from other tools).
 
     ``order`` says which element order X expects of a ``filter_mean`` conv carrier:

@@ -23,39 +23,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from .rows import COLUMNS, FIELDS, TIMING_FIELDS
+
 SCHEMA_VERSION = 1
 DEFAULT_LEDGER = "nnmark-ledger.sqlite"
 LEDGER_ENV = "NNMARK_LEDGER"
-
-# (column, SQL type, meaning) -- the order of the table, of exports and of rows.
-COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("path", "TEXT NOT NULL", "absolute path of the checkpoint (a shard index for a sharded checkpoint)"),
-    ("key_id", "TEXT NOT NULL", "public fingerprint of the key (never the secret)"),
-    ("size", "INTEGER", "file size in bytes (sharded: index + shards); NULL if it could not be stat'ed"),
-    ("mtime_ns", "INTEGER", "modification time in ns (sharded: the latest); with path and size, the identity"),
-    ("format", "TEXT", "safetensors, hf-sharded, torch-zip or torch-legacy; NULL if not recognised"),
-    ("carrier", "TEXT", "tensor name of the carrier in the file (white-box keys)"),
-    ("carrier_sha256", "TEXT", "sha256 of the carrier bytes read (trigger keys: of every tensor the model read)"),
-    ("bytes_read", "INTEGER", "bytes read from the checkpoint to check it (all keys of this scan)"),
-    ("status", "TEXT NOT NULL", "ok, absent, corrupt, unsafe, unsupported, io_error or invalid"),
-    ("verified", "INTEGER NOT NULL", "1 if the mark is present at significance alpha"),
-    ("matches", "INTEGER", "matching bits (white-box) or trigger labels (black-box)"),
-    ("bits", "INTEGER", "number of bits or triggers"),
-    ("ber", "REAL", "bit (or trigger) error rate"),
-    ("p_value", "REAL", "exact one-sided binomial p-value"),
-    ("threshold", "INTEGER", "fewest matches that verify at alpha"),
-    ("alpha", "REAL", "significance level"),
-    ("error_class", "TEXT", "why the check could not be made, a stable CamelCase name (e.g. TruncatedFile)"),
-    ("error_message", "TEXT", "what was wrong, for people"),
-    ("integrity", "TEXT", "against --manifest: ok, changed or unlisted; NULL without a manifest"),
-    ("file_sha256", "TEXT", "whole-file sha256 (only computed against a manifest)"),
-    ("read_s", "REAL", "seconds spent reading the file"),
-    ("verify_s", "REAL", "seconds of verification attributed to this row"),
-    ("scanned_at", "REAL", "UNIX time the row was produced"),
-)
-FIELDS: tuple[str, ...] = tuple(c[0] for c in COLUMNS)
-# Columns that differ between two scans of the same files (everything else must not).
-TIMING_FIELDS = ("read_s", "verify_s", "scanned_at")
 EXPORT_FORMATS = ("jsonl", "csv")
 
 # WITHOUT ROWID: one b-tree keyed by (path, key_id) instead of a table plus an index.

@@ -485,7 +485,7 @@ def _accuracy(model: torch.nn.Module, test) -> float:
 
 
 def _verdicts(marks, model, alpha) -> dict:
-    from . import verify
+    from .verdicts import verify
 
     out = {}
     for key in marks:
@@ -495,7 +495,7 @@ def _verdicts(marks, model, alpha) -> dict:
         out[key.key_id] = {
             "verified": bool(v.verified), "p_value": v.p_value if ok else None,
             "ber": v.ber if ok else None, "match_rate": (v.matches / n) if ok else None,
-            "matches": int(v.matches), "n": n, "threshold": int(v.threshold), "status": v.status,
+            "matches": int(v.matches) if ok else None, "n": n, "threshold": int(v.threshold), "status": v.status,
             **({"detail": v.detail} if not ok else {}),
         }
     return out

@@ -8,12 +8,11 @@ P[Binomial(n, p0) >= matches] and the fewest matches that verify at alpha.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from scipy.stats import binom
 
-STATUSES = ("ok", "absent", "invalid", "corrupt", "unsafe", "unsupported", "io_error")
+from .rows import FIELDS, STATUSES, TIMING_FIELDS
 
 
 def _check(n: int, p0: float) -> None:
@@ -48,46 +47,116 @@ def binomial_threshold(n: int, alpha: float, p0: float = 0.5) -> int:
     return m
 
 
-@dataclass
+def check_alpha(alpha) -> float:
+    """``alpha`` as a float in (0, 1), else ValueError."""
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}") from None
+    if not 0.0 < a < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    return a
+
+
+def check_null_rate(null_rate) -> float:
+    """``null_rate`` as a float in (0, 1), else ValueError."""
+    try:
+        p = float(null_rate)
+    except (TypeError, ValueError):
+        raise ValueError(f"null_rate must be a number in (0, 1), got {null_rate!r}") from None
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"null_rate must be in (0, 1), got {null_rate!r}")
+    return p
+
+
+ROW_FIELDS = FIELDS
+_NAN_WHEN_MISSING = ("ber", "p_value")
+
+
 class Verdict:
-    """One watermark check of one model.
+    """One watermark check of one source: a view of the result row that ``nnmark.scan``
+    writes to its ledger, with the same field names, statuses and error classes.
 
     ``verified``: the mark is present at significance ``alpha``; ``matches`` of
-    ``bits`` agree (bits or trigger labels); ``ber``: bit error rate;
-    ``p_value``: exact one-sided binomial p-value; ``threshold``: fewest matches
-    that verify; ``status``: ``ok`` or why the check could not be made, with
-    ``detail`` saying more.
+    ``bits`` agree (bits or trigger labels); ``ber``: bit error rate; ``p_value``:
+    exact one-sided binomial p-value; ``threshold``: fewest matches that verify;
+    ``status``: ``ok`` or why the check could not be made (``error_class``,
+    ``error_message``). Every row field is an attribute (``path``, ``format``,
+    ``carrier``, ``carrier_sha256``, ``bytes_read``, ...); ``ber`` and ``p_value``
+    are NaN when the check could not be made (the row holds None). ``source`` and
+    ``detail`` are the row's ``path`` and ``error_message`` (``""`` when none).
+    ``to_dict()`` is the row. ``extra``: what a key kind reports beside the row
+    (trigger keys: the mean logit ``margin`` and the ``null_rate`` used).
     """
 
-    verified: bool
-    matches: int
-    bits: int
-    ber: float
-    p_value: float
-    threshold: int
-    status: str = "ok"
-    detail: str = ""
-    alpha: float = 1e-6
-    key_id: str = ""
-    source: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("row", "extra")
+
+    def __init__(self, row: dict[str, Any], extra: dict[str, Any] | None = None):
+        missing = [f for f in ("status", "verified", "bits", "alpha") if f not in row]
+        if missing:
+            raise ValueError(f"a verdict row needs the fields {missing}")
+        self.row = {f: row.get(f) for f in ROW_FIELDS}
+        self.row["verified"] = bool(self.row["verified"])
+        self.extra = dict(extra or {})
+
+    def __getattr__(self, name: str):
+        try:
+            row = object.__getattribute__(self, "row")
+        except AttributeError:  # during unpickling
+            raise AttributeError(name) from None
+        if name in row:
+            v = row[name]
+            return float("nan") if v is None and name in _NAN_WHEN_MISSING else v
+        raise AttributeError(f"'Verdict' has no field {name!r}")
+
+    @property
+    def source(self) -> str:
+        return self.row["path"] or ""
+
+    @property
+    def detail(self) -> str:
+        return self.row["error_message"] or ""
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        extra = d.pop("extra")
-        d.update(extra)
-        return d
+        """The row: every field of :data:`ROW_FIELDS` (None where a check could not be made)."""
+        return dict(self.row)
+
+    def __getstate__(self):
+        return {"row": self.row, "extra": self.extra}
+
+    def __setstate__(self, state):
+        self.row, self.extra = state["row"], state["extra"]
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Verdict):
+            return NotImplemented
+        return all(self.row[f] == other.row[f] for f in ROW_FIELDS if f not in TIMING_FIELDS) and self.extra == other.extra
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        r = self.row
+        if r["status"] != "ok":
+            return (f"Verdict(status={r['status']!r}, error_class={r['error_class']!r}, path={r['path']!r}, "
+                    f"key_id={r['key_id']!r})")
+        return (f"Verdict(verified={r['verified']}, matches={r['matches']}/{r['bits']}, p_value={r['p_value']:.3g}, "
+                f"threshold={r['threshold']}, alpha={r['alpha']:g}, path={r['path']!r}, key_id={r['key_id']!r})")
 
     @classmethod
-    def from_matches(cls, matches: int, n: int, alpha: float, p0: float = 0.5, **kw) -> "Verdict":
+    def from_matches(cls, matches: int, n: int, alpha: float, p0: float = 0.5, *, key_id: str = "",
+                     source: str = "") -> "Verdict":
+        """A verdict of ``matches`` out of ``n`` under Binomial(n, p0)."""
         p = binomial_p_value(matches, n, p0)
-        return cls(verified=p <= alpha, matches=int(matches), bits=int(n), ber=1.0 - matches / n,
-                   p_value=p, threshold=binomial_threshold(n, alpha, p0), alpha=alpha, **kw)
+        return cls({"path": source, "key_id": key_id, "status": "ok", "verified": p <= alpha,
+                    "matches": int(matches), "bits": int(n), "ber": 1.0 - matches / n, "p_value": p,
+                    "threshold": binomial_threshold(n, alpha, p0), "alpha": alpha})
 
     @classmethod
-    def failed(cls, status: str, detail: str, n: int, alpha: float, p0: float = 0.5, **kw) -> "Verdict":
+    def failed(cls, status: str, detail: str, n: int, alpha: float, p0: float = 0.5, *, key_id: str = "",
+               source: str = "", error_class: str | None = None) -> "Verdict":
         """A check that could not be made: never verified."""
         if status not in STATUSES or status == "ok":
             raise ValueError(f"failed verdict needs a non-ok status from {STATUSES}, got {status!r}")
-        return cls(verified=False, matches=0, bits=int(n), ber=float("nan"), p_value=float("nan"),
-                   threshold=binomial_threshold(n, alpha, p0), status=status, detail=detail, alpha=alpha, **kw)
+        return cls({"path": source, "key_id": key_id, "status": status, "verified": False, "bits": int(n),
+                    "threshold": binomial_threshold(n, alpha, p0), "alpha": alpha,
+                    "error_class": error_class or "CheckError", "error_message": detail})

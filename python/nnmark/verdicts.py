@@ -1,42 +1,66 @@
-"""``nnmark.verify``: one entry point for every key kind.
+"""``nnmark.verify``: one entry point for every key kind, on the scan's batch engine.
 
 White-box keys read a carrier's weights; trigger keys run the model on the
-secret trigger set. Either way each source gets a :class:`~nnmark.stats.Verdict`
-with the same fields: ``verified``, ``matches``, ``bits``, ``ber``, ``p_value``
-(exact one-sided binomial), ``threshold`` and ``status``.
+secret trigger set. Either way each source gets a :class:`~nnmark.stats.Verdict`,
+a view of the row ``nnmark.scan`` would write for the same source and key: the
+same status, error class, matches and p-value.
 """
 from __future__ import annotations
 
-from .blackbox import trigger_verdicts
-from .whitebox import _is_batch, verify_whitebox
+import torch
+
+from .checkpoints import label_of
+from .scan.engine import check_sources, make_check
+from .stats import Verdict
 
 
-def verify(key, source, alpha: float = 1e-6, *, arch=None, null_rate: float | None = None, device=None):
-    """Verdict(s) for ``key`` on ``source``: one Verdict, or a list for a list of sources.
+def verify(key, source, *, alpha: float = 1e-6, arch=None, null_rate: float | None = None, device=None):
+    """Checks ``key``'s watermark in one source or a list of sources.
 
-    ``source``: a module, a state dict, a checkpoint path (white-box keys also take
-    the carrier tensor itself), or a list of them, checked in one batched native call.
-    ``arch``: for trigger keys, the model factory (a callable or ``"module:function"``)
-    that state dicts and files are loaded into. ``null_rate``: the chance match rate
-    under the null hypothesis (default 1/2 per bit, 1/num_classes per trigger), e.g.
-    the one :func:`nnmark.calibrate` measured. A source that cannot be checked
-    (missing carrier, wrong shape, NaN/Inf, unreadable or unsafe file) gets
-    ``verified=False`` with its ``status`` and a ``detail``; it never passes silently
-    and never stops the others.
+    Args:
+        key: a white-box key (:class:`~nnmark.WhiteBoxKey`, :class:`~nnmark.DenseKey`)
+            or a :class:`~nnmark.TriggerKey`.
+        source: a module, a state dict, a checkpoint path (safetensors, torch zip or
+            legacy, Lightning ``.ckpt``, a Hugging Face shard index), a carrier tensor
+            (white-box keys), or a list of them, checked in one batch (one native
+            projection per carrier shape).
+        alpha: significance level: a source verifies iff its p-value <= alpha.
+        arch: for trigger keys, the model factory (a callable or ``"module:function"``)
+            that state dicts and files are loaded into; modules run themselves.
+        null_rate: the chance match rate under the null hypothesis (default 1/2 per bit,
+            1/num_classes per trigger), e.g. the one :func:`nnmark.calibrate` measured.
+        device: where carriers are projected / models run (default: where a module's
+            tensors are; files: the CPU).
+
+    Returns:
+        A :class:`~nnmark.Verdict` (a list of them for a list of sources). A source that
+        cannot be checked (missing carrier, wrong shape, NaN/Inf, unreadable, unsafe or
+        unknown file) gets ``verified=False`` with its ``status``, ``error_class`` and
+        ``error_message``; it never passes silently and never stops the others.
+
+    Raises:
+        TypeError: ``key`` is not a key.
+        ValueError: a bad ``alpha`` or ``null_rate``, an empty list, or a trigger key
+            without ``arch`` for sources that are not modules.
     """
-    alpha = float(alpha)
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    if null_rate is not None and not 0.0 < float(null_rate) < 1.0:
-        raise ValueError(f"null_rate must be in (0, 1), got {null_rate!r}")
-    from .triggers import TriggerKey
+    check = make_check(key, alpha, null_rate)
+    batch = isinstance(source, (list, tuple))
+    sources = list(source) if batch else [source]
+    if not sources:
+        raise ValueError("verify() got an empty list of sources")
+    if check.trigger:
+        if arch is None and any(not isinstance(s, torch.nn.Module) for s in sources):
+            raise ValueError("a trigger key checks a model by running it: pass arch= (a model factory or "
+                             "'module:function') to verify state dicts or checkpoint files")
+        if arch is not None:
+            from .inference import load_factory
 
-    if isinstance(key, TriggerKey):
-        batch = _is_batch(source)
-        sources = list(source) if batch else [source]
-        if not sources:
-            raise ValueError("verify() got an empty list of sources")
-        verdicts = trigger_verdicts(key, sources, alpha, arch=arch, null_rate=null_rate, device=device,
-                                    single=not batch)
-        return verdicts if batch else verdicts[0]
-    return verify_whitebox(key, source, alpha, null_rate=null_rate)
+            load_factory(arch)  # a bad arch is the caller's error, not every source's
+    labels = [label_of(s, i if batch else None) for i, s in enumerate(sources)]
+    extras: list[dict] = []
+    rows = check_sources(sources, [check], arch=arch, device=device, labels=labels, extras=extras)
+    verdicts = [Verdict(r, e) for r, e in zip(rows, extras)]
+    return verdicts if batch else verdicts[0]
+
+
+__all__ = ["verify"]

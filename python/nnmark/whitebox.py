@@ -1,30 +1,35 @@
 """White-box watermarks (Uchida et al. 2017) on the keyed projection of spec v1.
 
 Embed: ``loss = task_loss + Uchida(key, strength=0.01).penalty(model)``.
-Check: ``extract(key, source)`` -> bits; ``verify_whitebox`` (behind ``nnmark.verify``) -> Verdict(s).
-A source is a module, a state dict, a checkpoint path, a carrier weight
-tensor, or a list of them; a list is projected in one batched native call.
+Check: :class:`WhiteBoxCheck` is the one white-box verifier: it validates a carrier
+from its header (before its bytes are read), and turns a batch of carriers into
+extracted bits and verdict fields with one native projection per carrier shape.
+``nnmark.verify``, ``nnmark.calibrate`` and ``nnmark.scan`` reach it through the
+batch engine (:mod:`nnmark.scan.engine`); :func:`extract` calls it directly.
+A source is a module, a state dict, a checkpoint path, a carrier weight tensor,
+or a list of them (see :func:`nnmark.checkpoints.open_checkpoint`).
 """
 from __future__ import annotations
 
-import os
 import weakref
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from .carriers import carrier_length, find_name, from_state_dict, module_parameter
-from .checkpoints import CheckpointError, read_tensor
-from .keys import _WhiteBoxBase
-from .stats import Verdict
+import numpy as np
+
+from .carriers import carrier_length, find_name, module_parameter
+from .checkpoints import Carrier, CheckpointError, label_of, open_checkpoint
+from .keys import WhiteBoxKeyBase
+from .stats import binomial_threshold, check_alpha, check_null_rate
 
 Source = Any  # nn.Module | Mapping[str, Tensor] | str | os.PathLike | Tensor
 
 
-def _check_key(key) -> None:
-    if not isinstance(key, _WhiteBoxBase):
+def check_key(key) -> None:
+    """TypeError unless ``key`` is a white-box key."""
+    if not isinstance(key, WhiteBoxKeyBase):
         raise TypeError(f"expected a white-box key (nnmark.WhiteBoxKey or nnmark.DenseKey), got {type(key).__name__}")
 
 
@@ -37,7 +42,7 @@ class Uchida:
     """
 
     def __init__(self, key, strength: float = 0.01):
-        _check_key(key)
+        check_key(key)
         strength = float(strength)
         if not strength > 0 or strength != strength or strength == float("inf"):
             raise ValueError(f"strength must be a positive finite number, got {strength!r}")
@@ -91,115 +96,187 @@ class Uchida:
         return float((bits != self.key.bits).float().mean())
 
 
-def _label(source: Source, i: int | None = None) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source)
-    kind = ("module" if isinstance(source, torch.nn.Module) else "state_dict" if isinstance(source, Mapping)
-            else "tensor" if isinstance(source, torch.Tensor) else type(source).__name__)
-    return f"<{kind}>" if i is None else f"<{kind} {i}>"
+class WhiteBoxCheck:
+    """One white-box key made ready to check many carriers (what every front door uses).
 
+    ``validate`` checks a carrier from its name, shape and dtype before its bytes are
+    read; ``extract_bits`` projects a batch of carriers (one native call per carrier
+    shape and dtype) and says which could not be; ``fields`` turns extracted bits into
+    the verdict fields of a row. ``null_rate``: the chance that a bit matches under the
+    null hypothesis (default 1/2)."""
 
-def carrier_of(key, source: Source) -> torch.Tensor:
-    """The carrier weight tensor of ``source`` (detached). Raises CheckpointError with a status."""
-    try:
-        if isinstance(source, torch.nn.Module):
-            return module_parameter(source, key.carrier).detach()
-        if isinstance(source, Mapping):
-            return from_state_dict(source, key.carrier).detach()
-        if isinstance(source, (str, os.PathLike)):
-            return read_tensor(source, key.carrier)
-        if isinstance(source, torch.Tensor):
-            return source.detach()
-    except KeyError as exc:
-        raise CheckpointError("absent", str(exc.args[0])) from None
-    except ValueError as exc:
-        raise CheckpointError("invalid", str(exc)) from None
-    raise TypeError(f"a source must be a module, a state dict, a checkpoint path or a tensor, got {type(source).__name__}")
+    trigger = False
 
+    def __init__(self, key, alpha: float = 1e-6, null_rate: float | None = None):
+        from scipy.stats import binom
 
-def _check_carrier(key, w: torch.Tensor) -> None:
-    if not w.is_floating_point():
-        raise CheckpointError("invalid", f"carrier {key.carrier!r} has dtype {w.dtype}, not floating point")
-    if key.shape is not None and tuple(w.shape) != key.shape:
-        raise CheckpointError("invalid", f"carrier {key.carrier!r} has shape {list(w.shape)}, "
-                                         f"the key expects {list(key.shape)}")
-    if not bool(torch.isfinite(w).all()):
-        raise CheckpointError("invalid", f"carrier {key.carrier!r} contains NaN or Inf")
-    try:  # from the shape alone: the reduction itself runs once, in the batched projection
-        n = carrier_length(w.shape, key.reduction)
-    except ValueError as exc:
-        raise CheckpointError("invalid", f"carrier {key.carrier!r}: {exc}") from None
-    if key.length is not None and n != key.length:
-        raise CheckpointError("invalid", f"carrier {key.carrier!r} reduces to length {n}, the key expects {key.length}")
+        check_key(key)
+        self.key = key
+        self.key_id = key.key_id
+        self.alpha = check_alpha(alpha)
+        self.p0 = 0.5 if null_rate is None else check_null_rate(null_rate)
+        self.bits = n = key.num_bits
+        self.threshold = binomial_threshold(n, self.alpha, self.p0)
+        # p_values[m] = P[Binomial(n, p0) >= m]: a verdict is a lookup, not a scipy call per carrier.
+        pv = binom.sf(np.arange(-1, n), n, self.p0).astype(np.float64)
+        pv[0] = 1.0
+        self.p_values = pv.tolist()
+        self.owner = key.bits.numpy().astype(bool)
+        self._good: set[tuple] = set()  # shapes that passed: thousands of files share a few
 
+    def validate(self, name: str, shape: tuple, dtype) -> None:
+        """CheckpointError(invalid) unless a carrier of this shape and dtype can be checked."""
+        shape = tuple(shape)
+        if dtype is not None and shape in self._good:
+            return
+        key = self.key
+        if dtype is None:
+            raise CheckpointError("invalid", "WrongDtype", f"carrier {name!r} is not floating point")
+        if key.shape is not None and shape != key.shape:
+            raise CheckpointError("invalid", "WrongShape", f"carrier {name!r} has shape {list(shape)}, "
+                                                           f"the key expects {list(key.shape)}")
+        try:
+            n = carrier_length(shape, key.reduction)
+        except ValueError as exc:
+            raise CheckpointError("invalid", "WrongShape", f"carrier {name!r}: {exc}") from None
+        if key.length is not None and n != key.length:
+            raise CheckpointError("invalid", "WrongShape", f"carrier {name!r} reduces to length {n}, "
+                                                           f"the key expects {key.length}")
+        self._good.add(shape)
 
-def _project_batch(key, weights: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Projections of many carrier weights: one native call per (shape, device) group."""
-    out: list[torch.Tensor | None] = [None] * len(weights)
-    groups: dict[tuple, list[int]] = {}
-    for i, w in enumerate(weights):
-        groups.setdefault((tuple(w.shape), w.device), []).append(i)
-    for idx in groups.values():
-        ws = [weights[i] for i in idx]
-        dtype = torch.float64 if all(w.dtype == torch.float64 for w in ws) else torch.float32
-        stacked = torch.stack([w.to(dtype) for w in ws])
+    def extract_bits(self, carriers: list[Carrier], device=None) -> list:
+        """Per carrier: its extracted bits (numpy bool ``[T]``) or the CheckpointError that
+        kept it from being projected (NaN/Inf, an overflowing reduction, a failed projection).
+
+        Carriers are projected where ``device`` says, else where their tensors are."""
+        out: list = [None] * len(carriers)
+        groups: dict = {}
+        for i, c in enumerate(carriers):
+            t = c.tensor if c.slot is None else None
+            # Carriers read into one batch tensor share its shape and dtype: group them by it.
+            g = id(c.slot[0]) if t is None else (tuple(t.shape), t.dtype, t.device)
+            groups.setdefault(g, []).append(i)
+        for idx in groups.values():
+            cs = [carriers[i] for i in idx]
+            try:
+                bits, finite = self._project(as_batch(cs), device)
+            except (ValueError, TypeError, RuntimeError) as exc:  # e.g. a dtype the kernels do not take
+                err = CheckpointError("invalid", "ProjectionFailed", f"carrier could not be projected: "
+                                                                     f"{str(exc).splitlines()[0][:300]}")
+                for i in idx:
+                    out[i] = err
+                continue
+            for j, i in enumerate(idx):
+                if finite[j]:
+                    out[i] = bits[j]
+                elif not bool(torch.isfinite(cs[j].tensor.float()).all()):  # float(): float8 has no isfinite
+                    out[i] = CheckpointError("invalid", "NonFinite", f"carrier {cs[j].name!r} contains NaN or Inf")
+                else:
+                    out[i] = CheckpointError("invalid", "ProjectionOverflow", f"carrier {cs[j].name!r} has values "
+                                                                              f"too large to reduce in float32")
+        return out
+
+    def _project(self, stacked: torch.Tensor, device) -> tuple[np.ndarray, list[bool]]:
+        """``[C, *shape]`` -> (bits ``[C, T]`` bool, finite per carrier). float32 unless float64,
+        reduced, one native call; the reduced vectors also tell which carriers hold NaN/Inf
+        or overflow (the projection kernel does not propagate them)."""
+        key = self.key
+        target = torch.device(device) if device is not None else stacked.device
+        v = reduce_cpu(key, stacked) if target.type == "cpu" and stacked.device.type == "cpu" else None
+        if v is not None:
+            finite = np.isfinite(v).all(axis=1).tolist()
+            proj = key.project_vectors(torch.from_numpy(v)).numpy()  # [C, T]
+            return proj > 0, finite
+        stacked = stacked.detach().to(target, non_blocking=True)
+        if stacked.dtype != torch.float64:
+            stacked = stacked.to(torch.float32)
+        vt = key.reduce(stacked, batched=True)  # [C, N]
+        finite = torch.isfinite(vt).all(dim=1).tolist()
         with torch.no_grad():
-            p = key.project(stacked, batched=True)
-        for j, i in enumerate(idx):
-            out[i] = p[j]
-    return out  # type: ignore[return-value]
+            pt = key.project_vectors(vt)  # [C, T]
+        return (pt > 0).cpu().numpy(), finite
+
+    def fields(self, bits: np.ndarray) -> dict:
+        """The verdict fields of a row for extracted bits: matches, ber, p_value, verified."""
+        m = int(np.count_nonzero(bits == self.owner))
+        return {"matches": m, "ber": 1.0 - m / self.bits, "p_value": self.p_values[m], "verified": m >= self.threshold}
 
 
-def _is_batch(source: Source) -> bool:
-    return isinstance(source, (list, tuple))
+def as_batch(cs: list[Carrier]) -> torch.Tensor:
+    """``[C, *shape]``: a view when the carriers were read into consecutive rows of one
+    batch tensor (a scan's usual case), else a stack of copies."""
+    s0 = cs[0].slot
+    if s0 is not None:
+        base, i0 = s0
+        if all(c.slot is not None and c.slot[0] is base and c.slot[1] == i0 + j for j, c in enumerate(cs)):
+            return base[i0:i0 + len(cs)]
+    return torch.stack([c.tensor.detach() for c in cs])
 
 
-def extract(key, source: Source) -> torch.Tensor:
-    """Extracted bits (uint8): ``[T]`` for one source, ``[C, T]`` for a list. Raises on a bad source."""
-    _check_key(key)
-    sources = list(source) if _is_batch(source) else [source]
+def reduce_cpu(key, batch: torch.Tensor) -> np.ndarray | None:
+    """``key.reduce(batch, batched=True)`` in numpy for a CPU batch ``[C, *shape]``:
+    float32 (float64 stays float64), or None for a dtype numpy lacks (float8). numpy
+    runs on the calling thread; torch would wake its intra-op pool for every small
+    batch, and a scan's loader threads would then fight over the same cores."""
+    dt = batch.dtype
+    if dt == torch.float32 or dt == torch.float64:
+        a = batch.detach().numpy()
+    elif dt == torch.float16:
+        a = batch.detach().numpy().astype(np.float32)
+    elif dt == torch.bfloat16:  # exact: a bfloat16 is the top half of a float32
+        a = batch.detach().view(torch.int16).numpy().astype(np.int32)
+        a <<= 16
+        a = a.view(np.float32)
+    else:
+        return None
+    if a.ndim < 3 and key.reduction == "filter_mean":
+        return None  # key.reduce says why it cannot
+    C = a.shape[0]
+    if key.reduction == "flat":
+        return a.reshape(C, -1)
+    m = a.mean(axis=1)  # filter_mean: over out-channels, as reduce_carrier
+    if key.order == "keras" and m.ndim > 2:
+        m = np.moveaxis(m, 1, -1)  # (in, kh, kw) -> (kh, kw, in)
+    return np.ascontiguousarray(m.reshape(C, -1))
+
+
+def extract(key, source: Source, *, device=None) -> torch.Tensor:
+    """The bits a white-box key extracts from a model.
+
+    Args:
+        key: a white-box key (:class:`~nnmark.WhiteBoxKey` or :class:`~nnmark.DenseKey`).
+        source: a module, a state dict, a checkpoint path or the carrier tensor itself,
+            or a list of them (projected in one batched native call).
+        device: where to project (default: where each carrier is; files: the CPU).
+
+    Returns:
+        uint8 bits: ``[T]`` for one source, ``[C, T]`` for a list.
+
+    Raises:
+        ValueError: a source cannot be checked (its label, the reason and the status
+            a verdict would report: absent, invalid, corrupt, unsafe, unsupported, io_error).
+    """
+    check_key(key)
+    batch = isinstance(source, (list, tuple))
+    sources = list(source) if batch else [source]
     if not sources:
         raise ValueError("extract() got an empty list of sources")
-    weights = []
-    for s in sources:
-        try:
-            w = carrier_of(key, s)
-            _check_carrier(key, w)
-        except CheckpointError as exc:
-            raise ValueError(f"{_label(s)}: {exc} (status {exc.status})") from None
-        weights.append(w)
-    bits = torch.stack([(p > 0).to(torch.uint8).cpu() for p in _project_batch(key, weights)])
-    return bits if _is_batch(source) else bits[0]
-
-
-def verify_whitebox(key, source: Source, alpha: float = 1e-6, null_rate: float | None = None):
-    """White-box verdict(s); see :func:`nnmark.verify`. ``null_rate``: chance of a bit
-    matching under the null (default 1/2)."""
-    _check_key(key)
-    sources = list(source) if _is_batch(source) else [source]
-    if not sources:
-        raise ValueError("verify() got an empty list of sources")
-    p0 = 0.5 if null_rate is None else float(null_rate)
-    n = key.num_bits
-    verdicts: list[Verdict | None] = [None] * len(sources)
-    good_idx, good_w = [], []
+    check = WhiteBoxCheck(key)
+    carriers, labels = [], []
     for i, s in enumerate(sources):
-        label = _label(s, i if _is_batch(source) else None)
+        label = label_of(s, i if batch else None)
         try:
-            w = carrier_of(key, s)
-            _check_carrier(key, w)
+            with open_checkpoint(s, label) as ck:
+                carriers.append(ck.carrier(key.carrier, check.validate))
         except CheckpointError as exc:
-            verdicts[i] = Verdict.failed(exc.status, str(exc), n, alpha, p0, key_id=key.key_id, source=label)
-            continue
-        good_idx.append(i)
-        good_w.append(w)
-    if good_w:
-        owner = key.bits
-        for i, p in zip(good_idx, _project_batch(key, good_w)):
-            matches = int(((p > 0).to(torch.uint8).cpu() == owner).sum())
-            verdicts[i] = Verdict.from_matches(matches, n, alpha, p0, key_id=key.key_id,
-                                               source=_label(sources[i], i if _is_batch(source) else None))
-    return verdicts if _is_batch(source) else verdicts[0]
+            raise ValueError(f"{label}: {exc} (status {exc.status})") from None
+        labels.append(label)
+    got = check.extract_bits(carriers, device)
+    for label, r in zip(labels, got):
+        if isinstance(r, CheckpointError):
+            raise ValueError(f"{label}: {r} (status {r.status})")
+    bits = torch.from_numpy(np.stack(got).astype(np.uint8))
+    return bits if batch else bits[0]
 
 
-__all__ = ["Uchida", "extract", "verify_whitebox", "carrier_of"]
+__all__ = ["Uchida", "WhiteBoxCheck", "extract", "check_key"]

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..carriers import _strip
+from ..carriers import strip_prefixes
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -508,8 +508,8 @@ def _reference_state(reference, suspect: nn.Module) -> dict[str, torch.Tensor]:
     else:
         raise TypeError(f"reference must be a torch.nn.Module or a state dict, got {type(reference).__name__}")
     sus = suspect.state_dict()
-    ref_by = {_strip(k): k for k in ref}
-    sus_by = {_strip(k): k for k in sus}
+    ref_by = {strip_prefixes(k): k for k in ref}
+    sus_by = {strip_prefixes(k): k for k in sus}
     missing = sorted(set(sus_by) - set(ref_by))
     extra = sorted(set(ref_by) - set(sus_by))
     shapes = [f"{k}: suspect {list(sus[sus_by[k]].shape)} vs reference {list(ref[ref_by[k]].shape)}"
@@ -522,11 +522,11 @@ def _reference_state(reference, suspect: nn.Module) -> dict[str, torch.Tensor]:
         raise ValueError("reference does not have the suspect's architecture (the same state-dict names "
                          "and shapes are needed): " + "; ".join(parts))
     if isinstance(reference, nn.Module):
-        rmods = {_strip(n): type(m) for n, m in reference.named_modules()}
-        diff = [n for n, m in suspect.named_modules() if _strip(n) in rmods and rmods[_strip(n)] is not type(m)]
+        rmods = {strip_prefixes(n): type(m) for n, m in reference.named_modules()}
+        diff = [n for n, m in suspect.named_modules() if strip_prefixes(n) in rmods and rmods[strip_prefixes(n)] is not type(m)]
         if diff:
             raise ValueError(f"reference does not have the suspect's architecture: modules {diff[:5]} differ in type")
-    return {sk: ref[ref_by[_strip(sk)]] for sk in sus}
+    return {sk: ref[ref_by[strip_prefixes(sk)]] for sk in sus}
 
 
 def _rows(t: torch.Tensor | None, n: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..keys import SECRET_BYTES, DenseKey, WhiteBoxKey, _WhiteBoxBase
+from ..keys import SECRET_BYTES, DenseKey, WhiteBoxKey, WhiteBoxKeyBase
 from ..stats import binomial_p_value
 from ..triggers import TriggerKey, TriggerMixer
 from ..whitebox import Uchida
@@ -77,7 +77,7 @@ def attacker_key_like(owner_key, seed: int | None = None, samples: Any = None):
     everything else) deterministically, for reproducible reports.
     """
     secret = _secret(seed)
-    if isinstance(owner_key, _WhiteBoxBase):
+    if isinstance(owner_key, WhiteBoxKeyBase):
         t = owner_key.num_bits
         stream = hashlib.shake_256(_BITS_DOMAIN + secret).digest((t + 7) // 8 + 8)
         bits = np.unpackbits(np.frombuffer(stream[:(t + 7) // 8], dtype=np.uint8))[:t]
@@ -121,7 +121,7 @@ def overwrite(model: torch.nn.Module, key, data: Any, strength: float = 0.01, ep
     same weights. The model ends in eval mode on ``device`` (default: its own).
     """
     check_model(model, "overwrite")
-    white = isinstance(key, _WhiteBoxBase)
+    white = isinstance(key, WhiteBoxKeyBase)
     if not white and not isinstance(key, TriggerKey):
         raise TypeError(f"key must be the attacker's WhiteBoxKey, DenseKey or TriggerKey, got {type(key).__name__}")
     epochs = check_int("epochs", epochs, 1)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..keys import _WhiteBoxBase, load_key
+from ..keys import WhiteBoxKeyBase, load_key
 from ..triggers import TriggerKey, TriggerMixer
 from ..whitebox import Uchida
 
@@ -39,7 +39,7 @@ def as_regularizers(marks: Any, strength: float = 0.01) -> list[Uchida]:
                                 "mixed into batches)")
         if isinstance(m, Uchida):
             out.append(m)
-        elif isinstance(m, _WhiteBoxBase):
+        elif isinstance(m, WhiteBoxKeyBase):
             out.append(Uchida(m, strength=strength))
         elif isinstance(m, TriggerKey):
             raise TypeError("a TriggerKey is embedded by mixing its triggers into batches: "

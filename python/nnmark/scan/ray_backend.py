@@ -1,7 +1,7 @@
-"""Ray backend of :func:`nnmark.scan` (``scan(..., ray="auto")``, ``nnmark scan --ray auto``).
+"""The Ray backend of :func:`nnmark.scan` (``scan(..., ray="auto")``, ``nnmark scan --ray auto``).
 
 The driver (the process that calls ``scan``) lists the files and cuts them into
-tasks of about 100 files; each task runs :func:`nnmark.scan.scan_batch` on a Ray
+tasks of about 100 files; each task runs :func:`nnmark.scan.engine.scan_batch` on a Ray
 worker, which reads its files and verifies the keys there, and returns the rows.
 The driver writes each task's rows to its ledger as the task finishes (one
 transaction per task), so a killed driver loses no finished task and a re-run
@@ -35,6 +35,8 @@ import os
 import socket
 import time
 from collections import deque
+
+from .engine import chunks, failed_rows, scan_batch
 
 RAY_MAX_RETRIES = 3
 # Tries of each half of a task that failed every retry: enough to tell a file that
@@ -93,9 +95,8 @@ def key_file_paths(keys) -> list[str]:
 
 def _ray_scan_task(targets, known, key_files, key_ids, alpha, arch, device, null_rate, manifest, max_batch_bytes):
     """One Ray task: the rows of a batch of files, as :func:`nnmark.scan.scan_batch`."""
-    from ._ext import set_num_threads
-    from .keys import load_key
-    from .scan import scan_batch
+    from .._ext import set_num_threads
+    from ..keys import load_key
 
     set_num_threads(1)  # a task holds one CPU (Ray sets OMP_NUM_THREADS=1 for the same reason)
 
@@ -115,7 +116,7 @@ def _ray_scan_task(targets, known, key_files, key_ids, alpha, arch, device, null
                       manifest=manifest, max_batch_bytes=max_batch_bytes)
 
 
-def ray_batches(address: str, targets: list[str], plans, key_files: list[str], settings, known, batch_size: int):
+def ray_batches(address: str, targets: list[str], checks, key_files: list[str], settings, known, batch_size: int):
     """(index, chunk, rows) of each task as it finishes (any order). Connects to Ray
     (or starts it, for "auto" without a cluster) unless this process is connected
     already, and disconnects at the end only when it connected."""
@@ -130,14 +131,13 @@ def ray_batches(address: str, targets: list[str], plans, key_files: list[str], s
             raise ConnectionError(f"cannot connect to the Ray cluster at {address!r}: {exc}") from None
         started = True
     try:
-        yield from _drive(ray, targets, plans, key_files, settings, known, batch_size)
+        yield from _drive(ray, targets, checks, key_files, settings, known, batch_size)
     finally:
         if started:
             ray.shutdown()
 
 
-def _drive(ray, targets, plans, key_files, settings, known, batch_size):
-    from .scan import _chunks
+def _drive(ray, targets, checks, key_files, settings, known, batch_size):
 
     resources = ray.cluster_resources()
     gpus = resources.get("GPU", 0)
@@ -145,7 +145,7 @@ def _drive(ray, targets, plans, key_files, settings, known, batch_size):
     want_gpu = dev is not None and str(dev).startswith("cuda")
     if want_gpu and not gpus:
         raise ValueError(f"device={str(dev)!r}, but the Ray cluster has no GPUs")
-    if dev is None and gpus and any(p.trigger for p in plans):
+    if dev is None and gpus and any(c.trigger for c in checks):
         want_gpu = True  # models run faster there; white-box checks are I/O and stay on CPUs
     # A GPU task sees its one GPU as cuda:0 (Ray sets CUDA_VISIBLE_DEVICES).
     task_device = "cuda" if want_gpu else dev
@@ -153,12 +153,12 @@ def _drive(ray, targets, plans, key_files, settings, known, batch_size):
     remote = ray.remote(_ray_scan_task)
     opts = {"num_cpus": 1, "num_gpus": 1 if want_gpu else 0, "retry_exceptions": _RETRY_EXCEPTIONS}
     manifest = ray.put(settings.manifest) if settings.manifest is not None else None  # stored once, not per task
-    common = (key_files, [p.key_id for p in plans], settings.alpha, settings.arch, task_device, settings.null_rate,
+    common = (key_files, [c.key_id for c in checks], settings.alpha, settings.arch, task_device, settings.null_rate,
               manifest, settings.max_batch_bytes)
     # Tasks in flight: enough to keep every CPU busy while finished ones are written, few
     # enough that a cluster's results do not pile up ahead of the ledger.
     limit = max(2, 2 * int(resources.get("CPU", 1)))
-    todo = deque(((i,), c, RAY_MAX_RETRIES) for i, c in enumerate(_chunks(targets, batch_size)))
+    todo = deque(((i,), c, RAY_MAX_RETRIES) for i, c in enumerate(chunks(targets, batch_size)))
     inflight: dict = {}
     succeeded = failed = 0  # whole tasks: a cluster where none runs is not split file by file
     try:
@@ -191,7 +191,7 @@ def _drive(ray, targets, plans, key_files, settings, known, batch_size):
                         todo.appendleft((index + (1,), chunk[half:], SPLIT_RETRIES))
                         todo.appendleft((index + (0,), chunk[:half], SPLIT_RETRIES))
                         continue
-                    rows = _failed_rows(chunk[0], plans, settings.alpha, cause if cause is not None else exc)
+                    rows = failed_rows(chunk[0], checks, cause if cause is not None else exc)
                 yield index, chunk, rows
     finally:
         for ref in inflight:  # stopped early (an error, Ctrl-C): do not leave work running
@@ -199,17 +199,6 @@ def _drive(ray, targets, plans, key_files, settings, known, batch_size):
                 ray.cancel(ref)
             except Exception:  # noqa: BLE001 - best effort; the task may be done already
                 pass
-
-
-def _failed_rows(path: str, plans, alpha: float, exc: BaseException) -> list[dict]:
-    from .formats import FormatError
-    from .scan import _fail, _File, _row
-
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
-    err = FormatError("io_error", type(exc).__name__, f"the Ray task checking {path!r} failed every try "
-                                                      f"({first}); the next scan tries it again")
-    now = time.time()
-    return [_fail(_row(_File(path), p, alpha, now), err) for p in plans]
 
 
 __all__ = ["RAY_MAX_RETRIES", "SPLIT_RETRIES", "INSTALL_HINT", "KeySetupError", "import_ray", "check_address",

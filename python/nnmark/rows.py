@@ -1,0 +1,57 @@
+"""The result row: one per (source, key), the same wherever it was made.
+
+``nnmark.verify`` (a :class:`~nnmark.stats.Verdict` is a view of a row),
+``nnmark.scan`` and its ledger, ``--json`` output and ledger exports all carry
+these fields, in this order, with these statuses. A new field or status is
+written here once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# Why a check could not be made (or "ok").
+STATUSES = ("ok", "absent", "invalid", "corrupt", "unsafe", "unsupported", "io_error")
+
+# (column, SQL type, meaning) -- the order of the table, of exports and of rows.
+COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("path", "TEXT NOT NULL", "absolute path of the checkpoint (a shard index for a sharded checkpoint); "
+                              "<module>, <state_dict 3>... for a source in memory"),
+    ("key_id", "TEXT NOT NULL", "public fingerprint of the key (never the secret)"),
+    ("size", "INTEGER", "file size in bytes (sharded: index + shards); NULL if it could not be stat'ed"),
+    ("mtime_ns", "INTEGER", "modification time in ns (sharded: the latest); with path and size, the identity"),
+    ("format", "TEXT", "safetensors, hf-sharded, torch-zip or torch-legacy; NULL if not recognised"),
+    ("carrier", "TEXT", "tensor name of the carrier in the file (white-box keys)"),
+    ("carrier_sha256", "TEXT", "sha256 of the carrier bytes read (trigger keys: of every tensor the model read)"),
+    ("bytes_read", "INTEGER", "bytes read from the checkpoint to check it (all keys of this scan)"),
+    ("status", "TEXT NOT NULL", "ok, absent, corrupt, unsafe, unsupported, io_error or invalid"),
+    ("verified", "INTEGER NOT NULL", "1 if the mark is present at significance alpha"),
+    ("matches", "INTEGER", "matching bits (white-box) or trigger labels (black-box)"),
+    ("bits", "INTEGER", "number of bits or triggers"),
+    ("ber", "REAL", "bit (or trigger) error rate"),
+    ("p_value", "REAL", "exact one-sided binomial p-value"),
+    ("threshold", "INTEGER", "fewest matches that verify at alpha"),
+    ("alpha", "REAL", "significance level"),
+    ("error_class", "TEXT", "why the check could not be made, a stable CamelCase name (e.g. TruncatedFile)"),
+    ("error_message", "TEXT", "what was wrong, for people"),
+    ("integrity", "TEXT", "against --manifest: ok, changed or unlisted; NULL without a manifest"),
+    ("file_sha256", "TEXT", "whole-file sha256 (only computed against a manifest)"),
+    ("read_s", "REAL", "seconds spent reading the file"),
+    ("verify_s", "REAL", "seconds of verification attributed to this row"),
+    ("scanned_at", "REAL", "UNIX time the row was produced"),
+)
+FIELDS: tuple[str, ...] = tuple(c[0] for c in COLUMNS)
+# Columns that differ between two scans of the same files (everything else must not).
+TIMING_FIELDS = ("read_s", "verify_s", "scanned_at")
+
+
+def row_json(row: dict[str, Any]) -> dict[str, Any]:
+    """The JSON object of a row (``--json`` of ``verify`` and ``scan``, ledger exports):
+    every field in order, then ``skipped``; non-finite floats as null."""
+    out = {f: row.get(f) for f in FIELDS}
+    out["verified"] = bool(out["verified"])
+    out["skipped"] = bool(row.get("skipped", False))
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
+
+
+__all__ = ["STATUSES", "COLUMNS", "FIELDS", "TIMING_FIELDS", "row_json"]

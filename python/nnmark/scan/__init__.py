@@ -1,0 +1,146 @@
+"""``nnmark.scan``: verify keys across thousands of checkpoint files.
+
+Paths (files, folders walked recursively, globs) expand to checkpoints
+(:mod:`.paths`); a folder with a shard index (``*.index.json``) holds a sharded
+checkpoint that counts once, as its index. Batches of files go to loader threads
+(:mod:`.local`) or Ray tasks (:mod:`.ray_backend`); each batch is read by the one
+checkpoint reader and checked by the batch engine (:mod:`.engine`) that
+``nnmark.verify`` uses too: white-box keys read only their carrier's bytes and
+are verified by one native projection call per key and carrier shape; trigger
+keys run their trigger set through each checkpoint (``arch``).
+
+Every (file, key) gets exactly one row (see :mod:`nnmark.ledger` for the fields);
+bad input gives a row with its status and never stops the scan. Rows go to the
+ledger one transaction per batch (:mod:`.tally`), so a killed scan loses no
+finished batch, and a re-run skips files whose identity (path, size, mtime) and
+alpha are unchanged (rows with an ``io_error`` are retried; against a manifest
+(:mod:`.manifest`) every file is read again).
+
+``nnmark.scan`` is this package's :func:`scan` function; the modules stay
+importable as ``nnmark.scan.engine`` and so on.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import IO, Any
+
+from ..ledger import FIELDS, Ledger
+from .engine import MAX_BATCH_BYTES, make_checks, scan_batch
+from .local import local_batches
+from .manifest import load_manifest, write_manifest
+from .paths import expand_paths
+from .tally import EXIT_ERROR, EXIT_FINDINGS, EXIT_NO_FILES, EXIT_OK, ScanResult, Tally, exit_code
+
+DEFAULT_BATCH = 256
+# Files per Ray task: enough to amortise a task's start and its key loading.
+RAY_BATCH = 100
+
+
+@dataclass
+class Settings:
+    """What every batch of one scan shares (besides the keys)."""
+
+    alpha: float
+    arch: Any
+    device: Any
+    null_rate: float | None
+    manifest: dict[str, str] | None
+    max_batch_bytes: int
+
+
+
+def scan(keys, paths, *, ledger=None, alpha: float = 1e-6, arch=None, device=None, workers: int | None = None,
+         batch_size: int | None = None, json_out: IO[str] | None = None, progress: bool = True,
+         manifest: str | os.PathLike | None = None, rescan: bool = False, null_rate: float | None = None,
+         exclude: Iterable[str] = (), keep_rows: bool = True, max_problems: int = 50,
+         ray: str | None = None) -> ScanResult:
+    """Verify ``keys`` in every checkpoint under ``paths``; one row per (file, key).
+
+    ``keys``: key objects or key files (white-box and trigger keys). ``paths``: files,
+    folders (recursive) and glob patterns (see :func:`expand_paths`). ``ledger``: an
+    SQLite file (created if missing; a re-run skips unchanged files), a
+    :class:`~nnmark.ledger.Ledger`, or None (in memory). ``arch``: the model factory
+    trigger keys need. ``device``: where carriers are projected / models run.
+    ``workers``: loader threads (default: the CPU count, 2 to 8; with two or more, the
+    interpreter's thread switch interval is 100 us while the scan runs, then the
+    caller's again: see SCAN_SWITCH_INTERVAL). ``batch_size``: files
+    per batch (one ledger transaction, one native call per key and carrier shape;
+    default 256, or 100 files per task with ``ray``).
+    ``json_out``: a text stream that gets one JSON object per file. ``progress``: a bar
+    on stderr. ``manifest``: a file from :func:`write_manifest`; each file is then read and
+    hashed whole (none is skipped: size and mtime cannot vouch for unchanged bytes) and
+    flagged ``changed`` when it differs, ``unlisted`` when the manifest lacks it.
+    ``rescan``: ignore the ledger's rows. ``exclude``: glob patterns of files to leave
+    out. ``keep_rows=False`` keeps only the summary and the first ``max_problems`` rows
+    that could not be checked (for scans of millions of files).
+
+    ``ray``: run the batches as Ray tasks (``pip install "nnmark[ray]"``): ``"auto"``
+    connects to the running cluster (``RAY_ADDRESS`` or ``ray start``'s), else starts
+    Ray on this machine; any other string is a cluster address (``"ray://head:10001"``,
+    ``"head:6379"``). Keys must then be key file paths, and workers read the key files
+    and the checkpoints at the same paths as this process (a shared filesystem): keys
+    are secrets and never travel. Rows land in this process's ledger as tasks finish,
+    the same rows a local scan writes (see :mod:`nnmark.scan_ray`); ``json_out`` gets
+    the files in the order their tasks finish; ``workers`` is not used."""
+    key_files = None
+    if ray is not None:
+        from .ray_backend import check_address, key_file_paths
+
+        ray = check_address(ray)
+        key_files = key_file_paths(keys)
+        keys = key_files
+    checks = make_checks(keys, alpha, null_rate)
+    alpha = checks[0].alpha
+    if any(c.trigger for c in checks):
+        if arch is None:
+            raise ValueError("trigger keys run the model: pass arch= (a model factory or 'module:function')")
+        from ..inference import load_factory
+
+        load_factory(arch)  # a bad arch is a usage error, found before any file is read
+    if batch_size is None:
+        batch_size = DEFAULT_BATCH if ray is None else RAY_BATCH
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if workers is None:
+        workers = max(2, min(8, os.cpu_count() or 2))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    man = load_manifest(manifest) if manifest is not None else None
+    own = not isinstance(ledger, Ledger)
+    led = Ledger(ledger) if own else ledger
+    try:
+        skip_files = [os.path.abspath(manifest)] if manifest is not None else []
+        if led.path is not None:  # never scan the ledger itself
+            lp = os.path.abspath(led.path)
+            skip_files += [lp, lp + "-wal", lp + "-shm", lp + "-journal"]
+        skip_set = set(skip_files)
+        targets = [t for t in expand_paths(paths, exclude) if t not in skip_set]
+        key_ids = [c.key_id for c in checks]
+        known = None if rescan else led.identities(key_ids)
+        settings = Settings(alpha, arch, device, null_rate, man, MAX_BATCH_BYTES)
+        tally = Tally(led, key_ids, json_out, progress, len(targets), keep_rows, max_problems)
+        try:
+            with contextlib.ExitStack() as stack:
+                if ray is None:
+                    batches = local_batches(targets, checks, settings, known, workers, batch_size)
+                else:
+                    from .ray_backend import ray_batches
+
+                    batches = ray_batches(ray, targets, checks, key_files, settings, known, batch_size)
+                stack.enter_context(contextlib.closing(batches))  # an interrupted scan stops its tasks
+                for index, chunk, rows in batches:
+                    tally.add(index, chunk, rows)
+        finally:
+            tally.close()
+        return tally.result(len(targets), alpha)
+    finally:
+        if own:
+            led.close()
+
+
+
+__all__ = ["scan", "scan_batch", "expand_paths", "write_manifest", "load_manifest", "ScanResult", "exit_code",
+           "EXIT_OK", "EXIT_FINDINGS", "EXIT_ERROR", "EXIT_NO_FILES", "FIELDS"]

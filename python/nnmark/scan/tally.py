@@ -1,0 +1,186 @@
+"""What a scan found: the tally of its rows (ledger writes, counts, JSON Lines, the
+progress bar) and the result it returns."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from ..ledger import Ledger
+from ..rows import row_json
+
+# Exit codes of a scan (modelscan's convention, as in nnmark.cli).
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_NO_FILES = 0, 1, 2, 3
+
+
+@dataclass
+class ScanResult:
+    """What a scan found. ``rows``: one dict per (file, key) in scan order (rows of
+    files skipped as unchanged come from the ledger, with ``skipped=True``; empty when
+    ``keep_rows=False``); ``summary``: counts, rates and the exit code; ``problems``:
+    the first rows that could not be checked."""
+
+    rows: list[dict]
+    summary: dict
+    problems: list[dict]
+    ledger: str | None
+
+    @property
+    def exit_code(self) -> int:
+        return self.summary["exit_code"]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def by_status(self) -> dict[str, int]:
+        return dict(self.summary["status"])
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary, "rows": self.rows}
+
+
+def exit_code(n_files: int, status_counts: dict[str, int], not_verified: int, changed: int) -> int:
+    """0 every (file, key) verified; 1 some checkpoint does not carry a mark, or changed
+    against the manifest; 2 some checkpoint could not be checked; 3 no files found."""
+    if n_files == 0:
+        return EXIT_NO_FILES
+    if any(n for s, n in status_counts.items() if s != "ok"):
+        return EXIT_ERROR
+    if not_verified or changed:
+        return EXIT_FINDINGS
+    return EXIT_OK
+
+
+class Progress:
+    """A rich progress bar on stderr: files, files/s, MB/s read, ETA."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.enabled = enabled and total > 0
+        self.start = time.perf_counter()
+        if not self.enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("scan"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                            TimeRemainingColumn(), console=Console(stderr=True), transient=False)
+        self.task = self.bar.add_task("scan", total=total, rate="")
+        self.bar.start()
+
+    def update(self, done: int, bytes_read: int) -> None:
+        if not self.enabled:
+            return
+        dt = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.update(self.task, completed=done, rate=f"{done / dt:,.0f} files/s  {bytes_read / dt / 1e6:,.1f} MB/s")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.stop()
+
+
+class Tally:
+    """Takes each finished batch: writes its rows to the ledger (one transaction), counts
+    them, streams JSON, keeps rows; batches may come in any order (Ray)."""
+
+    def __init__(self, led: Ledger, key_ids: list[str], json_out, progress: bool, total: int, keep_rows: bool,
+                 max_problems: int):
+        self.led, self.key_ids, self.json_out = led, key_ids, json_out
+        self.keep_rows, self.max_problems = keep_rows, max_problems
+        self.order = {k: i for i, k in enumerate(key_ids)}
+        self.status: dict[str, int] = {}
+        self.kept: dict[int, list[dict]] = {}
+        self.problems: list[dict] = []
+        self.n_verified = self.n_not = self.n_changed = self.n_skipped = self.n_scanned = 0
+        self.per_key = {k: {"verified": 0, "not_verified": 0, "errors": 0} for k in key_ids}
+        self.bytes_read = self.done = 0
+        self.start = time.perf_counter()
+        self.bar = Progress(total, progress)
+
+    def add(self, index: int, chunk: list[str], rows: list[dict]) -> None:
+        self.led.write(rows)  # first: a killed scan keeps every finished batch
+        K = len(self.key_ids)
+        # Rows come in file order, K per file (keys in the order given); files without
+        # rows were skipped as unchanged, and their rows come from the ledger.
+        files: list[tuple[str, list[dict], bool]] = []
+        skipped: list[str] = []
+        j, n = 0, len(rows)
+        for path in chunk:
+            if j < n and rows[j]["path"] == path:
+                files.append((path, rows[j:j + K], True))
+                j += K
+            else:
+                files.append((path, [], False))
+                skipped.append(path)
+        if skipped:
+            old: dict[str, list[dict]] = {}
+            for r in self.led.rows(paths=skipped, key_ids=self.key_ids):
+                r["skipped"] = True
+                old.setdefault(r["path"], []).append(r)
+            order = self.order
+            files = [(p, fr if new else sorted(old.get(p, []), key=lambda r: order[r["key_id"]]), new)
+                     for p, fr, new in files]
+        status, per_key, problems = self.status, self.per_key, self.problems
+        kept = [] if self.keep_rows else None
+        for path, file_rows, new in files:
+            if not file_rows:  # pragma: no cover - a skipped file always has ledger rows
+                continue
+            if new:
+                self.n_scanned += 1
+                self.bytes_read += file_rows[0]["bytes_read"] or 0
+            else:
+                self.n_skipped += 1
+            for r in file_rows:
+                st = r["status"]
+                status[st] = status.get(st, 0) + 1
+                pk = per_key[r["key_id"]]
+                if st == "ok":
+                    if r["verified"]:
+                        self.n_verified += 1
+                        pk["verified"] += 1
+                    else:
+                        self.n_not += 1
+                        pk["not_verified"] += 1
+                else:
+                    pk["errors"] += 1
+                    if len(problems) < self.max_problems:
+                        problems.append(r)
+            if file_rows[0]["integrity"] == "changed":
+                self.n_changed += 1
+            if kept is not None:
+                if new:
+                    for r in file_rows:
+                        r["skipped"] = False
+                kept += file_rows
+            if self.json_out is not None:
+                for r in file_rows:
+                    self.json_out.write(json.dumps(row_json(r)) + "\n")
+        if self.json_out is not None:
+            self.json_out.flush()
+        if kept is not None:
+            self.kept[index] = kept
+        self.done += len(chunk)
+        self.bar.update(self.done, self.bytes_read)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def result(self, n_files: int, alpha: float) -> ScanResult:
+        elapsed = time.perf_counter() - self.start
+        status = self.status
+        rows = [r for i in sorted(self.kept) for r in self.kept[i]]  # scan order, however batches finished
+        summary = {
+            "files": n_files, "scanned": self.n_scanned, "skipped": self.n_skipped, "rows": sum(status.values()),
+            "keys": self.key_ids, "alpha": alpha, "per_key": self.per_key, "status": status,
+            "verified": self.n_verified, "not_verified": self.n_not,
+            "errors": sum(n for s, n in status.items() if s != "ok"), "changed": self.n_changed,
+            "bytes_read": self.bytes_read, "seconds": elapsed,
+            "files_per_s": self.n_scanned / elapsed if elapsed > 0 else 0.0,
+            "mb_per_s": self.bytes_read / elapsed / 1e6 if elapsed > 0 else 0.0,
+            "ledger": str(self.led.path) if self.led.path is not None else None,
+        }
+        summary["exit_code"] = exit_code(n_files, status, self.n_not, self.n_changed)
+        return ScanResult(rows, summary, self.problems, summary["ledger"])
+
+
+__all__ = ["Tally", "ScanResult", "Progress", "exit_code", "EXIT_OK", "EXIT_FINDINGS", "EXIT_ERROR",
+           "EXIT_NO_FILES"]
