@@ -115,3 +115,18 @@ def _isa_and_threads_restored():
     yield
     assert _C_cpu.isa() == isa_before, "a test changed the CPU ISA without restoring it"
     assert nnmark.get_num_threads() == threads_before, "a test changed the thread count without restoring it"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance for one test module (the ``ray`` module), shut down after it."""
+    ray = pytest.importorskip("ray")
+    # A small object store: CI containers often have a small /dev/shm, and rows are small.
+    # One logical GPU (Ray does not check for a physical one): the tests see which tasks
+    # ask for it.
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             configure_logging=False, object_store_memory=128 << 20)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -62,20 +62,6 @@ def corpus(tmp_path_factory):
     return root, [str(keys / "a.key"), str(keys / "b.key")], (key, key2)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    # A small object store: CI containers often have a small /dev/shm, and rows are small.
-    # One logical GPU (Ray does not check for a physical one): the tests see which tasks
-    # ask for it.
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             configure_logging=False, object_store_memory=128 << 20)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
 def test_ray_scan_equals_local_scan_and_resumes(ray_local, corpus, tmp_path):
     root, key_files, keys = corpus
     local = scan_fn(list(keys), [str(root)], ledger=tmp_path / "local.sqlite", progress=False)

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 class Calibration:
     """The distribution of a key's match rate on independent (null) models.
 
-    ``rates``: matches / n per null model; ``null_rate``: their mean (use it as
+    ``rates``: matches / n per null model; ``p_values``: each null model's p-value (what
+    ``verify`` reports for it); ``null_rate``: their mean rate (use it as
     ``verify(..., null_rate=...)`` when chance is not 1/num_classes or 1/2);
     ``threshold``: fewest matches that verify at ``alpha`` under ``null_rate_used``;
     ``false_positive_rate``: the fraction of null models at or above it (the
@@ -31,6 +32,7 @@ class Calibration:
     threshold: int
     false_positives: int
     false_positive_rate: float
+    p_values: list[float]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,7 +76,8 @@ def calibrate(key, null_models, *, alpha: float = 1e-6, arch=None, null_rate: fl
     fp = sum(v.verified for v in verdicts)
     return Calibration(n_models=len(verdicts), n=n, rates=rates, null_rate=sum(rates) / len(rates),
                        max_rate=max(rates), null_rate_used=check.p0, alpha=check.alpha, threshold=check.threshold,
-                       false_positives=fp, false_positive_rate=fp / len(verdicts))
+                       false_positives=fp, false_positive_rate=fp / len(verdicts),
+                       p_values=[v.p_value for v in verdicts])
 
 
 __all__ = ["Calibration", "calibrate"]

@@ -542,62 +542,60 @@ class SafetensorsFile(Checkpoint):
 
 
 # ------------------------------------------------------------------ torch
-def _rchar() -> int | None:
-    """Bytes this thread has read through read()-like calls so far (Linux), else None."""
-    try:
-        with open("/proc/thread-self/io", "rb") as f:
-            for line in f:
-                if line.startswith(b"rchar:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
+def _fd_path(fd: int, path: str) -> str:
+    """A name for the file open as ``fd`` that torch can open again (and map): the
+    descriptor's own, so the file checked is the file loaded, whatever happens to
+    ``path`` meanwhile; ``path`` where the system has no /proc/self/fd."""
+    p = f"/proc/self/fd/{fd}"
+    return p if os.path.exists(p) else path
 
 
-def _torch_load(path: str, fmt: str):
+def _torch_load(path: str, fd: int, fmt: str):
     """torch.load(weights_only=True) of a sniffed torch file; mapped when the format allows."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=(fmt == "torch-zip"))
+        return torch.load(_fd_path(fd, path), map_location="cpu", weights_only=True, mmap=(fmt == "torch-zip"))
     except pickle.UnpicklingError as exc:
         names = _unsafe_globals(str(exc))
         if names:
-            raise CheckpointError("unsafe", "UnsafePickle", f"{path!r} would import {', '.join(names)} to load; refused "
-                                                        f"(nothing in it was run)") from None
+            raise CheckpointError("unsafe", "UnsafePickle", f"{path!r} would import {', '.join(names)} to load; "
+                                                            f"refused (nothing in it was run)") from None
         raise CheckpointError("corrupt", "UnpicklingError", f"{path!r} is not a readable torch checkpoint: "
-                                                        f"{first_line(exc)}") from None
+                                                            f"{first_line(exc)}") from None
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         raise _io_error(path, exc) from None
     except Exception as exc:  # zip reader, truncated pickles, storages of the wrong size
-        if fmt == "torch-zip" and _is_foreign_zip(path):
-            raise CheckpointError("unsupported", "NotTorchZip", f"{path!r} is a zip archive but not a torch checkpoint "
-                                                            f"(no data.pkl)") from None
+        if fmt == "torch-zip" and _zip_members(fd) is not None and \
+                not any(n.endswith("data.pkl") for n in _zip_members(fd)):
+            raise CheckpointError("unsupported", "NotTorchZip", f"{path!r} is a zip archive but not a torch "
+                                                                f"checkpoint (no data.pkl)") from None
         msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
-        raise CheckpointError("corrupt", type(exc).__name__, f"{path!r} is not a readable torch checkpoint: {msg}") from None
+        raise CheckpointError("corrupt", type(exc).__name__, f"{path!r} is not a readable torch checkpoint: "
+                                                             f"{msg}") from None
 
 
-def _is_foreign_zip(path: str) -> bool:
+def _zip_members(fd: int) -> dict[str, int] | None:
+    """{member name: stored bytes} of the zip archive open as ``fd``; None if it is damaged."""
     try:
-        with zipfile.ZipFile(path) as z:
-            return not any(n.endswith("data.pkl") for n in z.namelist())
-    except Exception:  # a damaged zip is corrupt, not foreign
-        return False
+        with zipfile.ZipFile(os.fdopen(os.dup(fd), "rb")) as z:
+            return {i.filename: i.compress_size for i in z.infolist()}
+    except Exception:  # noqa: BLE001 - a damaged zip is corrupt, not foreign
+        return None
 
 
 class TorchFile(Checkpoint):
     """A torch checkpoint loaded with ``weights_only=True`` (mapped for the zip format)."""
 
-    def __init__(self, path: str, fmt: str, st: os.stat_result):
+    def __init__(self, path: str, fmt: str, st: os.stat_result, fd: int):
         super().__init__(path, st.st_size, st.st_mtime_ns)
         self.format = fmt
-        before = _rchar() if fmt == "torch-zip" else None
-        obj = _torch_load(path, fmt)
+        obj = _torch_load(path, fd, fmt)
         if fmt == "torch-zip":
-            after = _rchar()
-            # Mapped: the zip directory and pickle went through read(); tensor pages are
-            # counted as they are hashed.
-            self.bytes_read = (after - before) if before is not None and after is not None else 0
-            # torch probes the header more than once; count at most the file
-            self.bytes_read = min(self.bytes_read, st.st_size)
+            # Mapped: the zip directory and the pickle are read; tensor pages are counted as
+            # they are used. (From the archive's layout, not a system counter: the same file
+            # reports the same bytes whoever reads it.)
+            members = _zip_members(fd) or {}
+            tensor_bytes = sum(n for name, n in members.items() if "/data/" in name and not name.endswith(".pkl"))
+            self.bytes_read = max(0, min(st.st_size - tensor_bytes, st.st_size))
         else:
             self.bytes_read = st.st_size  # the legacy format is read whole
         self._sd = state_dict_of(obj, path)
@@ -851,7 +849,7 @@ def open_file(path: str | os.PathLike) -> Checkpoint:
         if fmt == "empty":
             raise CheckpointError("corrupt", "EmptyFile", f"{path!r} is empty")
         if fmt in ("torch-zip", "torch-legacy"):
-            return TorchFile(path, fmt, st)
+            return TorchFile(path, fmt, st, fd)
         if fmt == "json":
             raw = head if len(head) == st.st_size else head + _read_rest(fd, path, len(head), st.st_size)
             return ShardedCheckpoint(path, raw, st)

@@ -260,13 +260,13 @@ def robustness(checkpoint, arch, keys, data_spec, attack_specs, out_dir, alpha, 
 
     from .checkpoints import open_checkpoint
     from .inference import align_state_dict, load_factory
-    from .robustness import _normalise_grid, parse_attack, robustness_report
+    from .robustness import normalise_grid, parse_attack, robustness_report
 
     grid = None
     if attack_specs:
         try:
             grid = [parse_attack(s) for s in attack_specs]
-            _normalise_grid(grid)  # repeated names, empty lists: before any work is done
+            normalise_grid(grid)  # repeated names, empty lists: before any work is done
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--attack") from None
     from rich.markup import escape
@@ -332,7 +332,7 @@ def demo(out_dir, unmarked, epochs, bits, seed, robustness, as_json):
     then attack the marked one (the robustness report)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from .demo import _jsonable, run_demo
+    from .demo import jsonable, run_demo
 
     start = time.perf_counter()
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -344,7 +344,7 @@ def demo(out_dir, unmarked, epochs, bits, seed, robustness, as_json):
     ok = (res["marked_verified"] and res["marked_trigger_verified"] and res["unmarked_verified"] == 0
           and res["unmarked_trigger_verified"] == 0)
     if as_json:
-        click.echo(json.dumps(_jsonable({**res, "seconds": elapsed, "ok": ok})))
+        click.echo(json.dumps(jsonable({**res, "seconds": elapsed, "ok": ok})))
         sys.exit(EXIT_OK if ok else EXIT_FINDINGS)
     from rich.table import Table
 

@@ -187,15 +187,15 @@ def run_demo(out_dir: str | os.PathLike = "nnmark-demo", unmarked: int = 10, epo
                                    alpha=alpha, seed=seed,
                                    progress=lambda done, total, what: step(f"robustness grid {done}/{total}: {what}"))
         result["robustness"] = report.to_dict()
-    (out / "demo.json").write_text(json.dumps(_jsonable(result), indent=1) + "\n")
+    (out / "demo.json").write_text(json.dumps(jsonable(result), indent=1) + "\n")
     return result
 
 
-def _jsonable(obj):
+def jsonable(obj):
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     return obj

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .attacks._data import batches, check_pair, is_pair
+from .attacks.data import batches, check_pair, is_pair
 
 __all__ = ["robustness_report", "RobustnessReport", "ATTACKS", "DEFAULT_GRID", "parse_attack"]
 
@@ -197,7 +197,7 @@ def _unknown(name) -> ValueError:
     return ValueError(f"unknown attack {name!r}; expected one of {', '.join(ATTACKS)}")
 
 
-def _normalise_grid(attacks) -> list[tuple[str, list]]:
+def normalise_grid(attacks) -> list[tuple[str, list]]:
     """The grid as ``[(name, [strength, ...]), ...]``, every name and strength checked."""
     if attacks is None:
         items = list(DEFAULT_GRID.items())
@@ -591,7 +591,7 @@ def robustness_report(model: torch.nn.Module, marks, train=None, test=None, atta
         raise TypeError(f"progress must be True, False or a callable(done, total, description), got {progress!r}")
     if reference is not None and not isinstance(reference, torch.nn.Module):
         raise TypeError(f"reference must be a torch.nn.Module, got {type(reference).__name__}")
-    grid = _normalise_grid(attacks)
+    grid = normalise_grid(attacks)
     train = _materialise(train, "train")
     test = _materialise(test, "test")
     if device is not None:

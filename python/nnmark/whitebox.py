@@ -234,7 +234,8 @@ def reduce_cpu(key, batch: torch.Tensor) -> np.ndarray | None:
     C = a.shape[0]
     if key.reduction == "flat":
         return a.reshape(C, -1)
-    m = a.mean(axis=1)  # filter_mean: over out-channels, as reduce_carrier
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported per carrier, not warned
+        m = a.mean(axis=1)  # filter_mean: over out-channels, as reduce_carrier
     if key.order == "keras" and m.ndim > 2:
         m = np.moveaxis(m, 1, -1)  # (in, kh, kw) -> (kh, kw, in)
     return np.ascontiguousarray(m.reshape(C, -1))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ._data import batches
+from .data import batches
 
 
 class ChannelStats:

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from ._data import batches
+from .activations import channel_activations
+from .data import batches
 from .finetune import (check_data, check_int, check_model, check_optimizer, check_positive, module_named,
                        resolve_device, seeded, train)
 
@@ -140,11 +141,6 @@ def fine_prune(model: torch.nn.Module, data: Any, layer: str | None = None, frac
                          "or linear module with a weight parameter")
     # Read for the probe, the statistics and each epoch: a one-shot iterator will not do.
     check_data(data, epochs + 2)
-    from .. import attacks as _pkg  # at call time: the statistics op lives in a sibling module
-
-    stats_fn = getattr(_pkg, "channel_activations", None)
-    if stats_fn is None:
-        raise RuntimeError("nnmark.attacks.channel_activations is not available (nnmark.attacks.activations)")
     device = resolve_device(model, device)
 
     channels = int(mod.weight.shape[0])
@@ -153,7 +149,7 @@ def fine_prune(model: torch.nn.Module, data: Any, layer: str | None = None, frac
         x0 = x0.to(mod.weight.dtype)
     bn_name, relu_name = _followers(model, mod, x0)
     measured_at = relu_name if activation == "relu" and relu_name is not None else layer
-    stats = stats_fn(model, measured_at, data, batch_size=batch_size, device=device)
+    stats = channel_activations(model, measured_at, data, batch_size=batch_size, device=device)
     mean = torch.as_tensor(stats.mean).detach().double().cpu().flatten()
     if mean.numel() != channels:
         raise ValueError(f"channel statistics of {measured_at!r} have {mean.numel()} channels, "

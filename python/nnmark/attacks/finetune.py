@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from ._data import batches, check_pair, is_pair
+from .data import batches, check_pair, is_pair
 
 MODES = ("FTLL", "FTAL", "RTLL", "RTAL")
 OPTIMIZERS = ("sgd", "adam")

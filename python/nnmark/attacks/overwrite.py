@@ -20,7 +20,7 @@ from ..keys import SECRET_BYTES, DenseKey, WhiteBoxKey, WhiteBoxKeyBase
 from ..stats import binomial_p_value
 from ..triggers import TriggerKey, TriggerMixer
 from ..whitebox import Uchida
-from ._data import check_pair, is_pair
+from .data import check_pair, is_pair
 from .finetune import (check_data, check_int, check_model, check_optimizer, check_positive, resolve_device, seeded,
                        train)
 

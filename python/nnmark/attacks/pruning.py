@@ -22,7 +22,8 @@ class PruneRecord:
     tensors: list[str] = field(default_factory=list)
 
 
-def _prunable(model: torch.nn.Module, names):
+def prunable(model: torch.nn.Module, names):
+    """(names, tensors) of the weights pruning touches: ``names``, or every conv and linear weight."""
     params = dict(model.named_parameters())
     if names is None:  # conv and linear weights, as in the literature (biases and norms stay)
         names = [n for n, p in params.items() if n.endswith("weight") and p.dim() >= 2]
@@ -51,7 +52,7 @@ def prune_magnitude(model: torch.nn.Module, sparsity: float = 0.5, scope: str = 
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     if scope not in ("global", "layer"):
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
-    names, tensors = _prunable(model, names)
+    names, tensors = prunable(model, names)
     total = sum(t.numel() for t in tensors)
     record = PruneRecord("prune_magnitude", sparsity, scope, total, 0, tensors=list(names))
     groups = [(names, tensors)] if scope == "global" else [([n], [t]) for n, t in zip(names, tensors)]

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .pruning import _prunable
+from .pruning import prunable
 
 
 @dataclass
@@ -25,7 +25,7 @@ def quantize(model: torch.nn.Module, bits: int = 5, names=None) -> WeightAttackR
     Lukas et al.'s SoK uses 5 bits)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
         raise ValueError(f"bits must be an int in [2, 16], got {bits!r}")
-    names, tensors = _prunable(model, names)
+    names, tensors = prunable(model, names)
     rec = WeightAttackRecord("quantize", float(bits), list(names))
     levels = 2 ** (bits - 1) - 1
     for t in tensors:
@@ -46,7 +46,7 @@ def gaussian_noise(model: torch.nn.Module, std: float = 0.01, relative: bool = T
     std = float(std)
     if not std >= 0 or std != std or std == float("inf"):
         raise ValueError(f"std must be a finite number >= 0, got {std!r}")
-    names, tensors = _prunable(model, names)
+    names, tensors = prunable(model, names)
     rec = WeightAttackRecord("gaussian_noise", std, list(names))
     g = torch.Generator().manual_seed(seed) if seed is not None else None
     for t in tensors:

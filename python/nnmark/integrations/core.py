@@ -121,6 +121,11 @@ class Embedding:
         """The penalty of the last step (a float; None before the first)."""
         return None if self._last is None else float(self._last)
 
+    @property
+    def last_penalty_tensor(self) -> torch.Tensor | None:
+        """The penalty of the last step as a 0-d tensor on its device (no host sync; None before the first)."""
+        return self._last
+
     def carriers(self, model: torch.nn.Module) -> list[torch.Tensor]:
         return [r.parameter(model) for r in self.regularizers]
 

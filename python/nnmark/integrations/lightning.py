@@ -87,7 +87,7 @@ class WatermarkCallback(pl.Callback):
         before = self.embedding.steps
         self.embedding.add_penalty_grad(self.network(pl_module), optimizer)
         if self.log and trainer.loggers and self.embedding.steps != before:
-            pl_module.log("nnmark/penalty", self.embedding._last.float(), on_step=True, prog_bar=False,
+            pl_module.log("nnmark/penalty", self.embedding.last_penalty_tensor.float(), on_step=True, prog_bar=False,
                           logger=True, sync_dist=False)
 
     def state_dict(self) -> dict[str, Any]:

@@ -57,34 +57,53 @@ def scan(keys, paths, *, ledger=None, alpha: float = 1e-6, arch=None, device=Non
          manifest: str | os.PathLike | None = None, rescan: bool = False, null_rate: float | None = None,
          exclude: Iterable[str] = (), keep_rows: bool = True, max_problems: int = 50,
          ray: str | None = None) -> ScanResult:
-    """Verify ``keys`` in every checkpoint under ``paths``; one row per (file, key).
+    """Verifies ``keys`` in every checkpoint under ``paths``: one row per (file, key).
 
-    ``keys``: key objects or key files (white-box and trigger keys). ``paths``: files,
-    folders (recursive) and glob patterns (see :func:`expand_paths`). ``ledger``: an
-    SQLite file (created if missing; a re-run skips unchanged files), a
-    :class:`~nnmark.ledger.Ledger`, or None (in memory). ``arch``: the model factory
-    trigger keys need. ``device``: where carriers are projected / models run.
-    ``workers``: loader threads (default: the CPU count, 2 to 8; with two or more, the
-    interpreter's thread switch interval is 100 us while the scan runs, then the
-    caller's again: see SCAN_SWITCH_INTERVAL). ``batch_size``: files
-    per batch (one ledger transaction, one native call per key and carrier shape;
-    default 256, or 100 files per task with ``ray``).
-    ``json_out``: a text stream that gets one JSON object per file. ``progress``: a bar
-    on stderr. ``manifest``: a file from :func:`write_manifest`; each file is then read and
-    hashed whole (none is skipped: size and mtime cannot vouch for unchanged bytes) and
-    flagged ``changed`` when it differs, ``unlisted`` when the manifest lacks it.
-    ``rescan``: ignore the ledger's rows. ``exclude``: glob patterns of files to leave
-    out. ``keep_rows=False`` keeps only the summary and the first ``max_problems`` rows
-    that could not be checked (for scans of millions of files).
+    Args:
+        keys: key objects or key file paths (white-box and trigger keys), one or a list.
+        paths: files, folders (walked recursively; hidden entries skipped) and glob
+            patterns (see :func:`expand_paths`).
+        ledger: an SQLite file (created if missing; a re-run skips unchanged files), a
+            :class:`~nnmark.ledger.Ledger`, or None (in memory).
+        alpha: significance level: a (file, key) verifies iff its p-value <= alpha.
+        arch: the model factory trigger keys need (a callable or ``"module:function"``).
+        device: where carriers are projected / models run (default: the CPU).
+        workers: loader threads (default: the CPU count, 2 to 8). With two or more, the
+            interpreter's thread switch interval is 100 us while the scan runs, then the
+            caller's again (see :data:`nnmark.scan.local.SCAN_SWITCH_INTERVAL`).
+        batch_size: files per batch: one ledger transaction, one native call per key and
+            carrier shape (default 256, or 100 files per task with ``ray``).
+        json_out: a text stream that gets one JSON object per (file, key): the row, as
+            ``nnmark verify --json`` prints it (:func:`nnmark.rows.row_json`).
+        progress: a progress bar on stderr.
+        manifest: a file from :func:`write_manifest`: each file is then read and hashed
+            whole (none is skipped: size and mtime cannot vouch for unchanged bytes) and
+            flagged ``changed`` when it differs, ``unlisted`` when the manifest lacks it.
+        rescan: ignore the ledger's rows (check every file again).
+        null_rate: the chance match rate under the null (default 1/2 per bit,
+            1/num_classes per trigger).
+        exclude: glob patterns of files to leave out (matched on the name and the path).
+        keep_rows: False keeps only the summary and the first ``max_problems`` rows that
+            could not be checked (for scans of millions of files).
+        max_problems: how many rows that could not be checked the result keeps.
+        ray: run the batches as Ray tasks (``pip install "nnmark[ray]"``): ``"auto"``
+            connects to the running cluster (``RAY_ADDRESS`` or ``ray start``'s), else
+            starts Ray on this machine; any other string is a cluster address
+            (``"ray://head:10001"``, ``"head:6379"``). Keys must then be key file paths,
+            and workers read the key files and the checkpoints at the same paths as this
+            process (a shared filesystem): keys are secrets and never travel. Rows land in
+            this process's ledger as tasks finish, the rows a local scan writes (see
+            :mod:`nnmark.scan.ray_backend`); ``json_out`` gets them in the order tasks
+            finish; ``workers`` is not used.
 
-    ``ray``: run the batches as Ray tasks (``pip install "nnmark[ray]"``): ``"auto"``
-    connects to the running cluster (``RAY_ADDRESS`` or ``ray start``'s), else starts
-    Ray on this machine; any other string is a cluster address (``"ray://head:10001"``,
-    ``"head:6379"``). Keys must then be key file paths, and workers read the key files
-    and the checkpoints at the same paths as this process (a shared filesystem): keys
-    are secrets and never travel. Rows land in this process's ledger as tasks finish,
-    the same rows a local scan writes (see :mod:`nnmark.scan_ray`); ``json_out`` gets
-    the files in the order their tasks finish; ``workers`` is not used."""
+    Returns:
+        A :class:`ScanResult`: ``rows`` (one dict per (file, key), in scan order),
+        ``summary`` (counts by status and key, rates, ``exit_code``), ``problems``.
+
+    Raises:
+        ValueError: a bad argument, an unusable ledger or manifest, an ``arch`` that
+            cannot be imported. A bad checkpoint never raises: it gets a row.
+    """
     key_files = None
     if ray is not None:
         from .ray_backend import check_address, key_file_paths
