@@ -1,8 +1,11 @@
-"""An independent implementation of key specification v1 (DESIGN.md §4), for tests.
+"""An independent implementation of spec v1, for tests.
 
-Written from the design document alone -- it deliberately does not import
-``nnmark`` (nor ``nnmark._reference``), so a mistake shared by the library and
-its own reference cannot hide here.
+Written from the specification alone -- it deliberately does not import ``nnmark``
+(nor ``nnmark._reference``), so a mistake shared by the library and its own
+reference cannot hide here. Only numpy and the standard library (hashlib, json,
+base64, fractions).
+
+From the design document (DESIGN.md §4, key specification v1):
 
 - Philox4x32-10 (Random123): a scalar version on Python ints and a vectorised
   one on numpy uint64 arrays holding 32-bit values.
@@ -12,11 +15,25 @@ its own reference cannot hide here.
   small in memory.
 - The subkey: SHA-256(secret || b"nnmark:projection:v1:" || carrier UTF-8),
   k0/k1 the little-endian uint32 of bytes 0:4 / 4:8.
+
+From the public specification docs/spec.md (the second half of this file):
+
+- key files: parsing and checks in the order of §2.3, the canonical-JSON checksum;
+- key ids of every kind, message bits, the reductions (torch and Keras order),
+  extraction and the embedding penalty of white-box and dense keys;
+- the verdict statistics in exact rational arithmetic;
+- the trigger sets of every kind: keyed SHAKE-256 streams, the portable float64
+  sin/cos/exp/log, abstract images, the content stamp, noise, unrelated samples,
+  normalisation, and the visiting order.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
+import re
 import struct
+from fractions import Fraction
 
 import numpy as np
 
@@ -132,3 +149,390 @@ KNOWN_ANSWERS = [
     ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
      (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
 ]
+
+
+# ==================================================================================
+# The rest of spec v1, written from docs/spec.md (still no nnmark import): key files
+# and their checksum, key ids, message bits, reductions, extraction, the verdict
+# statistics (exact rationals) and the trigger sets of every kind.
+# ==================================================================================
+KEY_FORMAT = "nnmark-key"
+KEY_VERSION = 1
+KEY_ID_DOMAIN = b"nnmark:key-id:v1:"
+MESSAGE_DOMAIN = b"nnmark:message:v1:"
+TRIGGER_DOMAIN = b"nnmark:trigger:v1:"
+TRIGGER_KEY_ID_DOMAIN = b"nnmark:trigger:v1:key-id"
+TRIGGER_KINDS = ("abstract", "content", "noise", "unrelated")
+WARNING = "SECRET: whoever holds this file can verify and remove this watermark. Keep it private."
+
+
+class SpecKeyError(ValueError):
+    """A key file that spec v1 rejects."""
+
+
+# ------------------------------------------------------------------ key files (spec §2)
+def canonical_json(body: dict) -> bytes:
+    """§2.2: every member but "checksum", sorted, no whitespace, ASCII escapes, repr floats."""
+    rest = {k: v for k, v in body.items() if k != "checksum"}
+    return json.dumps(rest, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+def checksum(body: dict) -> str:
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+def minified_without_checksum(text: str) -> bytes:
+    """§2.2's shortcut for files nnmark wrote: the text with the whitespace between
+    tokens removed and the checksum member dropped (a tiny tokenizer, not the json module)."""
+    out, i, in_str = [], 0, False
+    while i < len(text):
+        ch = text[i]
+        if in_str:
+            out.append(ch)
+            if ch == "\\":
+                out.append(text[i + 1])
+                i += 1
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+            out.append(ch)
+        elif ch not in " \t\r\n":
+            out.append(ch)
+        i += 1
+    s = "".join(out)
+    # "checksum" sorts before the always-present "created", so it is never the last member
+    s, count = re.subn(r'"checksum":"[0-9a-f]*",', "", s, count=1)
+    assert count == 1, "no checksum member"
+    return s.encode("ascii")
+
+
+def whitebox_key_id(secret: bytes) -> str:
+    return hashlib.sha256(KEY_ID_DOMAIN + bytes(secret)).hexdigest()[:16]
+
+
+def dense_key_id(matrix) -> str:
+    return hashlib.sha256(KEY_ID_DOMAIN + np.ascontiguousarray(matrix, dtype="<f4").tobytes()).hexdigest()[:16]
+
+
+def trigger_key_id(secret: bytes) -> str:
+    return hashlib.sha256(TRIGGER_KEY_ID_DOMAIN + b"\x00" + bytes(secret)).hexdigest()[:16]
+
+
+def message_bits(message, n: int) -> np.ndarray:
+    """§4.1: the first n bits, MSB first, of SHAKE-256(domain || UTF-8 message)."""
+    m = message.encode("utf-8") if isinstance(message, str) else bytes(message)
+    if not m:
+        raise ValueError("empty message")
+    digest = hashlib.shake_256(MESSAGE_DOMAIN + m).digest((n + 7) // 8)
+    return np.array([(digest[t >> 3] >> (7 - (t & 7))) & 1 for t in range(n)], dtype=np.uint8)
+
+
+def _bits(body: dict) -> np.ndarray:
+    s = body["bits"]
+    if not isinstance(s, str) or set(s) - {"0", "1"} or len(s) != body["num_bits"] or not s:
+        raise SpecKeyError("bits must be a bit string of num_bits characters")
+    return np.frombuffer(s.encode("ascii"), dtype=np.uint8) - ord("0")
+
+
+def _secret(body: dict) -> bytes:
+    secret = bytes.fromhex(body["secret"])
+    if len(secret) != 32:
+        raise SpecKeyError("secret must be 32 bytes")
+    return secret
+
+
+def _f32(b64: str, shape) -> np.ndarray:
+    raw = base64.b64decode(b64, validate=True)
+    shape = tuple(int(s) for s in shape)
+    if len(raw) != 4 * int(np.prod(shape)):
+        raise SpecKeyError("float32 blob has the wrong length")
+    return np.frombuffer(raw, dtype="<f4").reshape(shape)
+
+
+def _channels(value, c: int):
+    if value is None:
+        return None
+    vals = [float(v) for v in value]
+    if len(vals) not in (1, c):
+        raise SpecKeyError("mean/std need 1 or C values")
+    return vals * c if len(vals) == 1 else vals
+
+
+def parse_key_file(data: bytes) -> dict:
+    """Reads a key file as §2.3 says; returns its members decoded (secret as bytes,
+    bits as uint8, matrix/samples as float32 arrays, tuples for shapes)."""
+    if not data.strip():
+        raise SpecKeyError("empty key file")
+    try:
+        body = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise SpecKeyError("not JSON") from None
+    if not isinstance(body, dict) or body.get("format") != KEY_FORMAT:
+        raise SpecKeyError("not an nnmark key file")
+    if type(body.get("version")) is not int or body["version"] != KEY_VERSION:
+        raise SpecKeyError(f"version {body.get('version')!r}")
+    if body.get("checksum") != checksum(body):
+        raise SpecKeyError("checksum")
+    kind = body.get("kind")
+    key = {"kind": kind, "key_id": body.get("key_id")}
+    if kind in ("whitebox", "whitebox-dense"):
+        if body["reduction"] not in ("filter_mean", "flat") or not body["carrier"]:
+            raise SpecKeyError("bad carrier or reduction")
+        key.update(carrier=body["carrier"], reduction=body["reduction"], bits=_bits(body),
+                   shape=tuple(body["shape"]) if body["shape"] is not None else None)
+        if kind == "whitebox":
+            key.update(secret=_secret(body), order="torch")
+            want = whitebox_key_id(key["secret"])
+        else:
+            if body["order"] not in ("torch", "keras"):
+                raise SpecKeyError("bad order")
+            m = _f32(body["matrix"], body["matrix_shape"])
+            if m.ndim != 2 or m.shape[0] != len(key["bits"]) or not np.isfinite(m).all():
+                raise SpecKeyError("bad matrix")
+            key.update(matrix=m, order=body["order"])
+            want = dense_key_id(m)
+    elif kind == "trigger":
+        tk = body["trigger_kind"]
+        if tk not in TRIGGER_KINDS:
+            raise SpecKeyError("bad trigger_kind")
+        shape = tuple(int(s) for s in body["input_shape"])
+        if not 1 <= len(shape) <= 3 or min(shape) < 1 or body["n"] < 1 or body["num_classes"] < 2:
+            raise SpecKeyError("bad n, num_classes or input_shape")
+        lo, hi = (float(v) for v in body["value_range"])
+        if not lo < hi:
+            raise SpecKeyError("bad value_range")
+        c = chw(shape)[0]
+        key.update(secret=_secret(body), trigger_kind=tk, n=body["n"], num_classes=body["num_classes"],
+                   input_shape=shape, value_range=(lo, hi), mean=_channels(body["mean"], c),
+                   std=_channels(body["std"], c), noise_std=float(body["noise_std"]), target=body["target"])
+        if key["std"] is not None and min(key["std"]) <= 0:
+            raise SpecKeyError("std must be > 0")
+        if tk == "abstract":
+            if body["samples"] is not None or body["target"] is not None:
+                raise SpecKeyError("abstract keys have no samples and no target")
+            key["samples"] = None
+        else:
+            if list(body["samples_shape"]) != [body["n"], *shape]:
+                raise SpecKeyError("samples_shape")
+            key["samples"] = _f32(body["samples"], body["samples_shape"])
+            if not 0 <= body["target"] < body["num_classes"]:
+                raise SpecKeyError("target")
+        want = trigger_key_id(key["secret"])
+    else:
+        raise SpecKeyError(f"unknown kind {kind!r}")
+    if body.get("key_id") != want:
+        raise SpecKeyError("key_id does not match")
+    return key
+
+
+# ------------------------------------------------------------------ white-box (spec §4)
+def reduce(weight, reduction: str, order: str = "torch") -> np.ndarray:
+    """§4.2 in float64: filter_mean (torch or keras element order) or flat."""
+    w = np.asarray(weight, dtype=np.float64)
+    if reduction == "flat":
+        return w.reshape(-1).copy()
+    out = w.shape[0]
+    m = w.reshape(out, -1).sum(axis=0).reshape(w.shape[1:]) / out
+    if order == "keras" and m.ndim > 1:
+        m = np.moveaxis(m, 0, -1)  # (in, k1, ..., kr) -> (k1, ..., kr, in)
+    return np.ascontiguousarray(m).reshape(-1)
+
+
+def projections(key: dict, weight) -> np.ndarray:
+    v = reduce(weight, key["reduction"], key["order"])
+    T = len(key["bits"])
+    if key["kind"] == "whitebox":
+        return forward(v, subkey(key["secret"], key["carrier"]), T)
+    return key["matrix"].astype(np.float64) @ v
+
+
+def extract_bits(key: dict, weight) -> np.ndarray:
+    return (projections(key, weight) > 0).astype(np.uint8)
+
+
+def penalty(key: dict, weight, strength: float) -> float:
+    p = projections(key, weight)
+    b = key["bits"].astype(np.float64)
+    return float(strength * np.sum(np.logaddexp(0.0, p) - b * p))
+
+
+# ------------------------------------------------------------------ verdicts (spec §6)
+def binomial_sf(matches: int, n: int, p0: Fraction) -> Fraction:
+    """Exact P[Binomial(n, p0) >= matches] as a rational."""
+    from math import comb
+
+    q = 1 - p0
+    return sum((comb(n, k) * p0 ** k * q ** (n - k) for k in range(max(matches, 0), n + 1)), Fraction(0))
+
+
+def binomial_threshold(n: int, alpha, p0: Fraction) -> int:
+    alpha = Fraction(alpha)
+    for m in range(n + 1):
+        if binomial_sf(m, n, p0) <= alpha:
+            return m
+    return n + 1
+
+
+# ------------------------------------------------------------------ trigger sets (spec §5)
+def stream(secret: bytes, name: str, k: int) -> bytes:
+    return hashlib.shake_256(TRIGGER_DOMAIN + name.encode("ascii") + b"\x00" + bytes(secret)).digest(k)
+
+
+def words(secret: bytes, name: str, count: int) -> list[int]:
+    s = stream(secret, name, 8 * count)
+    return [int.from_bytes(s[8 * i:8 * i + 8], "little") for i in range(count)]
+
+
+def uniforms(secret: bytes, name: str, count: int) -> np.ndarray:
+    return np.array([(w >> 11) * 2.0 ** -53 for w in words(secret, name, count)], dtype=np.float64)
+
+
+def permutation(secret: bytes, name: str, n: int) -> list[int]:
+    w = words(secret, name, max(n, 1))
+    perm = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = w[i] % (i + 1)
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+TWO_PI = float.fromhex("0x1.921fb54442d18p+2")
+LN2 = float.fromhex("0x1.62e42fefa39efp-1")
+INV_TWO_PI = 1.0 / TWO_PI
+INV_LN2 = 1.0 / LN2
+HALF_PI = 0.25 * TWO_PI
+
+
+def p_sin(x):
+    x = np.asarray(x, dtype=np.float64)
+    k = np.floor(x * INV_TWO_PI + 0.5)
+    r = x - k * TWO_PI
+    r2 = r * r
+    acc = np.ones_like(r)
+    for j in range(13, 0, -1):
+        acc = 1.0 - (acc * r2) / float(2 * j * (2 * j + 1))
+    return r * acc
+
+
+def p_cos(x):
+    return p_sin(np.asarray(x, dtype=np.float64) + HALF_PI)
+
+
+def p_exp(x):
+    x = np.maximum(np.asarray(x, dtype=np.float64), -700.0)
+    k = np.floor(x * INV_LN2 + 0.5)
+    r = x - k * LN2
+    acc = np.ones_like(r)
+    for j in range(20, 0, -1):
+        acc = 1.0 + (acc * r) / float(j)
+    return np.ldexp(acc, k.astype(np.int64))
+
+
+def p_log(u):
+    m, e = np.frexp(np.asarray(u, dtype=np.float64))
+    s = (m - 1.0) / (m + 1.0)
+    s2 = s * s
+    acc = np.zeros_like(s)
+    for j in range(30, -1, -1):
+        acc = (1.0 / float(2 * j + 1)) + acc * s2
+    return (2.0 * s) * acc + e.astype(np.float64) * LN2
+
+
+def gaussians(secret: bytes, name: str, count: int) -> np.ndarray:
+    u = uniforms(secret, name, 2 * count)
+    return np.sqrt(-2.0 * p_log(1.0 - u[0::2])) * p_cos(TWO_PI * u[1::2])
+
+
+def chw(shape) -> tuple[int, int, int]:
+    shape = tuple(shape)
+    return {1: lambda: (1, 1, shape[0]), 2: lambda: (1, shape[0], shape[1]), 3: lambda: shape}[len(shape)]()
+
+
+def _abstract(key: dict) -> np.ndarray:
+    n, (C, H, W) = key["n"], chw(key["input_shape"])
+    lo, hi = key["value_range"]
+    u = uniforms(key["secret"], "abstract", 20 * n * C).reshape(n, C, 20)
+    yy = ((np.arange(H) + 0.5) / H)[:, None]  # [H, 1]
+    xx = ((np.arange(W) + 0.5) / W)[None, :]  # [1, W]
+    out = np.empty((n, C, H, W))
+    for m in range(n):
+        for c in range(C):
+            prm = u[m, c]
+            v = np.zeros((H, W))
+            for k in range(3):
+                f, a, ph, amp = prm[4 * k:4 * k + 4]
+                freq = 0.5 + 2.0 * f
+                ang = TWO_PI * a
+                arg = (TWO_PI * freq) * (xx * p_cos(ang) + yy * p_sin(ang)) + TWO_PI * ph
+                v = v + (0.3 + 0.7 * amp) * p_sin(arg)
+            for k in range(2):
+                cy, cx, wd, amp = prm[12 + 4 * k:16 + 4 * k]
+                sigma = 0.1 + 0.25 * wd
+                d2 = (yy - cy) * (yy - cy) + (xx - cx) * (xx - cx)
+                v = v + (3.0 * amp - 1.5) * p_exp(-d2 / ((2.0 * sigma) * sigma))
+            out[m, c] = v
+        vmin, vmax = out[m].min(), out[m].max()
+        span = vmax - vmin if vmax > vmin else 1.0
+        out[m] = np.minimum(np.maximum(lo + (hi - lo) * ((out[m] - vmin) / span), lo), hi)
+    return out.reshape(n, *key["input_shape"])
+
+
+def content_patch(key: dict):
+    """§5.5: (r0, c0, ph, pw, bits [C, ph, pw] as uint8)."""
+    C, H, W = chw(key["input_shape"])
+    ph = min(H, max(2, round(H / 4)))  # Python's round: half to even
+    pw = min(W, max(2, round(W / 4)))
+    w0, w1 = words(key["secret"], "content-place", 2)
+    r0, c0 = w0 % (H - ph + 1), w1 % (W - pw + 1)
+    nb = C * ph * pw
+    s = stream(key["secret"], "content-bits", (nb + 7) // 8)
+    bits = np.array([(s[t >> 3] >> (7 - (t & 7))) & 1 for t in range(nb)], dtype=np.uint8)
+    if bits.all() or not bits.any():
+        bits[0] ^= 1
+    return r0, c0, ph, pw, bits.reshape(C, ph, pw)
+
+
+def trigger_raw(key: dict) -> np.ndarray:
+    """The raw trigger inputs, float64 [n, *input_shape] (§5.4-§5.7)."""
+    if key["trigger_kind"] == "abstract":
+        return _abstract(key)
+    lo, hi = key["value_range"]
+    x = np.minimum(np.maximum(key["samples"].astype(np.float64), lo), hi)
+    if key["trigger_kind"] == "content":
+        C, H, W = chw(key["input_shape"])
+        r0, c0, ph, pw, bits = content_patch(key)
+        x = x.reshape(key["n"], C, H, W).copy()
+        x[:, :, r0:r0 + ph, c0:c0 + pw] = np.where(bits == 1, hi, lo)
+        x = x.reshape(key["samples"].shape)
+    elif key["trigger_kind"] == "noise":
+        g = gaussians(key["secret"], "noise", x.size).reshape(x.shape)
+        x = np.minimum(np.maximum(x + g * (key["noise_std"] * (hi - lo)), lo), hi)
+    return x
+
+
+def trigger_labels(key: dict) -> np.ndarray:
+    if key["trigger_kind"] == "abstract":
+        return np.array([w % key["num_classes"] for w in words(key["secret"], "labels", key["n"])], dtype=np.int64)
+    return np.full(key["n"], key["target"], dtype=np.int64)
+
+
+def normalise(key: dict, raw: np.ndarray) -> np.ndarray:
+    """§5.8 in float64 (round to float32 afterwards, once)."""
+    if key["mean"] is None and key["std"] is None:
+        return raw
+    C, H, W = chw(key["input_shape"])
+    mean = np.array(key["mean"] if key["mean"] is not None else [0.0] * C).reshape(1, C, 1, 1)
+    std = np.array(key["std"] if key["std"] is not None else [1.0] * C).reshape(1, C, 1, 1)
+    return ((raw.reshape(-1, C, H, W) - mean) / std).reshape(raw.shape)
+
+
+def trigger_set(key: dict) -> dict:
+    """Everything §5 regenerates: raw (float64), raw32 and x (float32), labels (int64)."""
+    raw = trigger_raw(key)
+    return {"raw": raw, "raw32": raw.astype("<f4"), "x": normalise(key, raw).astype("<f4"),
+            "labels": trigger_labels(key)}
+
+
+def trigger_order(key: dict, epoch: int) -> list[int]:
+    return permutation(key["secret"], f"order:{int(epoch)}", key["n"])

@@ -1,0 +1,316 @@
+"""Computes the known-answer vectors of docs/spec.md with the installed nnmark package.
+
+    python tests/make_spec_vectors.py            # print every vector block
+    python tests/make_spec_vectors.py --write    # rewrite the blocks in docs/spec.md in place
+
+In docs/spec.md each vector is a fenced ```json block right after a marker line
+``<!-- kat:NAME -->``; ``--write`` replaces the block's contents and nothing else,
+so every number in the document comes from running code. tests/test_spec.py reads
+the blocks back and checks them against the package and against tests/_spec.py.
+Key files are written by the package itself, with the clock fixed to CREATED.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+
+import nnmark
+from nnmark import keys as _keys
+from nnmark import triggers as _triggers
+
+SPEC = Path(__file__).resolve().parent.parent / "docs" / "spec.md"
+CREATED = "2025-01-01T00:00:00+00:00"
+SECRET = bytes(range(32))
+PHILOX = [  # DESIGN.md section 4
+    (("00000000",) * 4, ("00000000",) * 2),
+    (("ffffffff",) * 4, ("ffffffff",) * 2),
+    (("243f6a88", "85a308d3", "13198a2e", "03707344"), ("a4093822", "299f31d0")),
+]
+
+
+@contextmanager
+def fixed_clock():
+    class _Clock(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.fromisoformat(CREATED).astimezone(tz)
+
+    with mock.patch.object(_keys, "datetime", _Clock):
+        yield
+
+
+def saved_text(key) -> str:
+    with tempfile.TemporaryDirectory() as d, fixed_clock():
+        return key.save(Path(d) / "k.key").read_text()
+
+
+def f32_sha(a) -> str:
+    a = a.numpy() if isinstance(a, torch.Tensor) else a
+    return hashlib.sha256(np.ascontiguousarray(a, dtype="<f4").tobytes()).hexdigest()
+
+
+def f64_sha(a) -> str:
+    a = a.numpy() if isinstance(a, torch.Tensor) else a
+    return hashlib.sha256(np.ascontiguousarray(a, dtype="<f8").tobytes()).hexdigest()
+
+
+def bitstring(bits) -> str:
+    return "".join(str(int(b)) for b in bits)
+
+
+# The tensors of the examples, from formulas (tests/test_spec.py builds them the same way).
+def whitebox_carrier() -> np.ndarray:
+    o, c, i, j = np.indices((4, 3, 3, 3))
+    return (((o * 29 + c * 13 + i * 7 + j * 3) % 17 - 8) / 8).astype(np.float32)
+
+
+def dense_matrix() -> np.ndarray:
+    t, i = np.indices((24, 12))
+    return (((13 * t + 7 * i + t * i * i) % 29 - 14) / 8).astype(np.float32)
+
+
+def dense_carrier() -> np.ndarray:
+    o, c, i, j = np.indices((2, 3, 2, 2))
+    return (((o * 7 + c * 5 + i * 3 + j) % 13 - 6) / 4).astype(np.float32)
+
+
+def samples(shape) -> np.ndarray:
+    k = np.arange(int(np.prod(shape)))
+    return ((k * 37 % 101) / 100.0).reshape(shape).astype(np.float32)
+
+
+TRIGGER_EXAMPLES = {
+    # name: constructor arguments (secret is SECRET; samples from samples(samples_shape))
+    "abstract": dict(kind="abstract", n=6, num_classes=10, input_shape=[1, 8, 8], value_range=[0.0, 1.0],
+                     mean=[0.5], std=[0.25]),
+    "abstract-rgb": dict(kind="abstract", n=3, num_classes=10, input_shape=[3, 5, 7], value_range=[-1.0, 2.0],
+                         mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3]),
+    "content": dict(kind="content", n=6, num_classes=10, target=7, samples_shape=[6, 1, 8, 8],
+                    value_range=[0.0, 1.0], mean=[0.5], std=[0.25]),
+    "content-rgb": dict(kind="content", n=3, num_classes=5, target=2, samples_shape=[3, 3, 10, 6],
+                        value_range=[-1.0, 1.0], mean=[0.1, 0.2, 0.3], std=[0.5, 0.6, 0.7]),
+    "noise": dict(kind="noise", n=6, num_classes=10, target=7, samples_shape=[6, 1, 8, 8],
+                  value_range=[0.0, 1.0], mean=[0.5], std=[0.25], noise_std=0.25),
+    "unrelated": dict(kind="unrelated", n=6, num_classes=10, target=7, samples_shape=[6, 1, 8, 8],
+                      value_range=[0.0, 1.0], mean=[0.5], std=[0.25]),
+}
+
+
+def trigger_key(params: dict) -> nnmark.TriggerKey:
+    p = dict(params)
+    shape = p.pop("samples_shape", None)
+    return nnmark.TriggerKey(SECRET, samples=samples(shape) if shape is not None else None, **p)
+
+
+# ---------------------------------------------------------------------------- the vectors
+def vectors() -> dict[str, object]:
+    v: dict[str, object] = {}
+
+    # Philox4x32-10 (DESIGN.md section 4), computed by the package
+    v["philox"] = [{"counter": list(c), "key": list(k),
+                    "output": [f"{w:08x}" for w in nnmark.philox4x32_10([int(x, 16) for x in c],
+                                                                        [int(x, 16) for x in k])]}
+                   for c, k in PHILOX]
+
+    # subkey
+    carrier = "features.0.weight"
+    key = nnmark.WhiteBoxKey(SECRET, carrier, [0, 1] * 16)
+    d = hashlib.sha256(SECRET + b"nnmark:projection:v1:" + carrier.encode()).hexdigest()
+    k0, k1 = key.subkey()
+    v["subkey"] = {"secret": SECRET.hex(), "carrier": carrier, "sha256": d, "k0": f"{k0:08x}", "k1": f"{k1:08x}"}
+
+    # projection: Philox words of a few (column, block) counters and X entries
+    cols = [0, 1, 2, 4294967297]
+    words = {}
+    for i in cols:
+        for b in (0, 1):
+            out = nnmark.philox4x32_10([i & 0xFFFFFFFF, i >> 32, b, 0], [k0, k1])
+            words[f"{i},{b}"] = [f"{w:08x}" for w in out]
+    column_bits = {}
+    for i in cols:
+        bits = []
+        for t in range(256):
+            o = [int(x, 16) for x in words[f"{i},{t >> 7}"]]
+            j = t & 127
+            bits.append((o[j >> 5] >> (j & 31)) & 1)
+        column_bits[str(i)] = bitstring(bits)
+    # X[0:8, 0:16] from the native op: projecting the unit vectors e_i gives column i of X
+    eye = torch.eye(16, dtype=torch.float64)
+    X = nnmark.keyed_projection(eye, (k0, k1), 8).numpy().T  # [8, 16]
+    for i in range(3):  # the native columns agree with the Philox words above
+        assert bitstring((X[:, i] > 0).astype(int)) == column_bits[str(i)][:8]
+    v["projection"] = {"k0": f"{k0:08x}", "k1": f"{k1:08x}", "philox_words": words,
+                       "column_bits_t0_to_255": column_bits,
+                       "X_rows_0_to_7_cols_0_to_15": ["".join("+" if x > 0 else "-" for x in row) for row in X]}
+
+    # key ids
+    dkey = nnmark.DenseKey(dense_matrix(), "conv.weight", [1, 0, 0] * 8, "filter_mean", order="keras",
+                           shape=(2, 3, 2, 2))
+    v["key_id"] = {"secret": SECRET.hex(), "whitebox": key.key_id,
+                   "trigger": nnmark.TriggerKey(SECRET, "abstract", n=1).key_id,
+                   "dense_matrix_sha256": f32_sha(dense_matrix()), "dense": dkey.key_id}
+
+    # message bits
+    msg = "ACME Corp, model v3"
+    v["message_bits"] = {"message": msg, "n": 64,
+                         "shake256_8_bytes": hashlib.shake_256(b"nnmark:message:v1:" + msg.encode()).hexdigest(8),
+                         "bits": bitstring(nnmark.message_bits(msg, 64))}
+
+    # white-box key file and extraction
+    owner = nnmark.message_bits(msg, 32)
+    wkey = nnmark.WhiteBoxKey(SECRET, carrier, owner, "filter_mean", shape=(4, 3, 3, 3))
+    v["whitebox-key-file"] = saved_text(wkey)
+    w = torch.from_numpy(whitebox_carrier())
+    p = wkey.project(w.double()).numpy()
+    p32 = wkey.project(w).numpy()
+    assert np.array_equal(p, p32.astype(np.float64))  # dyadic values: exact in float32 and float64
+    assert np.array_equal(p * 32, np.round(p * 32))  # multiples of 1/32
+    bits = nnmark.extract(wkey, {carrier: w})
+    verdict = nnmark.verify(wkey, {carrier: w}, alpha=1e-6)
+    penalty = float(nnmark.Uchida(wkey, strength=0.01).penalty(_Holder(carrier, w)))
+    v["whitebox-extract"] = {
+        "carrier_shape": [4, 3, 3, 3], "carrier_sha256": f32_sha(w),
+        "reduced_first_8": [float(x) for x in wkey.reduce(w.double()).numpy()[:8]],
+        "projections_times_32": [int(x * 32) for x in p],
+        "extracted_bits": bitstring(bits), "matches": verdict.matches, "p_value": verdict.p_value,
+        "threshold_at_1e-6": verdict.threshold, "penalty_strength_0.01": penalty}
+
+    # dense key file and extraction
+    v["dense-key-file"] = saved_text(dkey)
+    dw = torch.from_numpy(dense_carrier())
+    v["dense-extract"] = {
+        "carrier_shape": [2, 3, 2, 2], "carrier_sha256": f32_sha(dw),
+        "reduced_torch_order": [float(x) for x in nnmark.DenseKey(dense_matrix(), "conv.weight", [1, 0, 0] * 8,
+                                                                   order="torch").reduce(dw.double()).numpy()],
+        "reduced_keras_order": [float(x) for x in dkey.reduce(dw.double()).numpy()],
+        "projections": [float(x) for x in dkey.project(dw.double()).numpy()],
+        "extracted_bits": bitstring(nnmark.extract(dkey, {"conv.weight": dw}))}
+
+    # keyed streams and portable math
+    v["trigger-streams"] = {
+        "secret": SECRET.hex(),
+        "labels_first_16_bytes": _triggers._stream(SECRET, "labels", 16).hex(),
+        "labels_first_2_uint64": [str(int(x)) for x in _triggers._uint64(SECRET, "labels", 2)],
+        "abstract_first_2_uniforms": [float(x).hex() for x in _triggers._uniform(SECRET, "abstract", 2)],
+        "noise_first_3_gaussians": [float(x).hex() for x in _triggers._gaussian(SECRET, "noise", 3)],
+        "order:0_first_10_of_100": [int(x) for x in _triggers._permutation(SECRET, "order:0", 100)[:10]],
+        "order:1_first_10_of_100": [int(x) for x in _triggers._permutation(SECRET, "order:1", 100)[:10]],
+        "select_first_5_of_40": [int(x) for x in _triggers._permutation(SECRET, "select", 40)[:5]],
+    }
+    xs = np.array([-10.0, -1.0, 0.1, 1.0, 2.5, 3.0, 100.0])
+    v["portable-math"] = {
+        "x": [x.hex() for x in xs],
+        "sin": [float(y).hex() for y in _triggers._sin(xs)],
+        "cos": [float(y).hex() for y in _triggers._cos(xs)],
+        "exp": [float(y).hex() for y in _triggers._exp(xs)],
+        "log": [float(y).hex() for y in _triggers._log(np.abs(xs))],
+    }
+
+    # trigger sets
+    tv = {}
+    for name, params in TRIGGER_EXAMPLES.items():
+        tk = trigger_key(params)
+        x, y = tk.triggers()
+        raw, _ = tk.triggers(normalized=False)
+        raw64, _ = tk.triggers(normalized=False, dtype=torch.float64)
+        entry = {"params": params, "key_id": tk.key_id}
+        if "samples_shape" in params:
+            entry["samples_sha256"] = f32_sha(samples(params["samples_shape"]))
+        entry.update({"labels": [int(t) for t in y], "sha256_raw_f32": f32_sha(raw), "sha256_raw_f64": f64_sha(raw64),
+                      "sha256_f32": f32_sha(x), "first_4_raw": [float(t) for t in raw64.reshape(-1)[:4]]})
+        if params["kind"] == "content":
+            r0, c0, ph, pw, pbits = tk._patch()
+            entry["patch"] = {"row": r0, "col": c0, "height": ph, "width": pw,
+                              "bits": bitstring(pbits.reshape(-1).astype(int))}
+        tv[name] = entry
+    v["trigger-sets"] = tv
+    v["trigger-key-file"] = saved_text(trigger_key(TRIGGER_EXAMPLES["abstract"]))
+
+    # verdict statistics
+    v["binomial"] = {
+        "thresholds": [{"n": n, "p0": p0s, "alpha": a, "threshold": nnmark.binomial_threshold(n, a, p0)}
+                       for n, p0s, p0, a in [(256, "1/2", 0.5, 1e-6), (100, "1/10", 0.1, 1e-6),
+                                             (64, "1/2", 0.5, 1e-6), (32, "1/2", 0.5, 1e-3),
+                                             (20, "1/2", 0.5, 1e-6), (10, "1/2", 0.5, 1e-6)]],
+        "p_values": [{"n": n, "p0": p0s, "matches": m, "p_value": nnmark.binomial_p_value(m, n, p0)}
+                     for n, p0s, p0, m in [(256, "1/2", 0.5, 167), (256, "1/2", 0.5, 166), (256, "1/2", 0.5, 0),
+                                           (100, "1/10", 0.1, 28), (100, "1/10", 0.1, 27), (32, "1/2", 0.5, 32)]],
+    }
+    return v
+
+
+class _Holder(torch.nn.Module):
+    """A module whose parameter ``carrier`` is ``w`` (for the penalty)."""
+
+    def __init__(self, carrier: str, w: torch.Tensor):
+        super().__init__()
+        mod = self
+        parts = carrier.split(".")
+        for part in parts[:-1]:
+            child = torch.nn.Module()
+            mod.add_module(part, child)
+            mod = child
+        mod.register_parameter(parts[-1], torch.nn.Parameter(w.clone()))
+
+
+# ------------------------------------------------------------------------------ formatting
+def render(value) -> str:
+    """A vector as the text of its ```json block: key files verbatim, others one field a line."""
+    if isinstance(value, str):
+        return value.rstrip("\n")
+    if isinstance(value, dict):
+        lines = [f" {json.dumps(k)}: {json.dumps(val)}" for k, val in value.items()]
+        return "{\n" + ",\n".join(lines) + "\n}"
+    return "[\n" + ",\n".join(f" {json.dumps(x)}" for x in value) + "\n]"
+
+
+BLOCK = re.compile(r"(<!-- kat:(?P<name>[\w.-]+) -->\n```json\n)(?P<body>.*?)(^```$)", re.S | re.M)
+
+
+def write(path: Path, v: dict) -> None:
+    text = path.read_text()
+    seen = set()
+
+    def sub(m):
+        name = m.group("name")
+        if name not in v:
+            raise SystemExit(f"{path}: unknown vector {name!r}")
+        seen.add(name)
+        return m.group(1) + render(v[name]) + "\n" + m.group(4)
+
+    text = BLOCK.sub(sub, text)
+    missing = set(v) - seen
+    if missing:
+        raise SystemExit(f"{path}: no block for {sorted(missing)}")
+    path.write_text(text)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true", help="rewrite the vector blocks of docs/spec.md")
+    args = ap.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        v = vectors()
+    if args.write:
+        write(SPEC, v)
+    else:
+        for name, value in v.items():
+            print(f"<!-- kat:{name} -->\n```json\n{render(value)}\n```\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
