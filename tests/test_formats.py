@@ -4,9 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import struct
-import zipfile
 
 import pytest
 import torch
@@ -14,6 +12,8 @@ from safetensors.torch import save_file
 
 from nnmark import checkpoints
 from nnmark.checkpoints import CheckpointError, open_file, read_carrier, sniff, sniff_head, tensor_sha256
+
+from _corpus import FORMATS, Evil, bad_cases, write, write_sharded
 
 CARRIER = "features.3.weight"
 
@@ -26,41 +26,6 @@ def sd():
             "steps": torch.tensor([3], dtype=torch.int64)}
 
 
-def write(path, sd, fmt):
-    path = str(path)
-    if fmt == "safetensors":
-        save_file({k: v.contiguous() for k, v in sd.items()}, path)
-    elif fmt == "torch-zip":
-        torch.save(sd, path)
-    elif fmt == "torch-legacy":
-        torch.save(sd, path, _use_new_zipfile_serialization=False)
-    elif fmt == "lightning":
-        torch.save({"epoch": 1, "state_dict": {"model." + k: v for k, v in sd.items()},
-                    "optimizer_states": [{"param_groups": [{"lr": 0.1}]}]}, path)
-    elif fmt == "module-prefix":
-        save_file({"module." + k: v.contiguous() for k, v in sd.items()}, path)
-    else:  # pragma: no cover
-        raise AssertionError(fmt)
-    return path
-
-
-def write_sharded(d, sd, shard_of):
-    """A Hugging Face sharded checkpoint in folder d: shard_of(name) -> shard index."""
-    d.mkdir(exist_ok=True)
-    shards: dict[int, dict] = {}
-    for k, v in sd.items():
-        shards.setdefault(shard_of(k), {})[k] = v
-    n = len(shards)
-    wm = {}
-    for i, part in sorted(shards.items()):
-        name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in part.items()}, str(d / name))
-        wm.update({k: name for k in part})
-    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 0}, "weight_map": wm}))
-    return str(d / "model.safetensors.index.json")
-
-
-FORMATS = ["safetensors", "torch-zip", "torch-legacy", "lightning", "module-prefix"]
 SNIFFED = {"safetensors": "safetensors", "torch-zip": "torch-zip", "torch-legacy": "torch-legacy",
            "lightning": "torch-zip", "module-prefix": "safetensors"}
 
@@ -195,19 +160,11 @@ def test_torch_files_load_weights_only_and_mapped(tmp_path, sd, monkeypatch):
     assert [c.get("mmap") for c in calls] == [True, False]  # the legacy format cannot be mapped
 
 
-class _Evil:
-    def __init__(self, target):
-        self.target = str(target)
-
-    def __reduce__(self):
-        return (os.system, (f"echo pwned > {shlex.quote(self.target)}",))
-
-
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_malicious_pickle_is_unsafe_and_never_runs(tmp_path, legacy):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
-    torch.save({CARRIER: torch.ones(4, 4, 3, 3), "payload": _Evil(marker)}, path,
+    torch.save({CARRIER: torch.ones(4, 4, 3, 3), "payload": Evil(marker)}, path,
                _use_new_zipfile_serialization=not legacy)
     with pytest.raises(CheckpointError) as exc:
         read_carrier(path, CARRIER)
@@ -216,71 +173,8 @@ def test_malicious_pickle_is_unsafe_and_never_runs(tmp_path, legacy):
     assert not marker.exists(), "loading the checkpoint ran its payload"
 
 
-def _cut(path, keep):
-    raw = open(path, "rb").read()
-    open(path, "wb").write(raw[:keep(raw)])
-
-
-def _bad_cases(tmp_path, sd):
-    """(file, expected status, expected error class) for each kind of damage."""
-    cases = []
-    p = write(tmp_path / "trunc_data.safetensors", sd, "safetensors")
-    n = struct.unpack("<Q", open(p, "rb").read(8))[0]
-    begin = json.loads(open(p, "rb").read(8 + n)[8:])[CARRIER]["data_offsets"][0]
-    _cut(p, lambda raw: 8 + n + begin + 10)  # header intact, the carrier's data cut
-    cases.append((p, "corrupt", "TruncatedFile"))
-    p = write(tmp_path / "trunc_header.safetensors", sd, "safetensors")
-    _cut(p, lambda raw: 8 + struct.unpack("<Q", raw[:8])[0] // 2)
-    cases.append((p, "corrupt", "TruncatedFile"))
-    p = tmp_path / "bad_json.safetensors"
-    p.write_bytes(struct.pack("<Q", 10) + b"{not json}" + b"\0" * 64)
-    cases.append((str(p), "corrupt", "BadHeader"))
-    p = write(tmp_path / "padded.safetensors", sd, "safetensors")
-    with open(p, "ab") as f:
-        f.write(b"\0" * 16)
-    cases.append((p, "corrupt", "TrailingBytes"))
-    p = tmp_path / "overlap.safetensors"
-    hdr = json.dumps({CARRIER: {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()
-    p.write_bytes(struct.pack("<Q", len(hdr)) + hdr + b"\0" * 12)
-    cases.append((str(p), "corrupt", "BadHeader"))
-    p = tmp_path / "lying.safetensors"
-    hdr = json.dumps({CARRIER: {"dtype": "F32", "shape": [16, 8, 3, 3], "data_offsets": [0, 100]}}).encode()
-    p.write_bytes(struct.pack("<Q", len(hdr)) + hdr + b"\0" * 100)
-    cases.append((str(p), "corrupt", "BadHeader"))
-    p = tmp_path / "empty.pt"
-    p.write_bytes(b"")
-    cases.append((str(p), "corrupt", "EmptyFile"))
-    p = tmp_path / "garbage.bin"
-    p.write_bytes(bytes(range(256)) * 8)
-    cases.append((str(p), "unsupported", "UnknownFormat"))
-    p = tmp_path / "keras.h5"
-    p.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
-    cases.append((str(p), "unsupported", "UnsupportedFormat"))
-    p = tmp_path / "other.zip"
-    with zipfile.ZipFile(p, "w") as z:
-        z.writestr("readme.txt", "hello")
-    cases.append((str(p), "unsupported", "NotTorchZip"))
-    p = write(tmp_path / "trunc.pt", sd, "torch-zip")
-    _cut(p, lambda raw: len(raw) // 2)
-    cases.append((p, "corrupt", None))
-    p = write(tmp_path / "trunc_legacy.pt", sd, "torch-legacy")
-    _cut(p, lambda raw: len(raw) // 2)
-    cases.append((p, "corrupt", None))
-    p = tmp_path / "config.pt"
-    torch.save({"epoch": 3, "lr": 0.1}, p)
-    cases.append((str(p), "unsupported", "NoStateDict"))
-    p = write(tmp_path / "other_net.safetensors", {"fc.weight": torch.ones(2, 2)}, "safetensors")
-    cases.append((p, "absent", "MissingCarrier"))
-    p = tmp_path / "amb.pt"
-    torch.save({"module." + CARRIER: torch.ones(2, 2), "model." + CARRIER: torch.ones(2, 2)}, p)
-    cases.append((str(p), "invalid", "AmbiguousCarrier"))
-    cases.append((str(tmp_path / "missing.pt"), "io_error", "FileNotFoundError"))
-    return cases
-
-
 def test_every_damage_has_a_status_and_a_class(tmp_path, sd):
-    cases = _bad_cases(tmp_path, sd)
+    cases = bad_cases(tmp_path, sd, CARRIER)
     assert len(cases) >= 13
     for path, status, cls in cases:
         with pytest.raises(CheckpointError) as exc:

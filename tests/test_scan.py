@@ -6,7 +6,6 @@ import importlib
 import io
 import json
 import os
-import shlex
 import signal
 import sqlite3
 import struct
@@ -27,6 +26,8 @@ from nnmark.cli import main
 from nnmark.ledger import FIELDS, TIMING_FIELDS, Ledger
 from nnmark.scan import expand_paths, load_manifest, scan_batch, write_manifest
 
+from _corpus import Evil, write
+
 CARRIER = "features.3.weight"
 SHAPE = (16, 16, 3, 3)
 PER_FORMAT = 20  # marked and as many unmarked files per format
@@ -37,20 +38,6 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 def _state(w, g):
     return {"features.0.weight": torch.randn(16, 1, 3, 3, generator=g), CARRIER: w,
             "features.3.bias": torch.randn(16, generator=g), "fc.weight": torch.randn(10, 16, generator=g)}
-
-
-def _save(path, sd, fmt):
-    path = str(path)
-    if fmt in ("safetensors", "module-prefix"):
-        pre = "module." if fmt == "module-prefix" else ""
-        save_file({pre + k: v.contiguous() for k, v in sd.items()}, path)
-    elif fmt == "torch-zip":
-        torch.save(sd, path)
-    elif fmt == "torch-legacy":
-        torch.save(sd, path, _use_new_zipfile_serialization=False)
-    elif fmt == "lightning":
-        torch.save({"epoch": 2, "global_step": 10, "state_dict": {"model." + k: v for k, v in sd.items()}}, path)
-    return path
 
 
 def _marked_carrier(key) -> torch.Tensor:
@@ -71,14 +58,6 @@ def _marked_carrier(key) -> torch.Tensor:
     return w
 
 
-class _Evil:
-    def __init__(self, target):
-        self.target = str(target)
-
-    def __reduce__(self):
-        return (os.system, (f"echo pwned > {shlex.quote(self.target)}",))
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """(root, keys, expected): expected[relative path] = ((status, error_class, verified) per key)."""
@@ -94,8 +73,8 @@ def corpus(tmp_path_factory):
         for i in range(PER_FORMAT):
             sub = root / fmt / ("deeper" if i % 2 else "")
             w = marked + 1e-3 * torch.randn(SHAPE, generator=g)
-            _save(sub / f"marked{i:02d}.ckpt", _state(w, g), fmt)
-            _save(sub / f"plain{i:02d}.ckpt", _state(0.1 * torch.randn(SHAPE, generator=g), g), fmt)
+            write(sub / f"marked{i:02d}.ckpt", _state(w, g), fmt)
+            write(sub / f"plain{i:02d}.ckpt", _state(0.1 * torch.randn(SHAPE, generator=g), g), fmt)
             rel = os.path.relpath(sub, root)
             exp[os.path.normpath(f"{rel}/marked{i:02d}.ckpt")] = (("ok", None, True), ("ok", None, False))
             exp[os.path.normpath(f"{rel}/plain{i:02d}.ckpt")] = ok_plain
@@ -118,18 +97,18 @@ def corpus(tmp_path_factory):
     bad = root / "bad"
     bad.mkdir()
     base = _state(0.1 * torch.randn(SHAPE, generator=g), g)
-    p = _save(bad / "trunc_header.safetensors", base, "safetensors")
+    p = write(bad / "trunc_header.safetensors", base, "safetensors")
     raw = open(p, "rb").read()
     open(p, "wb").write(raw[: 8 + struct.unpack("<Q", raw[:8])[0] // 2])
     exp["bad/trunc_header.safetensors"] = (("corrupt", "TruncatedFile", False),) * 2
-    p = _save(bad / "trunc_data.safetensors", {CARRIER: base[CARRIER], "fc.weight": base["fc.weight"]}, "safetensors")
+    p = write(bad / "trunc_data.safetensors", {CARRIER: base[CARRIER], "fc.weight": base["fc.weight"]}, "safetensors")
     n = struct.unpack("<Q", open(p, "rb").read(8))[0]
     hdr = json.loads(open(p, "rb").read(8 + n)[8:])
     cut = 8 + n + hdr[CARRIER]["data_offsets"][0] + 8
     open(p, "r+b").truncate(cut)
     # the whole file is corrupt (safetensors would refuse it), whichever tensor the cut hit
     exp["bad/trunc_data.safetensors"] = (("corrupt", "TruncatedFile", False),) * 2
-    p = _save(bad / "trunc.pt", base, "torch-zip")
+    p = write(bad / "trunc.pt", base, "torch-zip")
     open(p, "r+b").truncate(os.path.getsize(p) // 2)
     exp["bad/trunc.pt"] = (("corrupt", None, False),) * 2
     (bad / "empty.pt").write_bytes(b"")
@@ -144,24 +123,24 @@ def corpus(tmp_path_factory):
     marker = root.parent / f"{root.name}-pwned"
     for legacy in (False, True):
         name = f"evil_{'legacy' if legacy else 'zip'}.pt"
-        torch.save({**base, "payload": _Evil(marker)}, bad / name, _use_new_zipfile_serialization=not legacy)
+        torch.save({**base, "payload": Evil(marker)}, bad / name, _use_new_zipfile_serialization=not legacy)
         exp[f"bad/{name}"] = (("unsafe", "UnsafePickle", False),) * 2
-    _save(bad / "no_carrier.safetensors", {k: v for k, v in base.items() if k != CARRIER}, "safetensors")
+    write(bad / "no_carrier.safetensors", {k: v for k, v in base.items() if k != CARRIER}, "safetensors")
     exp["bad/no_carrier.safetensors"] = (("absent", "MissingCarrier", False), ("ok", None, False))
-    _save(bad / "wrong_shape.safetensors", {**base, CARRIER: torch.randn(8, 16, 3, 3)}, "safetensors")
+    write(bad / "wrong_shape.safetensors", {**base, CARRIER: torch.randn(8, 16, 3, 3)}, "safetensors")
     exp["bad/wrong_shape.safetensors"] = (("invalid", "WrongShape", False), ("ok", None, False))
     nan = marked.clone()
     nan[3, 2, 1, 1] = float("nan")
-    _save(bad / "nan.safetensors", {**base, CARRIER: nan}, "safetensors")
+    write(bad / "nan.safetensors", {**base, CARRIER: nan}, "safetensors")
     exp["bad/nan.safetensors"] = (("invalid", "NonFinite", False), ("ok", None, False))
     inf = marked.clone()
     inf[0, 0, 0, 0] = float("inf")
-    _save(bad / "inf.pt", {**base, CARRIER: inf}, "torch-zip")
+    write(bad / "inf.pt", {**base, CARRIER: inf}, "torch-zip")
     exp["bad/inf.pt"] = (("invalid", "NonFinite", False), ("ok", None, False))
-    _save(bad / "int_carrier.safetensors", {**base, CARRIER: torch.ones(SHAPE, dtype=torch.int64)}, "safetensors")
+    write(bad / "int_carrier.safetensors", {**base, CARRIER: torch.ones(SHAPE, dtype=torch.int64)}, "safetensors")
     exp["bad/int_carrier.safetensors"] = (("invalid", "WrongDtype", False), ("ok", None, False))
     if not IS_ROOT:
-        p = _save(bad / "unreadable.safetensors", base, "safetensors")
+        p = write(bad / "unreadable.safetensors", base, "safetensors")
         os.chmod(p, 0)
         exp["bad/unreadable.safetensors"] = (("io_error", "PermissionError", False),) * 2
     assert not marker.exists()

@@ -211,8 +211,9 @@ class Carrier:
     bytes (C order) and how many bytes that is. ``slot``: ``(base, i)`` when it was
     read into row ``i`` of a caller's batch tensor ``base`` (``tensor`` is then ``base[i]``).
 
-    ``sha256`` may be computed on first use, from ``raw`` (the bytes read): a scan then
-    hashes a whole batch at once instead of between two reads."""
+    ``sha256`` may be computed on first use, from ``raw`` (the bytes read, or the tensor
+    itself for a source in memory): a scan then hashes a whole batch at once instead of
+    between two reads, and ``extract`` never hashes at all."""
 
     __slots__ = ("name", "_tensor", "_sha256", "_raw", "nbytes", "slot")
 
@@ -227,7 +228,9 @@ class Carrier:
     def sha256(self) -> str:
         h = self._sha256
         if h is None:
-            h = self._sha256 = hashlib.sha256(self._raw).hexdigest()  # releases the GIL while it hashes
+            raw = self._raw
+            # (hashlib releases the GIL while it hashes)
+            h = self._sha256 = tensor_sha256(raw) if isinstance(raw, torch.Tensor) else hashlib.sha256(raw).hexdigest()
             self._raw = None
         return h
 
@@ -767,7 +770,7 @@ def _memory_carrier(path: str, name: str, t, validate: Validator | None) -> Carr
     t = check_tensor(path, name, t)
     if validate is not None:
         validate(name, tuple(t.shape), t.dtype if t.is_floating_point() else None)
-    return Carrier(name, t, tensor_sha256(t), t.numel() * t.element_size())
+    return Carrier(name, t, None, t.numel() * t.element_size(), raw=t)
 
 
 class StateDictCheckpoint(Checkpoint):

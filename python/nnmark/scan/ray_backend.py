@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 from collections import deque
 
 from .engine import chunks, failed_rows, scan_batch
