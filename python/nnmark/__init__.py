@@ -4,7 +4,7 @@ White-box marks (Uchida et al. 2017) on a keyed projection whose matrix is
 never stored (key spec v1), native C++/CUDA kernels, safe checkpoint reading.
 """
 from ._ext import build_info, get_num_threads, set_num_threads
-from .checkpoints import CheckpointError
+from .checkpoints import CheckpointError, open_checkpoint
 from .keys import DenseKey, KeyFileError, WhiteBoxKey, load_key, message_bits
 from .ops import dense_projection, keyed_projection, philox4x32_10
 from .stats import Verdict, binomial_p_value, binomial_threshold
@@ -20,7 +20,7 @@ __all__ = [
     "build_info", "get_num_threads", "set_num_threads",
     "WhiteBoxKey", "DenseKey", "load_key", "KeyFileError", "message_bits",
     "Uchida", "extract", "verify", "calibrate", "Calibration", "Verdict", "binomial_p_value", "binomial_threshold",
-    "keyed_projection", "dense_projection", "philox4x32_10", "CheckpointError",
+    "keyed_projection", "dense_projection", "philox4x32_10", "CheckpointError", "open_checkpoint",
     "TriggerKey", "TriggerMixer", "embed_triggers", "scan",
     "robustness_report", "RobustnessReport", "PenaltyHook",
 ]

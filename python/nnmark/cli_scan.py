@@ -45,7 +45,8 @@ def _mb(n: int) -> str:
               help="Files per batch: one native call per key and carrier shape, one ledger transaction "
                    "(default 256; with --ray, files per Ray task, default 100).")
 @click.option("--json", "as_json", is_flag=True,
-              help="Stream one JSON object per file on stdout (the summary then goes to stderr).")
+              help="Stream one JSON object per (file, key) on stdout, the row `nnmark verify --json` prints "
+                   "(the summary then goes to stderr).")
 @click.option("--manifest", default=None, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="A file from `nnmark manifest`: read and hash every file whole (none skipped) and flag "
                    "those that changed.")

@@ -20,7 +20,8 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("key_id", "TEXT NOT NULL", "public fingerprint of the key (never the secret)"),
     ("size", "INTEGER", "file size in bytes (sharded: index + shards); NULL if it could not be stat'ed"),
     ("mtime_ns", "INTEGER", "modification time in ns (sharded: the latest); with path and size, the identity"),
-    ("format", "TEXT", "safetensors, hf-sharded, torch-zip or torch-legacy; NULL if not recognised"),
+    ("format", "TEXT", "safetensors, hf-sharded, torch-zip or torch-legacy (module, state_dict or tensor in "
+                       "memory); NULL if not recognised"),
     ("carrier", "TEXT", "tensor name of the carrier in the file (white-box keys)"),
     ("carrier_sha256", "TEXT", "sha256 of the carrier bytes read (trigger keys: of every tensor the model read)"),
     ("bytes_read", "INTEGER", "bytes read from the checkpoint to check it (all keys of this scan)"),

@@ -16,8 +16,9 @@ finished batch, and a re-run skips files whose identity (path, size, mtime) and
 alpha are unchanged (rows with an ``io_error`` are retried; against a manifest
 (:mod:`.manifest`) every file is read again).
 
-``nnmark.scan`` is this package's :func:`scan` function; the modules stay
-importable as ``nnmark.scan.engine`` and so on.
+``nnmark.scan`` is this package's :func:`scan` function; its modules stay importable
+with ``from nnmark.scan import engine`` or ``from nnmark.scan.engine import scan_batch``
+(``import nnmark.scan.engine as engine`` finds the function first, and fails).
 """
 from __future__ import annotations
 
