@@ -274,3 +274,81 @@ def test_header_larger_than_the_first_read(tmp_path):
         assert torch.equal(c.tensor, sd[CARRIER])
         assert ck.bytes_read == 8 + n + c.nbytes  # the header once, the carrier once
         assert torch.equal(ck.carrier("layer7.block.conv.weight").tensor, sd["layer7.block.conv.weight"])
+
+
+def _st_file(path, header: bytes, data: bytes) -> str:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return str(path)
+
+
+_W = {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}
+
+
+def _differential_cases(tmp_path):
+    """(name, file): headers on the edge of what the safetensors format allows."""
+    j = lambda d: json.dumps(d).encode()  # noqa: E731
+    cases = [
+        ("metadata_not_strings", _st_file(tmp_path / "a", j({"__metadata__": {"a": 1}, "w": _W}), bytes(16))),
+        ("metadata_nested", _st_file(tmp_path / "b", j({"__metadata__": {"a": {"b": "c"}}, "w": _W}), bytes(16))),
+        ("metadata_list", _st_file(tmp_path / "c", j({"__metadata__": ["a"], "w": _W}), bytes(16))),
+        ("metadata_ok", _st_file(tmp_path / "d", j({"__metadata__": {"format": "pt"}, "w": _W}), bytes(16))),
+        ("metadata_twice", _st_file(tmp_path / "e", b'{"__metadata__": {"a": "b"}, "__metadata__": {"a": "c"}, "w": '
+                                    + j(_W) + b"}", bytes(16))),
+        ("name_twice", _st_file(tmp_path / "f", b'{"w": ' + j(_W) + b', "w": ' + j(_W) + b"}", bytes(16))),
+        ("name_twice_last_wins", _st_file(tmp_path / "f2", b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": '
+                                          b'[0, 8]}, "w": ' + j(_W) + b"}", bytes(16))),
+        ("field_twice", _st_file(tmp_path / "f3", b'{"w": {"dtype": "F32", "dtype": "F32", "shape": [4], '
+                                 b'"data_offsets": [0, 16]}}', bytes(16))),
+        ("metadata_key_twice", _st_file(tmp_path / "f4", b'{"__metadata__": {"a": "b", "a": "c"}, "w": ' + j(_W)
+                                        + b"}", bytes(16))),
+        ("extra_field", _st_file(tmp_path / "f5", j({"w": {**_W, "x": 1}}), bytes(16))),
+        ("offsets_three", _st_file(tmp_path / "f6", j({"w": {**_W, "data_offsets": [0, 16, 16]}}), bytes(16))),
+        ("float_offset", _st_file(tmp_path / "f7", j({"w": {**_W, "data_offsets": [0, 16.0]}}), bytes(16))),
+        ("metadata_null", _st_file(tmp_path / "f8", j({"__metadata__": None, "w": _W}), bytes(16))),
+        ("nan_in_metadata", _st_file(tmp_path / "g", b'{"__metadata__": {"a": NaN}, "w": ' + j(_W) + b"}",
+                                     bytes(16))),
+        ("lone_surrogate_name", _st_file(tmp_path / "h", b'{"\\ud800": ' + j(_W) + b"}", bytes(16))),
+        ("leading_space", _st_file(tmp_path / "i", b"  " + j({"w": _W}), bytes(16))),
+        ("f8_e8m0_beside", _st_file(tmp_path / "k", j({"w": _W, "s": {"dtype": "F8_E8M0", "shape": [4],
+                                                                      "data_offsets": [16, 20]}}), bytes(20))),
+        ("c64_beside", _st_file(tmp_path / "l", j({"w": _W, "z": {"dtype": "C64", "shape": [1],
+                                                                  "data_offsets": [16, 24]}}), bytes(24))),
+        ("f4_odd_count", _st_file(tmp_path / "m", j({"w": _W, "q": {"dtype": "F4", "shape": [3],
+                                                                    "data_offsets": [16, 18]}}), bytes(18))),
+        ("f4_even_count", _st_file(tmp_path / "n", j({"w": _W, "q": {"dtype": "F4", "shape": [4],
+                                                                     "data_offsets": [16, 18]}}), bytes(18))),
+        ("unknown_dtype", _st_file(tmp_path / "o", j({"w": _W, "q": {"dtype": "C128", "shape": [1],
+                                                                     "data_offsets": [16, 32]}}), bytes(32))),
+        ("shape_not_list", _st_file(tmp_path / "p", j({"w": {"dtype": "F32", "shape": 4, "data_offsets": [0, 16]}}),
+                                    bytes(16))),
+        ("zero_size_huge_dims", _st_file(tmp_path / "q", j({"w": _W, "e": {"dtype": "F32", "shape": [0, 2 ** 63],
+                                                                           "data_offsets": [16, 16]}}), bytes(16))),
+    ]
+    big = j({"w": _W}).ljust(100_000_001)  # one byte over the library's header cap
+    cases.append(("header_over_cap", _st_file(tmp_path / "r", big, bytes(16))))
+    return cases
+
+
+def test_the_reader_refuses_what_safetensors_refuses_and_reads_what_it_reads(tmp_path):
+    """The hand parser keeps the scan's byte budget (the safetensors API maps whole files:
+    benchmarks/RESULTS.md); it must still agree with the library on every file: refuse what
+    the library refuses, read what it reads."""
+    from safetensors import safe_open
+
+    for name, path in _differential_cases(tmp_path):
+        try:
+            with safe_open(path, "numpy") as f:
+                f.get_tensor("w")
+            library = True
+        except Exception:  # noqa: BLE001 - SafetensorError, or an error of the numpy framework
+            library = False
+        try:
+            with open_file(path) as ck:
+                got = ck.carrier("w").tensor
+            ours = True
+            assert got.shape == (4,) and not got.any(), name
+        except CheckpointError as exc:
+            ours = False
+            assert exc.status in ("corrupt", "unsupported"), (name, exc.status, str(exc))
+        assert ours == library, f"{name}: safetensors {'reads' if library else 'refuses'} it, nnmark " \
+                                f"{'reads' if ours else 'refuses'} it"

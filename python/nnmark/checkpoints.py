@@ -55,8 +55,10 @@ from .stats import STATUSES
 # First read of a file: enough for the header of a small safetensors file in one
 # syscall, far below the "header + 64 KiB" a lazy read may cost.
 HEAD_BYTES = 8192
-# safetensors' own cap on its JSON header.
-MAX_HEADER_BYTES = 100 << 20
+# safetensors' own cap on its JSON header (the library refuses longer ones).
+MAX_HEADER_BYTES = 100_000_000
+# A shard index is a small JSON file; anything far larger is not one.
+MAX_INDEX_BYTES = 100 << 20
 # Files above this are read without kernel readahead: a cold read then costs the
 # header and the carrier, not a readahead window around each.
 NO_READAHEAD_BYTES = 4 << 20
@@ -69,16 +71,21 @@ _LAYOUTS: dict[bytes, tuple[dict, dict, int]] = {}
 _LAYOUT_CACHE_SIZE = 256
 _LAYOUT_CACHE_BYTES = 1 << 16
 
-# safetensors dtype -> (torch dtype or None when torch lacks it, bytes per element)
+# safetensors dtype -> (torch dtype or None when torch lacks it, bits per element): every
+# dtype the safetensors library (0.8) reads, so that no valid file is refused here.
 _ST_DTYPES: dict[str, tuple[torch.dtype | None, int]] = {
-    "F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torch.float16, 2),
-    "BF16": (torch.bfloat16, 2), "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 1),
-    "F8_E5M2": (getattr(torch, "float8_e5m2", None), 1),
-    "I64": (torch.int64, 8), "I32": (torch.int32, 4), "I16": (torch.int16, 2), "I8": (torch.int8, 1),
-    "U64": (getattr(torch, "uint64", None), 8), "U32": (getattr(torch, "uint32", None), 4),
-    "U16": (getattr(torch, "uint16", None), 2), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1),
+    "F64": (torch.float64, 64), "F32": (torch.float32, 32), "F16": (torch.float16, 16),
+    "BF16": (torch.bfloat16, 16), "F8_E4M3": (getattr(torch, "float8_e4m3fn", None), 8),
+    "F8_E5M2": (getattr(torch, "float8_e5m2", None), 8), "F8_E4M3FNUZ": (getattr(torch, "float8_e4m3fnuz", None), 8),
+    "F8_E5M2FNUZ": (getattr(torch, "float8_e5m2fnuz", None), 8), "F8_E8M0": (getattr(torch, "float8_e8m0fnu", None), 8),
+    "F6_E2M3": (None, 6), "F6_E3M2": (None, 6), "F4": (None, 4),
+    "C64": (torch.complex64, 64),
+    "I64": (torch.int64, 64), "I32": (torch.int32, 32), "I16": (torch.int16, 16), "I8": (torch.int8, 8),
+    "U64": (getattr(torch, "uint64", None), 64), "U32": (getattr(torch, "uint32", None), 32),
+    "U16": (getattr(torch, "uint16", None), 16), "U8": (torch.uint8, 8), "BOOL": (torch.bool, 8),
 }
-_FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
+_FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0",
+                "F6_E2M3", "F6_E3M2", "F4")
 
 # Recognised, but not checkpoints nnmark reads: named in the error instead of "unknown".
 _OTHER_MAGIC = ((b"\x89HDF\r\n\x1a\n", "HDF5 (Keras .h5)"), (b"GGUF", "GGUF"), (b"\x93NUMPY", "NumPy .npy"),
@@ -88,6 +95,29 @@ FORMATS = ("safetensors", "hf-sharded", "torch-zip", "torch-legacy")
 # What in-memory sources report as their format.
 MEMORY_FORMATS = ("module", "state_dict", "tensor")
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+class _JSONObject(dict):
+    """A parsed JSON object that remembers which names it had more than once (the last
+    one wins, as in the safetensors library, which refuses only repeated structure)."""
+
+    repeated: frozenset = frozenset()
+
+
+def _object(pairs: list) -> dict:
+    d = _JSONObject(pairs)
+    if len(d) != len(pairs):
+        seen: set = set()
+        d.repeated = frozenset(k for k, _ in pairs if k in seen or seen.add(k))
+    return d
+
+
+# Names the safetensors library refuses to see twice: its header's and its entries' fields.
+_STRUCTURE = frozenset(("__metadata__", "dtype", "shape", "data_offsets"))
 
 
 class CheckpointError(Exception):
@@ -172,7 +202,8 @@ def sniff_head(head: bytes) -> str:
         return "empty"
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
-    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < MAX_HEADER_BYTES:
+    if len(head) >= 9 and head[8:].lstrip(b" \t\r\n")[:1] == b"{" and \
+            struct.unpack("<Q", head[:8])[0] <= MAX_HEADER_BYTES:
         return "safetensors"  # even when cut short: the read then reports the damage
     if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
         return "torch-legacy"
@@ -426,13 +457,22 @@ class SafetensorsFile(Checkpoint):
         layout = _LAYOUTS.get(raw)
         if layout is None:
             try:
-                header = json.loads(raw.decode("utf-8"))  # a str skips json's encoding detection
+                # As strict as the safetensors library: no NaN/Infinity, no repeated structure
+                # (a second __metadata__, dtype...). A str skips json's encoding detection.
+                header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=_object)
             except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: absurd nesting
-                raise CheckpointError("corrupt", "BadHeader", f"{self.path!r}: the safetensors header is not valid JSON: "
-                                                          f"{first_line(exc)}") from None
+                raise CheckpointError("corrupt", "BadHeader", f"{self.path!r}: the safetensors header is not valid "
+                                                              f"JSON: {first_line(exc)}") from None
             if not isinstance(header, dict):
-                raise CheckpointError("corrupt", "BadHeader", f"{self.path!r}: the safetensors header is not a JSON object")
-            header.pop("__metadata__", None)
+                raise CheckpointError("corrupt", "BadHeader", f"{self.path!r}: the safetensors header is not a JSON "
+                                                              f"object")
+            if "__metadata__" in getattr(header, "repeated", ()):
+                raise CheckpointError("corrupt", "BadHeader", f"{self.path!r}: the safetensors header has two "
+                                                              f"__metadata__")
+            meta = header.pop("__metadata__", None)
+            if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+                raise CheckpointError("corrupt", "BadHeader", f"{self.path!r}: the safetensors __metadata__ must map "
+                                                              f"names to strings")
             layout = self._layout(header)
             if n <= _LAYOUT_CACHE_BYTES:
                 if len(_LAYOUTS) >= _LAYOUT_CACHE_SIZE:
@@ -459,19 +499,25 @@ class SafetensorsFile(Checkpoint):
         entries = {}
         for name, entry in header.items():
             try:
+                name.encode("utf-8")  # a lone surrogate ("\ud800") is no tensor name
+                if getattr(entry, "repeated", None) and entry.repeated & _STRUCTURE:
+                    raise ValueError
                 begin, end = entry["data_offsets"]
-                itemsize = _ST_DTYPES[entry["dtype"]][1]
+                bits = _ST_DTYPES[entry["dtype"]][1]
                 shape = entry["shape"]
                 if not (type(begin) is int and type(end) is int and 0 <= begin <= end  # type(): a bool is not a size
-                        and all(type(d) is int and d >= 0 for d in shape)):
+                        and isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
                     raise ValueError
-            except (KeyError, TypeError, ValueError):
+                count = math.prod(shape)
+                if count >= 1 << 63 or count * bits % 8:  # sub-byte dtypes fill whole bytes
+                    raise ValueError
+            except (KeyError, TypeError, ValueError, UnicodeEncodeError):
                 raise CheckpointError("corrupt", "BadHeader", f"{self.path!r}: tensor {name!r} has a malformed header "
-                                                          f"entry {str(entry)[:200]}") from None
-            if end - begin != math.prod(shape) * itemsize:
-                raise CheckpointError("corrupt", "BadHeader", f"{self.path!r}: tensor {name!r} spans {end - begin} bytes, "
-                                                          f"its shape {list(shape)} x {entry['dtype']} needs "
-                                                          f"{math.prod(shape) * itemsize}")
+                                                              f"entry {str(entry)[:200]}") from None
+            if end - begin != count * bits // 8:
+                raise CheckpointError("corrupt", "BadHeader", f"{self.path!r}: tensor {name!r} spans {end - begin} "
+                                                              f"bytes, its shape {list(shape)} x {entry['dtype']} needs "
+                                                              f"{count * bits // 8}")
             spans.append((begin, end))
             entries[name] = (entry["dtype"], tuple(shape), _ST_DTYPES[entry["dtype"]][0], begin, end)
         spans.sort()
@@ -633,7 +679,7 @@ class TorchFile(Checkpoint):
 # ------------------------------------------------------------------ sharded (Hugging Face)
 def _parse_index(path, head: bytes | None = None) -> dict:
     """The weight map {tensor name: shard file name} of a shard index, or CheckpointError."""
-    raw = head if head is not None else read_small(os.fspath(path), MAX_HEADER_BYTES)
+    raw = head if head is not None else read_small(os.fspath(path), MAX_INDEX_BYTES)
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -867,7 +913,7 @@ def open_file(path: str | os.PathLike) -> Checkpoint:
 
 
 def _read_rest(fd: int, path: str, start: int, size: int) -> bytes:
-    if size > MAX_HEADER_BYTES:
+    if size > MAX_INDEX_BYTES:
         raise CheckpointError("unsupported", "UnknownFormat", f"{path!r} is a {size}-byte JSON or text file, "
                                                               f"not a checkpoint")
     try:
