@@ -2,7 +2,7 @@
 """safetensors carrier reads: nnmark's hand-written parser vs the safetensors library's API.
 
 Issue 11: can ``safetensors.safe_open`` (or ``safetensors.torch.load`` on bytes) replace
-``nnmark.formats.SafetensorsFile`` while keeping what the scan guarantees (bytes read per
+``nnmark.checkpoints.SafetensorsFile`` while keeping what the scan guarantees (bytes read per
 file ~ carrier + header; a hostile header gives a row, never a crash)? Three parts, each
 reading ONE carrier tensor per file, as a scan does:
 
@@ -23,9 +23,9 @@ reading ONE carrier tensor per file, as a scan does:
            growth (VmHWM, reset before the read).
 
 Readers:
-  hand         nnmark.formats.SafetensorsFile(path).carrier(name)  (own header parser, pread)
+  hand         nnmark.checkpoints.SafetensorsFile(path).carrier(name)  (own header parser, pread)
   hand_nocache the same with the layout cache switched off (every header parsed)
-  scan_open    nnmark.formats.open_file(path).carrier(name)  (what nnmark.scan calls: sniff,
+  scan_open    nnmark.checkpoints.open_file(path).carrier(name)  (what nnmark.scan calls: sniff,
                POSIX_FADV_RANDOM above 4 MiB, then SafetensorsFile)
   st_mmap      safetensors.safe_open(path, "pt").get_tensor(name)  (default backend: mmap
                through torch.UntypedStorage.from_file; the carrier stays mapped, hashing
@@ -165,7 +165,7 @@ def header_and_carrier(path: str, carrier: str) -> tuple[int, int]:
 
 # ================================================================== readers
 def _digest_tensor(t) -> str:
-    """sha256 of a CPU tensor's bytes (C order), as nnmark.formats.tensor_sha256."""
+    """sha256 of a CPU tensor's bytes (C order), as nnmark.checkpoints.tensor_sha256."""
     import torch
 
     t = t.contiguous()
@@ -177,7 +177,7 @@ def _digest_tensor(t) -> str:
 def make_reader(kind: str):
     """fn(path, name) -> dict(sha256, nbytes, dtype, shape[, asked]): one carrier read and hashed."""
     if kind in ("hand", "hand_nocache", "scan_open"):
-        from nnmark import formats
+        from nnmark import checkpoints as formats
 
         if kind == "hand_nocache":
             formats._LAYOUT_CACHE_BYTES = -1  # nothing is cached (the module reads it per header)
@@ -713,7 +713,7 @@ def _race_truncate(job: dict) -> dict:
     with open(path, "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
     if reader in ("hand", "scan_open"):
-        from nnmark import formats
+        from nnmark import checkpoints as formats
 
         ck = (formats.open_file if reader == "scan_open" else formats.SafetensorsFile)(path)
         os.truncate(path, 8 + n)
