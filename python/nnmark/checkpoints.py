@@ -834,6 +834,12 @@ class StateDictCheckpoint(Checkpoint):
     def tensor(self, name: str) -> torch.Tensor:
         return check_tensor(self.path, name, self._sd[name]).detach()
 
+    def state_dict(self) -> Mapping[str, torch.Tensor]:
+        """The state dict itself: its tensors are in memory already, and hashing all of
+        them would cost more than running the model (rows of sources in memory carry no
+        digest of the whole model)."""
+        return self._sd
+
     def carrier(self, name: str, validate: Validator | None = None, out: Allocator | None = None) -> Carrier:
         real = name if name in self._sd else self._resolve(list(self._sd.keys()), name)
         return _memory_carrier(self.path, real, self._sd[real], validate)
@@ -955,8 +961,7 @@ def open_checkpoint(source, label: str | None = None) -> Checkpoint:
 def load_state_dict(source) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint file (or state dict), read safely, as a plain dict."""
     with open_checkpoint(source) as ck:
-        sd = ck.state_dict()
-        return {k: sd[k] for k in sd}
+        return {k: ck.tensor(k) for k in ck.names()}
 
 
 def read_carrier(source, name: str, validate: Validator | None = None) -> Carrier:
