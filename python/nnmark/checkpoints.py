@@ -589,6 +589,9 @@ class SafetensorsFile(Checkpoint):
         if fd is not None:
             os.close(fd)
 
+    def __del__(self):  # a view dropped without close() must not leak its descriptor
+        self.close()
+
 
 # ------------------------------------------------------------------ torch
 def _fd_path(fd: int, path: str) -> str:
