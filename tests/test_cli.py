@@ -141,7 +141,8 @@ def test_demo_end_to_end(tmp_path):
     # Both marks at once, with fresh random keys: within 2 points of the unmarked twin here;
     # the 1-point bounds of each mark alone are tested in test_whitebox and test_triggers.
     assert res["accuracy_drop"] <= 0.02 + 1e-9
-    assert res["seconds"] < 180
+    # No timing here: tests check behaviour, speed is for benchmarks/bench_demo_load.py.
+    assert res["ok"] is True and "seconds" in res
     assert os.stat(tmp_path / "demo" / "owner.key").st_mode & 0o777 == 0o600
     # The saved models verify from disk with the saved key, as the demo's hint says.
     key = nnmark.load_key(tmp_path / "demo" / "owner.key")

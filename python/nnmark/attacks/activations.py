@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .._threads import small_work_threads
 from .data import batches
 
 
@@ -179,7 +180,7 @@ def channel_activations(model: nn.Module, layer: str | nn.Module, data: Any, bat
     was_training = model.training
     model.eval()
     try:
-        with ChannelStats(module) as st:
+        with ChannelStats(module) as st, small_work_threads(model):  # small models: one torch thread
             for x in _inputs(data, batch_size, device):
                 model(x)
     finally:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
+from .._threads import small_work_threads
 from .data import batches, check_pair, is_pair
 
 MODES = ("FTLL", "FTAL", "RTLL", "RTAL")
@@ -173,28 +174,31 @@ def train(model: torch.nn.Module, names: list[str], data: Any, *, epochs: int, l
         model.train()
         for m in frozen_modules:
             m.eval()
-        for _ in range(epochs):
-            total, count = None, 0
-            for xb, yb in batches(data, batch_size, shuffle=True, generator=g, device=device):
-                if xb.is_floating_point():
-                    xb = xb.to(dtype)
-                if not yb.is_floating_point():
-                    yb = yb.long()
-                if mixer is not None:
-                    xb, yb = mixer.mix(xb, yb)
-                loss = F.cross_entropy(model(xb), yb)
-                if extra_loss is not None:
-                    loss = loss + extra_loss(model)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                steps += 1
-                if after_step is not None:
-                    after_step()
-                # Summed on the device: one sync per epoch, not per step.
-                total = loss.detach() if total is None else total + loss.detach()
-                count += 1
-            final = float(total) / count
+        # Small models train on one torch thread (nnmark._threads: a second one spins
+        # against other processes on a busy machine); the caller's count comes back after.
+        with small_work_threads(model):
+            for _ in range(epochs):
+                total, count = None, 0
+                for xb, yb in batches(data, batch_size, shuffle=True, generator=g, device=device):
+                    if xb.is_floating_point():
+                        xb = xb.to(dtype)
+                    if not yb.is_floating_point():
+                        yb = yb.long()
+                    if mixer is not None:
+                        xb, yb = mixer.mix(xb, yb)
+                    loss = F.cross_entropy(model(xb), yb)
+                    if extra_loss is not None:
+                        loss = loss + extra_loss(model)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    steps += 1
+                    if after_step is not None:
+                        after_step()
+                    # Summed on the device: one sync per epoch, not per step.
+                    total = loss.detach() if total is None else total + loss.detach()
+                    count += 1
+                final = float(total) / count
     finally:
         for n, p in named.items():
             p.requires_grad_(flags[n])
