@@ -171,6 +171,11 @@ trainer = WatermarkTrainer(model=model, args=_args(out, max_steps=20, per_device
 trainer.train()
 torch.save({"params": model.state_dict(), "world": trainer.args.world_size,
             "distributed": str(trainer.accelerator.distributed_type)}, out / f"rank{os.environ['RANK']}.pt")
+# Tear gloo down while both ranks are alive: left to the interpreter's exit, a rank whose
+# partner is already gone can abort in the process group's destructor (a flaky SIGABRT).
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 '''
 
 
