@@ -101,3 +101,54 @@ def run_meta(device: str) -> dict:
         "device": device,
         "loadavg_start": os.getloadavg(),
     }
+
+
+def read_bytes() -> int:
+    """Bytes this process has had fetched from storage (/proc/self/io read_bytes: page
+    faults of mapped files included, page-cache hits not)."""
+    with open("/proc/self/io") as f:
+        for line in f:
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    raise RuntimeError("no read_bytes in /proc/self/io")
+
+
+# ------------------------------------------------------------------ checkpoint layouts
+# The checkpoints bench_scan and bench_st_reader generate: ResNet-50's tensors (the carrier
+# one 3x3x256x256 conv) and a small net around a 3x3x64x64 carrier.
+LARGE_CARRIER, LARGE_SHAPE = "layer3.0.conv2.weight", (256, 256, 3, 3)
+SMALL_CARRIER, SMALL_SHAPE = "layer1.0.conv2.weight", (64, 64, 3, 3)
+
+
+def resnet50_shapes() -> dict[str, tuple]:
+    """Every tensor of torchvision's resnet50() state dict, in its order."""
+    shapes: dict[str, tuple] = {"conv1.weight": (64, 3, 7, 7)}
+
+    def bn(prefix: str, c: int) -> None:
+        for n in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{prefix}.{n}"] = (c,)
+        shapes[f"{prefix}.num_batches_tracked"] = ()
+
+    bn("bn1", 64)
+    inplanes = 64
+    for li, (planes, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3)), 1):
+        for b in range(blocks):
+            p = f"layer{li}.{b}"
+            shapes[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1)
+            bn(f"{p}.bn1", planes)
+            shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+            bn(f"{p}.bn2", planes)
+            shapes[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1)
+            bn(f"{p}.bn3", planes * 4)
+            if b == 0:
+                shapes[f"{p}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
+                bn(f"{p}.downsample.1", planes * 4)
+            inplanes = planes * 4
+    shapes["fc.weight"] = (1000, 2048)
+    shapes["fc.bias"] = (1000,)
+    return shapes
+
+
+def small_shapes() -> dict[str, tuple]:
+    return {"conv1.weight": (64, 3, 3, 3), "bn1.weight": (64,), "bn1.bias": (64,), SMALL_CARRIER: SMALL_SHAPE,
+            "fc.weight": (10, 64), "fc.bias": (10,)}

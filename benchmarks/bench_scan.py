@@ -52,7 +52,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import OtherLoad, cpu_model, git_state  # noqa: E402
+from _common import (LARGE_CARRIER, LARGE_SHAPE, SMALL_CARRIER, SMALL_SHAPE, OtherLoad, cpu_model,  # noqa: E402
+                     git_state, read_bytes, resnet50_shapes, small_shapes)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "bench_scan.json"
@@ -60,8 +61,6 @@ RESULT_MARK = "@@bench_scan@@ "
 SECRET = bytes(range(32))  # a fixed, public benchmark key: results are reproducible
 BITS = 256
 MARK_MESSAGE = "nnmark bench_scan"
-LARGE_CARRIER, LARGE_SHAPE = "layer3.0.conv2.weight", (256, 256, 3, 3)
-SMALL_CARRIER, SMALL_SHAPE = "layer1.0.conv2.weight", (64, 64, 3, 3)
 DATA_VERSION = 1
 
 # Targets from the issue.
@@ -71,40 +70,6 @@ TARGET_SMALL_RATIO = 2.0
 
 
 # ================================================================== data
-def resnet50_shapes() -> dict[str, tuple]:
-    """Every tensor of torchvision's resnet50() state dict, in its order."""
-    shapes: dict[str, tuple] = {"conv1.weight": (64, 3, 7, 7)}
-
-    def bn(prefix: str, c: int) -> None:
-        for n in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"{prefix}.{n}"] = (c,)
-        shapes[f"{prefix}.num_batches_tracked"] = ()
-
-    bn("bn1", 64)
-    inplanes = 64
-    for li, (planes, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3)), 1):
-        for b in range(blocks):
-            p = f"layer{li}.{b}"
-            shapes[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1)
-            bn(f"{p}.bn1", planes)
-            shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
-            bn(f"{p}.bn2", planes)
-            shapes[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1)
-            bn(f"{p}.bn3", planes * 4)
-            if b == 0:
-                shapes[f"{p}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
-                bn(f"{p}.downsample.1", planes * 4)
-            inplanes = planes * 4
-    shapes["fc.weight"] = (1000, 2048)
-    shapes["fc.bias"] = (1000,)
-    return shapes
-
-
-def small_shapes() -> dict[str, tuple]:
-    return {"conv1.weight": (64, 3, 3, 3), "bn1.weight": (64,), "bn1.bias": (64,), SMALL_CARRIER: SMALL_SHAPE,
-            "fc.weight": (10, 64), "fc.bias": (10,)}
-
-
 def bench_key(carrier: str, shape: tuple):
     import nnmark
 
@@ -177,14 +142,6 @@ def carrier_and_header_bytes(path: str, carrier: str) -> tuple[int, int]:
 
 
 # ================================================================== timed sides (in a worker process)
-def _read_bytes() -> int:
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    raise RuntimeError("no read_bytes in /proc/self/io")
-
-
 def _side_naive(cfg: dict) -> dict:
     import torch
     from safetensors.torch import load_file
@@ -199,14 +156,14 @@ def _side_naive(cfg: dict) -> dict:
     X = torch_projection_matrix(key.subkey(), BITS, 0, math.prod(shape[1:]))  # generated once, kept
     owner = key.bits.bool()
     thr = binomial_threshold(BITS, 1e-6)
-    rb0, c0, t0 = _read_bytes(), time.process_time(), time.perf_counter()
+    rb0, c0, t0 = read_bytes(), time.process_time(), time.perf_counter()
     rows = []
     for p in sorted(glob.glob(os.path.join(cfg["dir"], "*.safetensors"))):
         w = load_file(p)[carrier]
         v = w.reshape(w.shape[0], -1).mean(0)
         m = int(((X @ v > 0) == owner).sum())
         rows.append((p, m, m >= thr))
-    wall, cpu, rb = time.perf_counter() - t0, time.process_time() - c0, _read_bytes() - rb0
+    wall, cpu, rb = time.perf_counter() - t0, time.process_time() - c0, read_bytes() - rb0
     return {"files": len(rows), "wall_s": wall, "cpu_s": cpu, "read_bytes": rb,
             "torch_threads": torch.get_num_threads(),
             "matches": {p: m for p, m, _ in rows}, "verified": sum(v for _, _, v in rows)}
@@ -221,9 +178,9 @@ def _side_nnmark(cfg: dict) -> dict:
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(ledger + suffix):
             os.remove(ledger + suffix)
-    rb0, c0, t0 = _read_bytes(), time.process_time(), time.perf_counter()
+    rb0, c0, t0 = read_bytes(), time.process_time(), time.perf_counter()
     res = nnmark.scan(key, [cfg["dir"]], ledger=ledger, progress=False, workers=cfg["workers"])
-    wall, cpu, rb = time.perf_counter() - t0, time.process_time() - c0, _read_bytes() - rb0
+    wall, cpu, rb = time.perf_counter() - t0, time.process_time() - c0, read_bytes() - rb0
     rows = res.rows
     s = res.summary
     out = {"files": s["scanned"], "wall_s": wall, "cpu_s": cpu, "read_bytes": rb, "requested_bytes": s["bytes_read"],

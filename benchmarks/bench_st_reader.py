@@ -67,12 +67,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import OtherLoad, cpu_model, git_state  # noqa: E402
+from _common import (LARGE_CARRIER, LARGE_SHAPE, SMALL_CARRIER, SMALL_SHAPE, OtherLoad, cpu_model,  # noqa: E402
+                     git_state, read_bytes, resnet50_shapes, small_shapes)
 
 DEFAULT_JSON = HERE / "results" / "bench_st_reader.json"
 MARK = "@@bench_st_reader@@ "
-LARGE_CARRIER, LARGE_SHAPE = "layer3.0.conv2.weight", (256, 256, 3, 3)
-SMALL_CARRIER, SMALL_SHAPE = "layer1.0.conv2.weight", (64, 64, 3, 3)
 SLACK = 64 * 1024  # the scan's limit: carrier + header + 64 KiB per file
 DATA_VERSION = 1
 READERS = ("hand", "hand_nocache", "scan_open", "st_mmap", "st_pread", "st_numpy", "st_bytes")
@@ -81,40 +80,6 @@ HOSTILE_READERS = ("hand", "scan_open", "st_mmap", "st_pread", "st_bytes")
 
 
 # ================================================================== data
-def resnet50_shapes() -> dict[str, tuple]:
-    """Every tensor of torchvision's resnet50() state dict, in its order (as bench_scan.py)."""
-    shapes: dict[str, tuple] = {"conv1.weight": (64, 3, 7, 7)}
-
-    def bn(prefix: str, c: int) -> None:
-        for n in ("weight", "bias", "running_mean", "running_var"):
-            shapes[f"{prefix}.{n}"] = (c,)
-        shapes[f"{prefix}.num_batches_tracked"] = ()
-
-    bn("bn1", 64)
-    inplanes = 64
-    for li, (planes, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3)), 1):
-        for b in range(blocks):
-            p = f"layer{li}.{b}"
-            shapes[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1)
-            bn(f"{p}.bn1", planes)
-            shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
-            bn(f"{p}.bn2", planes)
-            shapes[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1)
-            bn(f"{p}.bn3", planes * 4)
-            if b == 0:
-                shapes[f"{p}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
-                bn(f"{p}.downsample.1", planes * 4)
-            inplanes = planes * 4
-    shapes["fc.weight"] = (1000, 2048)
-    shapes["fc.bias"] = (1000,)
-    return shapes
-
-
-def small_shapes() -> dict[str, tuple]:
-    return {"conv1.weight": (64, 3, 3, 3), "bn1.weight": (64,), "bn1.bias": (64,), SMALL_CARRIER: SMALL_SHAPE,
-            "fc.weight": (10, 64), "fc.bias": (10,)}
-
-
 def generate(folder: Path, kind: str, count: int) -> None:
     """count checkpoints ckpt00000.safetensors... sharing one layout, a fresh random carrier each."""
     import torch
@@ -222,14 +187,6 @@ def make_reader(kind: str):
 
 
 # ================================================================== cold: bytes read per file
-def _read_bytes() -> int:
-    with open("/proc/self/io") as f:
-        for line in f:
-            if line.startswith("read_bytes:"):
-                return int(line.split()[1])
-    raise RuntimeError("no read_bytes in /proc/self/io")
-
-
 _libc = None
 
 
@@ -286,11 +243,11 @@ def _cold_worker(cfg: dict) -> dict:
     for p in _files(cfg["dir"]):
         drop_cache(p)
         left = resident_bytes(p)
-        rb0, t0 = _read_bytes(), time.perf_counter()
+        rb0, t0 = read_bytes(), time.perf_counter()
         r = read(p, cfg["carrier"])
         wall = time.perf_counter() - t0
         gc.collect()  # mappings released before residency is measured (not timed)
-        rb = _read_bytes() - rb0
+        rb = read_bytes() - rb0
         rows.append({"read_bytes": rb, "resident_after": resident_bytes(p), "resident_before": left, "wall_s": wall,
                      "sha256": r["sha256"], "asked": r.get("asked")})
     return {"rows": rows}

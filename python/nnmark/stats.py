@@ -47,26 +47,24 @@ def binomial_threshold(n: int, alpha: float, p0: float = 0.5) -> int:
     return m
 
 
+def _open_unit(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}") from None
+    if not 0.0 < v < 1.0:
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+    return v
+
+
 def check_alpha(alpha) -> float:
     """``alpha`` as a float in (0, 1), else ValueError."""
-    try:
-        a = float(alpha)
-    except (TypeError, ValueError):
-        raise ValueError(f"alpha must be a number in (0, 1), got {alpha!r}") from None
-    if not 0.0 < a < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    return a
+    return _open_unit("alpha", alpha)
 
 
 def check_null_rate(null_rate) -> float:
     """``null_rate`` as a float in (0, 1), else ValueError."""
-    try:
-        p = float(null_rate)
-    except (TypeError, ValueError):
-        raise ValueError(f"null_rate must be a number in (0, 1), got {null_rate!r}") from None
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"null_rate must be in (0, 1), got {null_rate!r}")
-    return p
+    return _open_unit("null_rate", null_rate)
 
 
 ROW_FIELDS = FIELDS
