@@ -30,7 +30,7 @@ def test_whitebox_calibration_fpr_matches_binomial_tail():
     key = nnmark.WhiteBoxKey.generate(carrier="w", bits=64, reduction="flat")
     nulls = [{"w": torch.randn(300)} for _ in range(600)]
     cal = nnmark.calibrate(key, nulls, alpha=0.05)
-    true_fpr = binom.sf(cal.threshold - 1, 64, 0.5)  # exact P[matches >= threshold] under the null
+    true_fpr = binom.sf(cal.nominal_threshold - 1, 64, 0.5)  # exact P[matches >= threshold] under the null
     assert cal.n_models == 600 and cal.n == 64 and len(cal.rates) == 600
     assert true_fpr <= 0.05
     assert abs(cal.false_positive_rate - true_fpr) <= _sd_tolerance(true_fpr, 600)
@@ -43,7 +43,7 @@ def test_trigger_calibration_fpr_and_null_rate():
     tkey = nnmark.TriggerKey.generate(kind="abstract", n=50, num_classes=4, input_shape=(1, 4, 4))
     nulls = [RandomLogits(s, 50, 4) for s in range(400)]
     cal = nnmark.calibrate(tkey, nulls, alpha=0.05)
-    true_fpr = binom.sf(cal.threshold - 1, 50, 0.25)
+    true_fpr = binom.sf(cal.nominal_threshold - 1, 50, 0.25)
     assert cal.null_rate_used == pytest.approx(0.25)
     assert abs(cal.null_rate - 0.25) < 0.02  # random top-1 hits the label 1 time in 4
     assert abs(cal.false_positive_rate - true_fpr) <= _sd_tolerance(true_fpr, 400)
@@ -76,9 +76,9 @@ def test_calibrated_null_rate_controls_a_biased_null():
 
 def test_calibrate_rejects_empty_and_unreadable(tmp_path):
     key = nnmark.WhiteBoxKey.generate(carrier="w", bits=32, reduction="flat")
-    with pytest.raises(ValueError, match="at least one null model"):
+    with pytest.raises(ValueError, match="at least 10 null models"):
         nnmark.calibrate(key, [])
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="could not be checked"):
-        nnmark.calibrate(key, [{"w": torch.randn(10)}, str(bad)])
+        nnmark.calibrate(key, [{"w": torch.randn(10)}] * 9 + [str(bad)])

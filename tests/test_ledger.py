@@ -51,7 +51,7 @@ def test_write_upsert_and_read_back(tmp_path):
         assert r3["error_class"] == "TruncatedFile"
         assert rows[0]["verified"] is True and rows[0]["ber"] == 4 / 64
         ident = led.identities()
-        assert ident["/m/0003.safetensors"]["k1"] == (103, 10**18 + 3, 1e-6, "corrupt", None)
+        assert ident["/m/0003.safetensors"]["k1"] == (103, 10**18 + 3, 1e-6, "corrupt", None, None)  # ..., null
         assert set(ident["/m/0000.safetensors"]) == {"k1", "k2"}
         assert set(led.identities(["k2"])) == {"/m/0000.safetensors"}
         assert [r["key_id"] for r in led.rows(paths=["/m/0000.safetensors"], key_ids=["k2"])] == ["k2"]
@@ -140,3 +140,32 @@ def test_cli_ledger_export_takes_the_ledger_as_an_argument(tmp_path, capsys):
         main(["ledger", "export", str(path), "--ledger", str(tmp_path / "other.sqlite")])
     assert exc.value.code == 4
     assert "two ledgers" in capsys.readouterr().err
+
+
+def test_a_version_1_ledger_gains_the_new_columns(tmp_path):
+    """Ledgers written before the null/control fields (schema 1) are migrated in place: their
+    rows stay, the new fields read as None, and a re-scan writes them."""
+    import sqlite3
+
+    from nnmark.ledger import _ADDED
+
+    added = set(_ADDED[2])
+    old_cols = [c for c in FIELDS if c not in added]
+    p = tmp_path / "v1.sqlite"
+    db = sqlite3.connect(p)
+    db.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT)")
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db.execute(f"CREATE TABLE results ({', '.join(old_cols)}, PRIMARY KEY (path, key_id)) WITHOUT ROWID")
+    row = _row(0)
+    db.execute(f"INSERT INTO results ({', '.join(old_cols)}) VALUES ({', '.join('?' * len(old_cols))})",
+               [row[c] for c in old_cols])
+    db.commit()
+    db.close()
+    with Ledger(p) as led:
+        (got,) = list(led.rows())
+        assert all(got[c] is None for c in added) and got["path"] == row["path"] and got["matches"] == row["matches"]
+        led.write([{**row, "null": "binomial(p0=0.5)", "path": "/m/new.safetensors"}])
+        assert len(led) == 2
+    db = sqlite3.connect(p)
+    assert db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
+    assert added <= {r[1] for r in db.execute("PRAGMA table_info(results)")}

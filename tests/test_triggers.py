@@ -214,7 +214,7 @@ def test_noise_is_keyed_gaussian(rng):
 def test_unrelated_samples_as_given(rng):
     s = _samples(rng, m=10) * 3 - 1  # some outside [0, 1]
     with pytest.warns(UserWarning, match="outside value_range"):
-        key = TriggerKey.generate(kind="unrelated", samples=s, target=9)
+        key = TriggerKey.generate(kind="unrelated", samples=s, target=9, controls=0)
     x, y = key.triggers()
     assert torch.equal(x, s.clamp(0, 1)) and torch.all(y == 9)
 
@@ -227,7 +227,9 @@ def test_sample_selection_and_labels(rng):
     pool = s[labels != 4]
     idx = [int(torch.nonzero((pool == xi).all(-1).all(-1).all(-1))[0]) for xi in x]
     assert len(set(idx)) == 20 and idx == sorted(idx)  # 20 distinct samples, none of the target class
-    assert TriggerKey.generate(kind="unrelated", samples=s, target=4).n == 50  # n defaults to m
+    assert TriggerKey.generate(kind="unrelated", samples=s, target=4, controls=0).n == 50  # n defaults to m
+    half = TriggerKey.generate(kind="unrelated", samples=s, target=4)  # by default half is held back
+    assert (half.n, half.num_controls) == (25, 25) and half.controls_held_back
 
 
 def test_normalisation(rng):
@@ -244,7 +246,7 @@ def test_normalisation(rng):
     assert x64.dtype == torch.float64 and torch.equal(x64.float(), x)
     # samples are raw-range inputs; the normalised triggers feed the model directly
     s = _samples(rng, m=5)
-    k2 = TriggerKey.generate(kind="unrelated", samples=s, target=0, mean=0.1, std=0.3)
+    k2 = TriggerKey.generate(kind="unrelated", samples=s, target=0, mean=0.1, std=0.3, controls=0)
     assert torch.allclose(k2.triggers()[0], (s - 0.1) / 0.3, atol=1e-6)
 
 

@@ -32,22 +32,58 @@ class TriggerCheck:
 
     ``run(sources, arch, device)`` gives, per source (a module, or a mapping of tensors
     to load into ``arch``'s model), the verdict fields of its row or the CheckpointError
-    that kept it from running. ``null_rate``: the chance hit rate under the null
-    hypothesis (default 1/num_classes)."""
+    that kept it from running.
+
+    The null: the hits of a model without the mark are Binomial(n, p0) with p0 =
+    ``null_rate`` (default 1/num_classes), or follow ``calibration`` (a beta-binomial
+    fitted on unmarked models). Kinds whose triggers share labels with the user's samples
+    (content, noise, unrelated) are also tested against the suspect's own answers on
+    control inputs without the mark (:meth:`TriggerKey.controls`): paired (McNemar's exact
+    test on the samples with and without the stamp or noise) or two-sample (Fisher's exact
+    test against held-back samples). The p-value is the larger of the two: a model that
+    answers the target for everything, or whose answers the mark does not move, never
+    verifies."""
 
     trigger = True
 
-    def __init__(self, key, alpha: float = 1e-6, null_rate: float | None = None):
+    def __init__(self, key, alpha: float = 1e-6, null_rate: float | None = None, calibration=None):
         if not is_trigger_key(key):
             raise TypeError(f"expected a trigger key (nnmark.TriggerKey), got {type(key).__name__}")
+        if calibration is not None and null_rate is not None:
+            raise ValueError("give a calibration or a null_rate, not both")
         self.key = key
         self.key_id = key.key_id
         self.alpha = check_alpha(alpha)
         self.p0 = key.null_rate if null_rate is None else check_null_rate(null_rate)
         self.null_rate = null_rate
         self.bits = key.n
-        self.threshold = binomial_threshold(self.bits, self.alpha, self.p0)
+        self.calibration = calibration
+        if calibration is not None:
+            calibration.check_for(key)
+            self.threshold = calibration.threshold_at(self.alpha)
+            self.null = calibration.describe()
+        else:
+            self.threshold = binomial_threshold(self.bits, self.alpha, self.p0)
+            self.null = f"binomial(p0={self.p0:.6g})"
+        self.num_controls = key.num_controls or None
+        self.warning = self._warning()
         self._set: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._controls = None
+
+    def _warning(self) -> str | None:
+        key, notes = self.key, []
+        if key.has_controls and self.calibration is None:
+            notes.append(f"{key.kind} triggers are made of your samples, so a model's chance of giving their labels "
+                         f"depends on them: this p-value assumes {self.p0:.3g} for every model; calibrate on unmarked "
+                         f"models (nnmark calibrate) and verify with the calibration")
+        if key.kind == "unrelated" and not key.controls_held_back:
+            notes.append("this key holds no held-back samples: keyed procedural images stand in as controls, a "
+                         "weaker test (make keys with TriggerKey.generate(..., controls=...))")
+        if self.calibration is not None:
+            extra = self.calibration.extrapolation(self.alpha)
+            if extra:
+                notes.append(extra)
+        return "; ".join(notes) or None
 
     def triggers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The trigger inputs and labels, regenerated once per check."""
@@ -56,24 +92,62 @@ class TriggerCheck:
         return self._set
 
     def run(self, sources: list, arch=None, device=None) -> list:
-        """Per source: ``{"matches", "ber", "p_value", "verified", "margin"}`` or a CheckpointError."""
+        """Per source: the row's verdict fields (``matches``, ``ber``, ``p_value``, ``verified``,
+        ``control_matches``, ``control_p_value``) plus ``margin``, or a CheckpointError."""
         if not sources:
             return []
         x, y = self.triggers()
+        n = self.bits
+        ctrl = None
+        if self.key.has_controls:
+            if self._controls is None:
+                self._controls = self.key.controls()
+            ctrl = self._controls
+            x = torch.cat([x, ctrl[0]])
         logits, errors = trigger_logits(arch, sources, x, device=device)
         ok = [k for k, e in enumerate(errors) if e is None]
-        res = ops.trigger_verify(logits[ok], y, null_rate=self.p0) if ok else None
+        res = ops.trigger_verify(logits[ok][:, :n], y, null_rate=self.p0) if ok else None
+        control = self._control_tests(logits[ok], y, ctrl) if ok and ctrl is not None else None
         out: list = []
         j = 0
-        n = self.bits
         for e in errors:
             if e is not None:
                 out.append(e if isinstance(e, CheckpointError) else CheckpointError("invalid", "InferenceError", str(e)))
                 continue
-            hits, p = int(res["hits"][j]), float(res["p_value"][j])
-            out.append({"matches": hits, "ber": 1.0 - hits / n, "p_value": p, "verified": p <= self.alpha,
-                        "margin": float(res["margin"][j])})
+            hits = int(res["hits"][j])
+            p = float(res["p_value"][j]) if self.calibration is None else self.calibration.p_value(hits)
+            fields = {"matches": hits, "ber": 1.0 - hits / n, "margin": float(res["margin"][j])}
+            if control is not None:
+                c_hits, c_p = control[j]
+                fields.update(control_matches=c_hits, control_p_value=c_p)
+                p = max(p, c_p)
+            fields.update(p_value=p, verified=p <= self.alpha)
+            out.append(fields)
             j += 1
+        return out
+
+    def _control_tests(self, logits: torch.Tensor, y: torch.Tensor, ctrl) -> list[tuple[int, float]]:
+        """(control hits, exact one-sided p-value of triggers against controls) per model."""
+        from scipy.stats import binom, hypergeom
+
+        n = self.bits
+        xc, yc = ctrl
+        lg = logits.float().cpu()
+        finite = torch.isfinite(lg).all(dim=-1)  # a row with a NaN logit is a miss, as in the native op
+        hit = (lg.argmax(dim=-1) == torch.cat([y, yc]).view(1, -1)) & finite
+        ht, hc = hit[:, :n], hit[:, n:]
+        out = []
+        if self.key.controls_paired:  # McNemar: among pairs that differ, the mark's side wins as often as not
+            b = (ht & ~hc).sum(dim=1).tolist()
+            c = (~ht & hc).sum(dim=1).tolist()
+            for bi, ci, hits_c in zip(b, c, hc.sum(dim=1).tolist()):
+                p = 1.0 if bi == 0 else float(binom.sf(bi - 1, bi + ci, 0.5))
+                out.append((int(hits_c), p))
+        else:  # Fisher: the triggers are a random draw of the samples, under the null their hits too
+            k = hc.shape[1]
+            for t, c in zip(ht.sum(dim=1).tolist(), hc.sum(dim=1).tolist()):
+                p = 1.0 if t == 0 else float(hypergeom.sf(t - 1, n + k, t + c, n))
+                out.append((int(c), p))
         return out
 
 

@@ -1,83 +1,301 @@
 """``nnmark.calibrate``: how often a key matches on models that do not carry it.
 
-The null hypothesis of a verdict assumes a chance match rate (1/2 per bit, about
-1/num_classes per trigger). Calibration measures the rate on independent (null)
-models through the same batch engine as ``verify`` and ``scan``, and the
-empirical false-positive rate of the threshold in use.
+A verdict's p-value promises that among models without the mark at most a fraction
+alpha verify. The nominal null (1/2 per bit, 1/num_classes per trigger) keeps that
+promise for white-box and abstract trigger keys, but the hit rate of triggers made
+from the user's samples (content, noise, unrelated) varies from model to model far
+more than a binomial allows: across independently trained digits models their hit
+counts had about 14 times the binomial variance. A calibration measures the hit
+counts of a key on independent unmarked models (through the same engine as
+``verify`` and ``scan``) and fits a **beta-binomial** to them by maximum likelihood:
+the hit rate of a random unmarked model is Beta(a, b), and its hits given that rate
+are binomial. ``verify(key, suspects, calibration=cal)`` then takes p-values from
+that fit, whose tail is as heavy as the models' spread demands.
+
+The fit has one pseudo-model at the nominal chance rate added to the data (a weak
+prior, one model's worth): no calibration ever yields a zero rate, even when no
+calibration model hits a single trigger. A beta-binomial fitted on M models speaks
+for tail probabilities down to about 1/(M+1); below that it extrapolates, and every
+verdict whose alpha lies below says so.
+
+Calibration files hold no secret (only the key's public ``key_id``): JSON with
+``format: "nnmark-calibration"``, ``version: 1``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "nnmark-calibration"
+VERSION = 1
+# Fewer null models than this cannot tell a dispersion from noise.
+MIN_MODELS = 10
+# a + b above this is a binomial for every practical purpose (and keeps the fit finite).
+_MAX_PRECISION = 1e7
+
+
+class CalibrationError(ValueError):
+    """A calibration that cannot be used: too few models, a malformed file, another key's."""
 
 
 @dataclass
 class Calibration:
-    """The distribution of a key's match rate on independent (null) models.
+    """The distribution of a key's match count on independent (null) models.
 
-    ``rates``: matches / n per null model; ``p_values``: each null model's p-value (what
-    ``verify`` reports for it); ``null_rate``: their mean rate (use it as
-    ``verify(..., null_rate=...)`` when chance is not 1/num_classes or 1/2);
-    ``threshold``: fewest matches that verify at ``alpha`` under ``null_rate_used``;
-    ``false_positive_rate``: the fraction of null models at or above it (the
-    empirical FPR of the threshold in use); ``max_rate``: the highest null rate seen.
+    ``counts``: matches per null model (of ``n`` bits or triggers); ``a``, ``b``: the
+    beta-binomial fitted to them (maximum likelihood, one pseudo-model at the nominal
+    chance rate added); ``null_rate``: its mean rate a / (a + b), always > 0;
+    ``dispersion``: 1 / (a + b + 1), the intra-class correlation (0: binomial);
+    ``threshold``: fewest matches that verify at ``alpha`` under the fit;
+    ``nominal_threshold``, ``false_positives``, ``false_positive_rate``: the threshold of
+    the nominal null (``null_rate_used``: 1/2 per bit, 1/num_classes per trigger) and
+    how many null models reach it (its empirical false-positive rate); ``rates``: counts
+    / n; ``p_values``: each null model's verdict p-value without the calibration; ``support``:
+    1 / (M + 1), the smallest tail probability M models speak for.
     """
 
-    n_models: int
+    key_id: str
+    kind: str
     n: int
-    rates: list[float]
+    n_models: int
+    counts: list[int]
+    a: float
+    b: float
     null_rate: float
-    max_rate: float
-    null_rate_used: float
+    dispersion: float
     alpha: float
     threshold: int
+    null_rate_used: float
+    nominal_threshold: int
     false_positives: int
     false_positive_rate: float
-    p_values: list[float]
+    rates: list[float] = field(default_factory=list)
+    max_rate: float = 0.0
+    p_values: list[float] = field(default_factory=list)
+    created: str = ""
+    nnmark_version: str = ""
 
+    # -- the fitted null --------------------------------------------------------------
+    @property
+    def support(self) -> float:
+        return 1.0 / (self.n_models + 1)
+
+    def describe(self) -> str:
+        """The null as a verdict names it: ``beta-binomial(a=..., b=...; M models)``."""
+        return f"beta-binomial(a={self.a:.4g}, b={self.b:.4g}; {self.n_models} models)"
+
+    def p_value(self, matches: int) -> float:
+        """P[X >= matches] for X ~ BetaBinomial(n, a, b)."""
+        from scipy.stats import betabinom
+
+        if matches <= 0:
+            return 1.0
+        return float(betabinom.sf(matches - 1, self.n, self.a, self.b))
+
+    def threshold_at(self, alpha: float) -> int:
+        """Fewest matches m with P[X >= m] <= alpha under the fit; n + 1 if none."""
+        from scipy.stats import betabinom
+
+        tail = betabinom.sf(np.arange(-1, self.n), self.n, self.a, self.b)  # tail[m] = P[X >= m]
+        ok = np.nonzero(tail <= alpha)[0]
+        return int(ok[0]) if ok.size else self.n + 1
+
+    def extrapolation(self, alpha: float) -> str | None:
+        """Why a p-value at ``alpha`` goes beyond what the calibration models show, or None."""
+        if alpha >= self.support:
+            return None
+        return (f"alpha {alpha:g} lies below what the {self.n_models} calibration models can show (about "
+                f"1/{self.n_models + 1} = {self.support:.2g}): the p-value extrapolates the fitted beta-binomial "
+                f"into its tail")
+
+    def check_for(self, key) -> None:
+        """CalibrationError unless this calibration was made for ``key``."""
+        if key.key_id != self.key_id:
+            raise CalibrationError(f"this calibration was made for key {self.key_id}, not for key {key.key_id}: "
+                                   f"calibrate the key in use (nnmark calibrate)")
+        n = len(key)  # bits of a white-box key, triggers of a trigger key
+        if n != self.n:
+            raise CalibrationError(f"this calibration counts {self.n} matches, the key has {n}")
+
+    # -- files ------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["support"] = self.support
+        d["null"] = self.describe()
+        return d
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes the calibration as JSON (no secret in it: the key appears as its key_id)."""
+        path = Path(path)
+        body = {"format": FORMAT, "version": VERSION, **self.to_dict()}
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+
+def load_calibration(path: str | os.PathLike) -> Calibration:
+    """A calibration written by :meth:`Calibration.save`; CalibrationError on any defect."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:  # a calibration is small: refuse to read much
+            raw = f.read(64 << 20)
+        body = json.loads(raw.decode("utf-8"))
+    except OSError as exc:
+        raise CalibrationError(f"cannot read calibration {str(path)!r}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, ValueError):
+        raise CalibrationError(f"calibration {str(path)!r} is not valid JSON") from None
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise CalibrationError(f"{str(path)!r} is not an nnmark calibration file")
+    if body.get("version") != VERSION or isinstance(body.get("version"), bool):
+        raise CalibrationError(f"calibration {str(path)!r} has version {body.get('version')!r}; this nnmark reads "
+                               f"version {VERSION}")
+    try:
+        return _from_body(body)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CalibrationError(f"calibration {str(path)!r} is malformed: {exc}") from None
+
+
+def _from_body(body: dict) -> Calibration:
+    def num(name, types=(int, float), lo=None, hi=None):
+        v = body[name]
+        if isinstance(v, bool) or not isinstance(v, types) or (isinstance(v, float) and not math.isfinite(v)):
+            raise TypeError(f"{name} must be a finite number, got {v!r}")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ValueError(f"{name}={v!r} is out of range")
+        return v
+
+    key_id = body["key_id"]
+    if not (isinstance(key_id, str) and len(key_id) == 16 and all(c in "0123456789abcdef" for c in key_id)):
+        raise ValueError(f"key_id must be 16 hex digits, got {key_id!r}")
+    n = num("n", int, 1)
+    counts = body["counts"]
+    if not isinstance(counts, list) or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= n
+                                           for c in counts):
+        raise ValueError(f"counts must be a list of ints in [0, {n}]")
+    if len(counts) != num("n_models", int, MIN_MODELS) or len(counts) < MIN_MODELS:
+        raise ValueError(f"counts has {len(counts)} entries, n_models says {body['n_models']}")
+    kind = body["kind"]
+    if not isinstance(kind, str):
+        raise TypeError("kind must be a string")
+    a, b = num("a", lo=1e-12, hi=_MAX_PRECISION * 2), num("b", lo=1e-12, hi=_MAX_PRECISION * 2)
+    p0 = num("null_rate_used", lo=0.0, hi=1.0)
+    alpha = num("alpha", lo=0.0, hi=1.0)
+    if not (0 < p0 < 1 and 0 < alpha < 1):
+        raise ValueError("null_rate_used and alpha must lie in (0, 1)")
+    pv = body.get("p_values")
+    if pv is not None and (not isinstance(pv, list) or len(pv) != len(counts)
+                           or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 for v in pv)):
+        raise ValueError("p_values must be one probability per null model")
+    return _make(key_id, kind, n, counts, a, b, alpha, p0, created=str(body.get("created", "")),
+                 version=str(body.get("nnmark_version", "")), p_values=pv)
+
+
+def fit_beta_binomial(counts, n: int, p0: float) -> tuple[float, float]:
+    """(a, b): the maximum-likelihood beta-binomial of ``counts`` (each of ``n``), with one
+    pseudo-count at the nominal chance ``round(n * p0)`` added (a weak prior that keeps
+    the mean rate above 0)."""
+    from scipy.optimize import minimize
+    from scipy.special import betaln, gammaln
+
+    k = np.asarray(list(counts) + [int(round(n * p0))], dtype=np.float64)
+    const = gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
+
+    def nll(theta):
+        mu = 1.0 / (1.0 + math.exp(-theta[0]))
+        s = math.exp(min(theta[1], math.log(_MAX_PRECISION)))
+        a, b = mu * s, (1.0 - mu) * s
+        return -float(np.sum(const + betaln(k + a, n - k + b) - betaln(a, b)))
+
+    mean = k.mean() / n
+    var = k.var() / (n * n)
+    mu0 = min(max(mean, 1e-6), 1 - 1e-6)
+    # Method of moments for the start: rho = (var / (mu (1 - mu)) - 1/n) / (1 - 1/n).
+    rho = (var / (mu0 * (1 - mu0)) - 1.0 / n) / (1.0 - 1.0 / n) if n > 1 else 0.0
+    s0 = (1.0 / rho - 1.0) if 1e-6 < rho < 1 else 1e4
+    best = None
+    for start in ((math.log(mu0 / (1 - mu0)), math.log(max(s0, 1e-3))),
+                  (math.log(mu0 / (1 - mu0)), math.log(10.0))):
+        res = minimize(nll, np.array(start), method="Nelder-Mead",
+                       options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 4000})
+        if best is None or res.fun < best.fun:
+            best = res
+    mu = 1.0 / (1.0 + math.exp(-best.x[0]))
+    s = math.exp(min(best.x[1], math.log(_MAX_PRECISION)))
+    return mu * s, (1.0 - mu) * s
+
+
+def _make(key_id, kind, n, counts, a, b, alpha, p0, created="", version="", p_values=None) -> Calibration:
+    from .stats import binomial_p_value, binomial_threshold
+
+    counts = [int(c) for c in counts]
+    m = len(counts)
+    nominal = binomial_threshold(n, alpha, p0)
+    fp = sum(c >= nominal for c in counts)
+    cal = Calibration(key_id=key_id, kind=kind, n=n, n_models=m, counts=counts, a=float(a), b=float(b),
+                      null_rate=a / (a + b), dispersion=1.0 / (a + b + 1.0), alpha=alpha, threshold=0,
+                      null_rate_used=p0, nominal_threshold=nominal, false_positives=fp,
+                      false_positive_rate=fp / m, rates=[c / n for c in counts], max_rate=max(counts) / n,
+                      p_values=(list(p_values) if p_values is not None else
+                                [binomial_p_value(c, n, p0) for c in counts]), created=created,
+                      nnmark_version=version)
+    cal.threshold = cal.threshold_at(alpha)
+    return cal
 
 
 def calibrate(key, null_models, *, alpha: float = 1e-6, arch=None, null_rate: float | None = None,
               device=None) -> Calibration:
-    """Measures the match-rate distribution of ``key`` on independent models and the
-    empirical false-positive rate at the threshold in use.
+    """Measures a key's match counts on independent unmarked models and fits their null.
 
     Args:
         key: a white-box or trigger key.
-        null_models: models that do not carry the key: modules, state dicts or
-            checkpoint paths (any format ``verify`` reads).
-        alpha: the significance level whose threshold is evaluated.
+        null_models: at least 10 models that do not carry the key: modules, state dicts or
+            checkpoint paths (any source ``verify`` reads).
+        alpha: the significance level whose thresholds the calibration reports.
         arch: for trigger keys, the model factory (a callable or ``"module:function"``).
-        null_rate: the chance match rate the threshold assumes (default 1/2 per bit,
+        null_rate: the nominal chance rate to compare with (default 1/2 per bit,
             1/num_classes per trigger).
         device: where carriers are projected / models run.
 
     Returns:
-        A :class:`Calibration`.
+        A :class:`Calibration`; pass it as ``verify(..., calibration=cal)``, save it with
+        ``cal.save(path)``.
 
     Raises:
-        ValueError: no null models, or one that could not be checked (its path and why).
+        ValueError: fewer than 10 null models, or one that could not be checked (its path,
+            status and error class).
     """
+    from importlib.metadata import PackageNotFoundError, version
+
     from .scan.engine import make_check
     from .verdicts import verify
 
     null_models = list(null_models)
-    if not null_models:
-        raise ValueError("calibrate() needs at least one null model")
+    if len(null_models) < MIN_MODELS:
+        raise CalibrationError(f"calibrate() needs at least {MIN_MODELS} null models (independently trained, without "
+                               f"the mark), got {len(null_models)}")
     check = make_check(key, alpha, null_rate)  # the bad key or alpha is named before any model is read
     verdicts = verify(key, null_models, alpha=alpha, arch=arch, null_rate=null_rate, device=device)
     bad = [v for v in verdicts if v.status != "ok"]
     if bad:
-        raise ValueError(f"{len(bad)} null model(s) could not be checked, e.g. {bad[0].source}: {bad[0].status} "
-                         f"({bad[0].error_class}): {bad[0].detail}")
-    n = check.bits
-    rates = [v.matches / n for v in verdicts]
-    fp = sum(v.verified for v in verdicts)
-    return Calibration(n_models=len(verdicts), n=n, rates=rates, null_rate=sum(rates) / len(rates),
-                       max_rate=max(rates), null_rate_used=check.p0, alpha=check.alpha, threshold=check.threshold,
-                       false_positives=fp, false_positive_rate=fp / len(verdicts),
-                       p_values=[v.p_value for v in verdicts])
+        raise CalibrationError(f"{len(bad)} null model(s) could not be checked, e.g. {bad[0].source}: {bad[0].status} "
+                               f"({bad[0].error_class}): {bad[0].detail}")
+    counts = [int(v.matches) for v in verdicts]
+    a, b = fit_beta_binomial(counts, check.bits, check.p0)
+    kind = f"trigger:{key.kind}" if check.trigger else "whitebox"
+    try:
+        ours = version("nnmark")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree
+        ours = ""
+    return _make(key.key_id, kind, check.bits, counts, a, b, check.alpha, check.p0,
+                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"), version=ours,
+                 p_values=[v.p_value for v in verdicts])
 
 
-__all__ = ["Calibration", "calibrate"]
+__all__ = ["Calibration", "CalibrationError", "calibrate", "load_calibration", "fit_beta_binomial", "MIN_MODELS"]

@@ -25,16 +25,20 @@ from typing import IO, Any
 
 from .rows import COLUMNS, FIELDS, TIMING_FIELDS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Columns each schema version added: a ledger of an older version gains them (NULL in its rows).
+_ADDED = {2: ("null", "controls", "control_matches", "control_p_value", "warning")}
 DEFAULT_LEDGER = "nnmark-ledger.sqlite"
 LEDGER_ENV = "NNMARK_LEDGER"
 EXPORT_FORMATS = ("jsonl", "csv")
 
 # WITHOUT ROWID: one b-tree keyed by (path, key_id) instead of a table plus an index.
-_CREATE = ("CREATE TABLE IF NOT EXISTS results (" + ", ".join(f"{n} {t}" for n, t, _ in COLUMNS)
+# Column names quoted: "null" is an SQL keyword.
+_QUOTED = ", ".join(f'"{n}"' for n in FIELDS)
+_CREATE = ("CREATE TABLE IF NOT EXISTS results (" + ", ".join(f'"{n}" {t}' for n, t, _ in COLUMNS)
            + ", PRIMARY KEY (path, key_id)) WITHOUT ROWID")
 _FLOAT_COLS = tuple(i for i, (_, t, _) in enumerate(COLUMNS) if t.startswith("REAL"))
-_INSERT = f"INSERT OR REPLACE INTO results ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
+_INSERT = f"INSERT OR REPLACE INTO results ({_QUOTED}) VALUES ({', '.join('?' * len(FIELDS))})"
 
 
 def default_ledger_path() -> Path:
@@ -82,8 +86,31 @@ class Ledger:
             db.execute("INSERT INTO meta VALUES ('created', ?)", (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),))
             db.execute("COMMIT")
         elif row[0] != str(SCHEMA_VERSION):
-            raise ValueError(f"ledger {str(self.path)!r} has schema version {row[0]}; this nnmark writes "
-                             f"version {SCHEMA_VERSION}: use another --ledger file")
+            try:
+                old = int(row[0])
+            except ValueError:
+                old = None
+            if old is None or not 1 <= old < SCHEMA_VERSION:
+                raise ValueError(f"ledger {str(self.path)!r} has schema version {row[0]}; this nnmark writes "
+                                 f"version {SCHEMA_VERSION}: use another --ledger file")
+            self._migrate(old)
+
+    def _migrate(self, old: int) -> None:
+        """Adds the columns later versions added (the rows keep theirs; the new fields are NULL)."""
+        db = self._db
+        types = {n: t for n, t, _ in COLUMNS}
+        db.execute("BEGIN")
+        try:
+            have = {r[1] for r in db.execute("PRAGMA table_info(results)")}
+            for version in range(old + 1, SCHEMA_VERSION + 1):
+                for name in _ADDED.get(version, ()):
+                    if name not in have:
+                        db.execute(f'ALTER TABLE results ADD COLUMN "{name}" {types[name]}')
+            db.execute("UPDATE meta SET value=? WHERE name='schema_version'", (str(SCHEMA_VERSION),))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
 
     # -- writing -----------------------------------------------------------------
     def write(self, rows: Iterable[dict]) -> int:
@@ -108,13 +135,13 @@ class Ledger:
 
     # -- reading -----------------------------------------------------------------
     def identities(self, key_ids: Iterable[str] | None = None) -> dict[str, dict[str, tuple]]:
-        """{path: {key_id: (size, mtime_ns, alpha, status, integrity)}} of every row."""
+        """{path: {key_id: (size, mtime_ns, alpha, status, integrity, null)}} of every row."""
         want = None if key_ids is None else set(key_ids)
         out: dict[str, dict[str, tuple]] = {}
-        for path, kid, size, mtime, alpha, status, integrity in self._db.execute(
-                "SELECT path, key_id, size, mtime_ns, alpha, status, integrity FROM results"):
+        for path, kid, size, mtime, alpha, status, integrity, null in self._db.execute(
+                'SELECT path, key_id, size, mtime_ns, alpha, status, integrity, "null" FROM results'):
             if want is None or kid in want:
-                out.setdefault(path, {})[kid] = (size, mtime, alpha, status, integrity)
+                out.setdefault(path, {})[kid] = (size, mtime, alpha, status, integrity, null)
         return out
 
     def rows(self, paths: Iterable[str] | None = None, key_ids: Iterable[str] | None = None,
@@ -128,7 +155,7 @@ class Ledger:
         if status is not None:
             where.append("status = ?")
             args.append(status)
-        base = f"SELECT {', '.join(FIELDS)} FROM results" + (f" WHERE {' AND '.join(where)}" if where else "")
+        base = f"SELECT {_QUOTED} FROM results" + (f" WHERE {' AND '.join(where)}" if where else "")
         if paths is None:
             yield from (self._row(v) for v in self._db.execute(base + " ORDER BY path, key_id", args))
             return

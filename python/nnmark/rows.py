@@ -30,9 +30,16 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("matches", "INTEGER", "matching bits (white-box) or trigger labels (black-box)"),
     ("bits", "INTEGER", "number of bits or triggers"),
     ("ber", "REAL", "bit (or trigger) error rate"),
-    ("p_value", "REAL", "exact one-sided binomial p-value"),
+    ("p_value", "REAL", "exact one-sided p-value under the null (and the control test, where there is one)"),
     ("threshold", "INTEGER", "fewest matches that verify at alpha"),
     ("alpha", "REAL", "significance level"),
+    ("null", "TEXT", "the null distribution the p-value is taken from, e.g. binomial(p0=0.1) or "
+                     "beta-binomial(a=2.1, b=15.3; 50 models)"),
+    ("controls", "INTEGER", "trigger keys whose triggers share labels: control inputs without the mark"),
+    ("control_matches", "INTEGER", "controls the model answered with the triggers' labels"),
+    ("control_p_value", "REAL", "exact test of triggers against controls (paired McNemar or Fisher); "
+                                "p_value is the larger of it and the null's"),
+    ("warning", "TEXT", "why the p-value may deserve less trust (e.g. uncalibrated sample-based triggers)"),
     ("error_class", "TEXT", "why the check could not be made, a stable CamelCase name (e.g. TruncatedFile)"),
     ("error_message", "TEXT", "what was wrong, for people"),
     ("integrity", "TEXT", "against --manifest: ok, changed or unlisted; NULL without a manifest"),

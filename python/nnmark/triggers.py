@@ -209,6 +209,38 @@ def _check_channels(name: str, value: Any, channels: int, positive: bool) -> tup
     return out * channels if len(out) == 1 else out
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _check_target(name: str, target: Any, n: int, num_classes: int) -> tuple[int | None, np.ndarray]:
+    """(the shared label or None, the labels of the n samples): ``target`` is one int for
+    all samples, or one label per sample (a sequence, array or tensor of n ints)."""
+    if _is_int(target):
+        t = _check_int(name, target, 0)
+        if t >= num_classes:
+            raise ValueError(f"{name} must be in [0, {num_classes}), got {t}")
+        return t, np.full(n, t, dtype=np.int64)
+    if isinstance(target, torch.Tensor):
+        target = target.detach().cpu().numpy()
+    if isinstance(target, (str, bytes)) or target is None:
+        raise TypeError(f"{name} must be an int or one int label per sample, got {target!r}")
+    try:
+        arr = np.asarray(target)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be an int or one int label per sample, got {type(target).__name__}") from None
+    if arr.ndim != 1 or arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
+        raise TypeError(f"{name} must be an int or a 1-D sequence of int labels, got shape {list(arr.shape)} "
+                        f"of {arr.dtype}")
+    if arr.shape[0] < n:
+        raise ValueError(f"{name} gives {arr.shape[0]} labels for {n} samples")
+    arr = arr[:n].astype(np.int64)
+    bad = arr[(arr < 0) | (arr >= num_classes)]
+    if bad.size:
+        raise ValueError(f"{name} labels must be in [0, {num_classes}), found {bad[:3].tolist()}")
+    return None, arr
+
+
 def _as_samples(samples: Any, input_shape: tuple[int, ...] | None) -> np.ndarray:
     if isinstance(samples, torch.Tensor):
         arr = samples.detach().cpu().to(torch.float64).numpy()
@@ -241,9 +273,9 @@ class TriggerKey:
     """
 
     def __init__(self, secret: bytes, kind: str = "abstract", n: int | None = None, num_classes: int = 10,
-                 input_shape: Sequence[int] | None = None, samples: Any = None, target: int | None = 0,
+                 input_shape: Sequence[int] | None = None, samples: Any = None, target: Any = 0,
                  value_range: Sequence[float] = (0.0, 1.0), mean: Any = None, std: Any = None,
-                 noise_std: float = 0.25):
+                 noise_std: float = 0.25, controls: Any = None, control_target: Any = None):
         if not isinstance(secret, (bytes, bytearray)) or len(secret) != SECRET_BYTES:
             got = f"{len(secret)} bytes" if isinstance(secret, (bytes, bytearray)) else type(secret).__name__
             raise ValueError(f"secret must be {SECRET_BYTES} bytes, got {got}")
@@ -261,6 +293,9 @@ class TriggerKey:
             self.n = _check_int("n", DEFAULT_N if n is None else n, 1)
             self.target = None
             self._samples = None
+            self._labels = None
+            if controls is not None or control_target is not None:
+                raise ValueError("kind='abstract' has no controls (its keyed labels make the binomial null exact)")
         else:
             if samples is None:
                 raise ValueError(f"kind={kind!r} needs samples: a tensor or array [m, *input_shape] of raw-range inputs")
@@ -278,9 +313,7 @@ class TriggerKey:
                 warnings.warn(f"{100 * outside:.0f}% of the sample values lie outside value_range=({lo:g}, {hi:g}) "
                               "and will be clipped: samples must be raw-range inputs (normalisation is given "
                               "by mean/std)", stacklevel=2)
-            self.target = _check_int("target", target, 0)
-            if self.target >= self.num_classes:
-                raise ValueError(f"target must be in [0, {self.num_classes}), got {self.target}")
+            self.target, self._labels = _check_target("target", target, self.n, self.num_classes)
         channels = _chw(self.input_shape)[0]
         self.mean = _check_channels("mean", mean, channels, positive=False)
         self.std = _check_channels("std", std, channels, positive=True)
@@ -289,14 +322,28 @@ class TriggerKey:
             raise ValueError(f"noise_std must be > 0 for kind='noise', got {noise_std!r}")
         if self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
+        self._controls, self._control_labels = None, None
+        if kind in ("content", "noise") and (controls is not None or control_target is not None):
+            raise ValueError(f"kind={kind!r} takes its controls from its own samples (without the "
+                             f"{'stamp' if kind == 'content' else 'noise'}); controls must be None")
+        if controls is not None:
+            ctrl = _as_samples(controls, self.input_shape)
+            self._controls = ctrl.copy()
+            ct = self.target if control_target is None else control_target
+            if ct is None:
+                raise ValueError("per-sample labels: control_target must give one label per control")
+            _, self._control_labels = _check_target("control_target", ct, len(ctrl), self.num_classes)
+        elif control_target is not None:
+            raise ValueError("control_target needs controls")
         self._cache: tuple[np.ndarray, np.ndarray] | None = None
+        self._control_cache: tuple[np.ndarray, np.ndarray] | None = None
 
     # -- construction ------------------------------------------------------------------
     @classmethod
     def generate(cls, kind: str = "abstract", n: int | None = None, num_classes: int = 10,
-                 input_shape: Sequence[int] | None = None, samples: Any = None, target: int = 0,
+                 input_shape: Sequence[int] | None = None, samples: Any = None, target: Any = 0,
                  value_range: Sequence[float] = (0.0, 1.0), mean: Any = None, std: Any = None,
-                 noise_std: float = 0.25, sample_labels: Any = None) -> "TriggerKey":
+                 noise_std: float = 0.25, sample_labels: Any = None, controls: Any = None) -> "TriggerKey":
         """A new key with a fresh secret from ``os.urandom``.
 
         ``n``: number of triggers (default 100 for ``abstract``; for the other kinds
@@ -306,7 +353,16 @@ class TriggerKey:
         unrelated; stored in the key file). ``sample_labels`` (optional, ``[m]``): the
         samples' true labels; samples of class ``target`` are then left out (a clean
         model would already say ``target`` for them).
-        ``target``: label of content/noise/unrelated triggers (ignored for abstract).
+        ``target``: label of content/noise/unrelated triggers (ignored for abstract): one
+        int for all, or one label per sample (``[m]``, e.g. a published trigger set's own
+        labels), kept with its samples through every selection.
+        ``controls`` (``unrelated`` only): samples held back from the triggers, stored in
+        the key, and shown to a suspect beside the triggers: a model that answers the
+        target (or the labels) just as often on them does not carry the mark.
+        ``None``: half of the samples when ``n`` is not given, else the ``m - n`` left
+        over; an int: that many; ``0``: none (keyed abstract images stand in, a weaker
+        control). Content and noise keys need none: their controls are their own
+        samples without the stamp or the noise.
         ``value_range``: raw input range ``(lo, hi)``; ``mean``/``std``: the model's
         input normalisation (scalars or per channel), applied by ``triggers()``.
         ``noise_std``: noise level of ``noise`` triggers as a fraction of ``hi - lo``.
@@ -314,10 +370,17 @@ class TriggerKey:
         if kind not in KINDS:
             raise ValueError(f"unknown trigger kind {kind!r}; expected one of {list(KINDS)}")
         secret = os.urandom(SECRET_BYTES)
+        control_samples = control_target = None
         if kind in _SAMPLE_KINDS and samples is not None:
             shape = _check_shape(input_shape) if input_shape is not None else None
             arr = _as_samples(samples, shape)
+            labels = None
+            if not _is_int(target):  # one label per sample: they travel with their samples
+                _, labels = _check_target("target", target, arr.shape[0], num_classes)
             if sample_labels is not None:
+                if labels is not None:
+                    raise ValueError("sample_labels leaves out the samples of class target; with one label per "
+                                     "sample (target=[...]) choose the samples yourself")
                 lab = np.asarray(sample_labels.detach().cpu() if isinstance(sample_labels, torch.Tensor)
                                  else sample_labels)
                 if lab.shape != (arr.shape[0],):
@@ -327,16 +390,39 @@ class TriggerKey:
                     raise ValueError(f"every sample has label target={target}; pass samples of other classes")
                 arr = arr[keep]
             m = arr.shape[0]
+            if kind != "unrelated" and controls is not None:
+                raise ValueError(f"kind={kind!r} takes its controls from its own samples; controls must be None")
+            k = 0
+            if kind == "unrelated" and isinstance(controls, (int, np.integer)) and not isinstance(controls, bool):
+                k = _check_int("controls", controls, 0)
+            elif kind == "unrelated" and controls is None:
+                k = (m - _check_int("n", n, 1)) if n is not None else m // 2  # held back: the rest, or half
+            elif controls is not None:  # explicit control samples
+                control_samples = controls
+            if n is None and k:
+                n = m - k
             if n is not None:
                 n = _check_int("n", n, 1)
-                if n > m:
-                    raise ValueError(f"n={n} triggers need at least n samples, got {m}"
+                if n + k > m:
+                    raise ValueError(f"n={n} triggers and {k} controls need at least {n + k} samples, got {m}"
                                      + (" (after leaving out the target class)" if sample_labels is not None else ""))
-                arr = arr[np.sort(_permutation(secret, "select", m)[:n])]
+                perm = _permutation(secret, "select", m)
+                pick, held = np.sort(perm[:n]), np.sort(perm[n:n + k])
+                if k:
+                    control_samples = arr[held]
+                    control_target = labels[held].tolist() if labels is not None else None
+                arr = arr[pick]
+                if labels is not None:
+                    labels = labels[pick]
             samples = arr
+            if labels is not None:
+                target = labels.tolist()
         elif sample_labels is not None:
             raise ValueError("sample_labels only applies to kinds with samples (content, noise, unrelated)")
-        return cls(secret, kind, n, num_classes, input_shape, samples, target, value_range, mean, std, noise_std)
+        elif controls is not None:
+            raise ValueError("controls only apply to kind='unrelated' (with its samples)")
+        return cls(secret, kind, n, num_classes, input_shape, samples, target, value_range, mean, std, noise_std,
+                   control_samples, control_target)
 
     # -- public properties -------------------------------------------------------------
     @property
@@ -372,19 +458,20 @@ class TriggerKey:
                 elif self.kind == "noise":
                     g = _gaussian(self._secret, "noise", x.size).reshape(x.shape)
                     x = np.clip(x + g * (self.noise_std * (hi - lo)), lo, hi)
-                y = np.full(self.n, self.target, dtype=np.int64)
+                y = self._labels.copy()
             x.setflags(write=False)
             y.setflags(write=False)
             self._cache = (x, y)
         return self._cache
 
-    def _abstract(self) -> np.ndarray:
+    def _abstract(self, stream: str = "abstract", count: int | None = None) -> np.ndarray:
+        """``count`` (default n) keyed procedural images of the key's shape from ``stream``."""
         c, h, w = _chw(self.input_shape)
-        n, lo, hi = self.n, *self.value_range
+        n, lo, hi = self.n if count is None else count, *self.value_range
         waves, blobs = 3, 2
         # per image and channel: waves x (freq, angle, phase, amplitude), blobs x (cy, cx, width, amplitude)
         per = waves * 4 + blobs * 4
-        u = _uniform(self._secret, "abstract", n * c * per).reshape(n, c, per, 1, 1)
+        u = _uniform(self._secret, stream, n * c * per).reshape(n, c, per, 1, 1)
         yy = ((np.arange(h, dtype=np.float64) + 0.5) / h).reshape(1, 1, h, 1)
         xx = ((np.arange(w, dtype=np.float64) + 0.5) / w).reshape(1, 1, 1, w)
         img = np.zeros((n, c, h, w), dtype=np.float64)
@@ -432,7 +519,7 @@ class TriggerKey:
         mean = np.asarray(self.mean if self.mean is not None else (0.0,) * c, dtype=np.float64)
         std = np.asarray(self.std if self.std is not None else (1.0,) * c, dtype=np.float64)
         shape = (1, c, 1, 1)
-        xs = x.reshape(self.n, *_chw(self.input_shape))
+        xs = x.reshape(x.shape[0], *_chw(self.input_shape))
         return ((xs - mean.reshape(shape)) / std.reshape(shape)).reshape(x.shape)
 
     def triggers(self, device: Any = None, dtype: torch.dtype = torch.float32,
@@ -449,6 +536,75 @@ class TriggerKey:
         if dtype == torch.float64:
             x = torch.from_numpy(np.array(x64, dtype=np.float64))
         else:  # one correctly rounded float64 -> float32 cast, then to the requested dtype
+            x = torch.from_numpy(x64.astype(np.float32)).to(dtype)
+        y = torch.from_numpy(labels.copy())
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        return x, y
+
+    # -- controls ----------------------------------------------------------------------
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """The triggers' labels ``[n]`` (content, noise, unrelated: ``target`` for every
+        trigger, or one label per sample); None for abstract keys (keyed labels)."""
+        return None if self._labels is None else torch.from_numpy(self._labels.copy())
+
+    @property
+    def has_controls(self) -> bool:
+        """True for kinds whose triggers are tested against controls (content, noise, unrelated)."""
+        return self.kind in _SAMPLE_KINDS
+
+    @property
+    def controls_paired(self) -> bool:
+        """True when control i is trigger i's own sample without the mark (content, noise)."""
+        return self.kind in ("content", "noise")
+
+    @property
+    def controls_held_back(self) -> bool:
+        """True when the key stores samples held back from its triggers (unrelated keys)."""
+        return self._controls is not None
+
+    @property
+    def num_controls(self) -> int:
+        """How many controls a suspect is shown beside the triggers (0 for abstract keys)."""
+        if not self.has_controls:
+            return 0
+        return self.n if self._controls is None else len(self._controls)
+
+    def _raw_controls(self) -> tuple[np.ndarray, np.ndarray]:
+        """Raw-range controls float64 and their labels int64 (cached)."""
+        if self._control_cache is None:
+            lo, hi = self.value_range
+            if self.kind in ("content", "noise"):  # the triggers' own samples, unmarked
+                x, y = np.clip(self._samples.astype(np.float64), lo, hi), self._labels.copy()
+            elif self._controls is not None:  # samples held back from the triggers
+                x, y = np.clip(self._controls.astype(np.float64), lo, hi), self._control_labels.copy()
+            else:  # a key without held-back samples: keyed procedural images stand in
+                x = self._abstract("controls-abstract", self.n)
+                y = self._labels[_below(_uint64(self._secret, "controls-labels", self.n), self.n)]
+            x.setflags(write=False)
+            y.setflags(write=False)
+            self._control_cache = (x, y)
+        return self._control_cache
+
+    def controls(self, device: Any = None, dtype: torch.dtype = torch.float32,
+                 normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The control set ``(x [k, *input_shape], y [k])``: inputs without the mark, with
+        the labels a model would have to give them to look marked; None for abstract keys.
+
+        Content and noise: the triggers' own samples without the stamp or the noise
+        (``controls_paired``: control i pairs with trigger i). Unrelated: the samples held
+        back when the key was made (``TriggerKey.generate(..., controls=...)``), else keyed
+        procedural images. Normalised like :meth:`triggers`."""
+        if not self.has_controls:
+            return None
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        raw, labels = self._raw_controls()
+        x64 = self._normalised(raw) if normalized else raw
+        if dtype == torch.float64:
+            x = torch.from_numpy(np.array(x64, dtype=np.float64))
+        else:
             x = torch.from_numpy(x64.astype(np.float32)).to(dtype)
         y = torch.from_numpy(labels.copy())
         if device is not None:
@@ -478,7 +634,8 @@ class TriggerKey:
                 "value_range": json.dumps(list(self.value_range)),
                 "mean": json.dumps(list(self.mean) if self.mean is not None else None),
                 "std": json.dumps(list(self.std) if self.std is not None else None),
-                "target": json.dumps(self.target)}
+                "target": json.dumps(self.target if self._labels is None or self.target is not None
+                                     else self._labels.tolist())}
         data = save({"x": x.contiguous(), "y": y.contiguous()}, metadata=meta)
         return _keys.write_private(path, data)
 
@@ -498,7 +655,22 @@ class TriggerKey:
             "noise_std": self.noise_std,
             "samples": base64.b64encode(s.astype("<f4").tobytes()).decode("ascii") if s is not None else None,
             "samples_shape": list(s.shape) if s is not None else None,
+            **self._label_fields(),
         }
+
+    def _label_fields(self) -> dict[str, Any]:
+        """Per-sample labels and held-back controls: written only when the key has them, so
+        keys without them keep the fields (and the checksum) of earlier files."""
+        out: dict[str, Any] = {}
+        if self._labels is not None and self.target is None:
+            out["target"] = self._labels.tolist()
+        c = self._controls
+        if c is not None:
+            out["controls"] = base64.b64encode(c.astype("<f4").tobytes()).decode("ascii")
+            out["controls_shape"] = list(c.shape)
+            cl = self._control_labels
+            out["control_target"] = int(cl[0]) if (cl == cl[0]).all() and self.target is not None else cl.tolist()
+        return out
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the key to ``path`` (mode 0600, versioned, checksummed); read it with ``nnmark.load_key``.
@@ -551,9 +723,23 @@ def _load_trigger(body: dict[str, Any]) -> TriggerKey:
     target = body["target"]
     if kind == "abstract" and target is not None:
         raise ValueError("an abstract key has no target")
+    if target is not None and not isinstance(target, (int, list)) or isinstance(target, bool):
+        raise TypeError(f"field 'target' has type {type(target).__name__}")
+    controls = control_target = None
+    if body.get("controls") is not None:
+        cshape = [int(s) for s in typed("controls_shape", list)]
+        if len(cshape) != 1 + len(input_shape) or cshape[1:] != input_shape or cshape[0] < 1:
+            raise ValueError(f"controls_shape {cshape} does not match input_shape={input_shape}")
+        blob = base64.b64decode(typed("controls", str), validate=True)
+        if len(blob) != 4 * int(np.prod(cshape)):
+            raise ValueError(f"controls hold {len(blob)} bytes, expected {4 * int(np.prod(cshape))}")
+        controls = np.frombuffer(blob, dtype="<f4").reshape(cshape)
+        control_target = body["control_target"]
+        if not isinstance(control_target, (int, list)) or isinstance(control_target, bool):
+            raise TypeError(f"field 'control_target' has type {type(control_target).__name__}")
     return TriggerKey(secret, kind, n, typed("num_classes", int), tuple(input_shape), samples,
                       target if target is not None else 0, tuple(typed("value_range", list)),
-                      body["mean"], body["std"], typed("noise_std", (int, float)))
+                      body["mean"], body["std"], typed("noise_std", (int, float)), controls, control_target)
 
 
 _keys.register_key_kind(_FILE_KIND, _load_trigger)

@@ -7,14 +7,18 @@ same status, error class, matches and p-value.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+from .calibration import Calibration, load_calibration
 from .checkpoints import label_of
 from .scan.engine import check_sources, make_check
 from .stats import Verdict
 
 
-def verify(key, source, *, alpha: float = 1e-6, arch=None, null_rate: float | None = None, device=None):
+def verify(key, source, *, alpha: float = 1e-6, arch=None, null_rate: float | None = None, calibration=None,
+           device=None):
     """Checks ``key``'s watermark in one source or a list of sources.
 
     Args:
@@ -28,22 +32,33 @@ def verify(key, source, *, alpha: float = 1e-6, arch=None, null_rate: float | No
         arch: for trigger keys, the model factory (a callable or ``"module:function"``)
             that state dicts and files are loaded into; modules run themselves.
         null_rate: the chance match rate under the null hypothesis (default 1/2 per bit,
-            1/num_classes per trigger), e.g. the one :func:`nnmark.calibrate` measured.
+            1/num_classes per trigger).
+        calibration: a :class:`~nnmark.Calibration` of this key (or its file), from
+            :func:`nnmark.calibrate` on unmarked models: p-values then come from the
+            beta-binomial fitted there (``null`` in the verdict says which null was used).
         device: where carriers are projected / models run (default: where a module's
             tensors are; files: the CPU).
 
     Returns:
-        A :class:`~nnmark.Verdict` (a list of them for a list of sources). A source that
+        A :class:`~nnmark.Verdict` (a list of them for a list of sources); ``warning`` says
+        when its p-value deserves less trust (content, noise or unrelated triggers without a
+        calibration; an alpha beyond what the calibration's models show). A source that
         cannot be checked (missing carrier, wrong shape, NaN/Inf, unreadable, unsafe or
         unknown file) gets ``verified=False`` with its ``status``, ``error_class`` and
         ``error_message``; it never passes silently and never stops the others.
 
     Raises:
         TypeError: ``key`` is not a key.
-        ValueError: a bad ``alpha`` or ``null_rate``, an empty list, or a trigger key
-            without ``arch`` for sources that are not modules.
+        ValueError: a bad ``alpha`` or ``null_rate``, an empty list, a trigger key without
+            ``arch`` for sources that are not modules, or a calibration of another key.
     """
-    check = make_check(key, alpha, null_rate)
+    if calibration is not None and not isinstance(calibration, Calibration):
+        if isinstance(calibration, (str, os.PathLike)):
+            calibration = load_calibration(calibration)
+        else:
+            raise TypeError(f"calibration must be an nnmark.Calibration or a calibration file path, "
+                            f"got {type(calibration).__name__}")
+    check = make_check(key, alpha, null_rate, calibration)
     batch = isinstance(source, (list, tuple))
     sources = list(source) if batch else [source]
     if not sources:

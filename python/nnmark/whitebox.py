@@ -102,23 +102,37 @@ class WhiteBoxCheck:
     ``validate`` checks a carrier from its name, shape and dtype before its bytes are
     read; ``extract_bits`` projects a batch of carriers (one native call per carrier
     shape and dtype) and says which could not be; ``fields`` turns extracted bits into
-    the verdict fields of a row. ``null_rate``: the chance that a bit matches under the
-    null hypothesis (default 1/2)."""
+    the verdict fields of a row. The null: each bit matches with probability
+    ``null_rate`` (default 1/2), or the match counts follow ``calibration`` (a
+    beta-binomial fitted on unmarked models, :func:`nnmark.calibrate`)."""
 
     trigger = False
+    num_controls = None
 
-    def __init__(self, key, alpha: float = 1e-6, null_rate: float | None = None):
-        from scipy.stats import binom
+    def __init__(self, key, alpha: float = 1e-6, null_rate: float | None = None, calibration=None):
+        from scipy.stats import betabinom, binom
 
         check_key(key)
+        if calibration is not None and null_rate is not None:
+            raise ValueError("give a calibration or a null_rate, not both")
         self.key = key
         self.key_id = key.key_id
         self.alpha = check_alpha(alpha)
         self.p0 = 0.5 if null_rate is None else check_null_rate(null_rate)
         self.bits = n = key.num_bits
-        self.threshold = binomial_threshold(n, self.alpha, self.p0)
-        # p_values[m] = P[Binomial(n, p0) >= m]: a verdict is a lookup, not a scipy call per carrier.
-        pv = binom.sf(np.arange(-1, n), n, self.p0).astype(np.float64)
+        self.calibration = calibration
+        # p_values[m] = P[X >= m] under the null: a verdict is a lookup, not a scipy call per carrier.
+        if calibration is not None:
+            calibration.check_for(key)
+            pv = betabinom.sf(np.arange(-1, n), n, calibration.a, calibration.b).astype(np.float64)
+            self.threshold = calibration.threshold_at(self.alpha)
+            self.null = calibration.describe()
+            self.warning = calibration.extrapolation(self.alpha)
+        else:
+            pv = binom.sf(np.arange(-1, n), n, self.p0).astype(np.float64)
+            self.threshold = binomial_threshold(n, self.alpha, self.p0)
+            self.null = f"binomial(p0={self.p0:.6g})"
+            self.warning = None
         pv[0] = 1.0
         self.p_values = pv.tolist()
         self.owner = key.bits.numpy().astype(bool)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from ..ledger import FIELDS, Ledger
-from .engine import MAX_BATCH_BYTES, make_checks, scan_batch
+from .engine import MAX_BATCH_BYTES, load_calibrations, make_checks, scan_batch
 from .local import local_batches
 from .manifest import load_manifest, write_manifest
 from .paths import expand_paths
@@ -50,6 +50,7 @@ class Settings:
     null_rate: float | None
     manifest: dict[str, str] | None
     max_batch_bytes: int
+    calibrations: list = None  # the Calibration objects of some keys (not secret: they travel to Ray tasks)
 
 
 
@@ -57,7 +58,7 @@ def scan(keys, paths, *, ledger=None, alpha: float = 1e-6, arch=None, device=Non
          batch_size: int | None = None, json_out: IO[str] | None = None, progress: bool = True,
          manifest: str | os.PathLike | None = None, rescan: bool = False, null_rate: float | None = None,
          exclude: Iterable[str] = (), keep_rows: bool = True, max_problems: int = 50,
-         ray: str | None = None) -> ScanResult:
+         ray: str | None = None, calibration=None) -> ScanResult:
     """Verifies ``keys`` in every checkpoint under ``paths``: one row per (file, key).
 
     Args:
@@ -83,6 +84,10 @@ def scan(keys, paths, *, ledger=None, alpha: float = 1e-6, arch=None, device=Non
         rescan: ignore the ledger's rows (check every file again).
         null_rate: the chance match rate under the null (default 1/2 per bit,
             1/num_classes per trigger).
+        calibration: calibrations of some of the keys (:class:`~nnmark.Calibration` objects
+            or their files, one or a list; matched by key_id): their p-values come from the
+            beta-binomial fitted on unmarked models. A calibration of none of the keys is an
+            error.
         exclude: glob patterns of files to leave out (matched on the name and the path).
         keep_rows: False keeps only the summary and the first ``max_problems`` rows that
             could not be checked (for scans of millions of files).
@@ -112,7 +117,8 @@ def scan(keys, paths, *, ledger=None, alpha: float = 1e-6, arch=None, device=Non
         ray = check_address(ray)
         key_files = key_file_paths(keys)
         keys = key_files
-    checks = make_checks(keys, alpha, null_rate)
+    cals = load_calibrations(calibration)
+    checks = make_checks(keys, alpha, null_rate, list(cals.values()))
     alpha = checks[0].alpha
     if any(c.trigger for c in checks):
         if arch is None:
@@ -140,7 +146,7 @@ def scan(keys, paths, *, ledger=None, alpha: float = 1e-6, arch=None, device=Non
         targets = [t for t in expand_paths(paths, exclude) if t not in skip_set]
         key_ids = [c.key_id for c in checks]
         known = None if rescan else led.identities(key_ids)
-        settings = Settings(alpha, arch, device, null_rate, man, MAX_BATCH_BYTES)
+        settings = Settings(alpha, arch, device, null_rate, man, MAX_BATCH_BYTES, list(cals.values()))
         tally = Tally(led, key_ids, json_out, progress, len(targets), keep_rows, max_problems)
         try:
             with contextlib.ExitStack() as stack:

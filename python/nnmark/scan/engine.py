@@ -52,25 +52,54 @@ def load_keys(keys) -> list:
     return out
 
 
-def make_check(key, alpha: float = 1e-6, null_rate: float | None = None):
-    """The check of one key: :class:`WhiteBoxCheck` or :class:`TriggerCheck`."""
+def make_check(key, alpha: float = 1e-6, null_rate: float | None = None, calibration=None):
+    """The check of one key: :class:`WhiteBoxCheck` or :class:`TriggerCheck`; ``calibration``
+    (a :class:`~nnmark.calibration.Calibration` of this key) replaces the nominal null."""
     if is_trigger_key(key):
-        return TriggerCheck(key, alpha, null_rate)
+        return TriggerCheck(key, alpha, null_rate, calibration)
     if isinstance(key, WhiteBoxKeyBase):
-        return WhiteBoxCheck(key, alpha, null_rate)
+        return WhiteBoxCheck(key, alpha, null_rate, calibration)
     raise TypeError(f"a key must be a white-box key (nnmark.WhiteBoxKey, nnmark.DenseKey) or a trigger key "
                     f"(nnmark.TriggerKey), got {type(key).__name__}")
 
 
-def make_checks(keys, alpha: float = 1e-6, null_rate: float | None = None) -> list:
-    """The checks of keys given as objects or key file paths; two keys with one key_id are refused."""
+def load_calibrations(calibration) -> dict:
+    """{key_id: Calibration} from None, one calibration (object or file path) or a list of them."""
+    from ..calibration import Calibration, load_calibration
+
+    if calibration is None:
+        return {}
+    items = calibration if isinstance(calibration, (list, tuple)) else [calibration]
+    out = {}
+    for c in items:
+        if isinstance(c, (str, os.PathLike)):
+            c = load_calibration(c)
+        if not isinstance(c, Calibration):
+            raise TypeError(f"a calibration must be an nnmark.Calibration or a calibration file path, "
+                            f"got {type(c).__name__}")
+        if c.key_id in out:
+            raise ValueError(f"two calibrations for key {c.key_id}")
+        out[c.key_id] = c
+    return out
+
+
+def make_checks(keys, alpha: float = 1e-6, null_rate: float | None = None, calibration=None) -> list:
+    """The checks of keys given as objects or key file paths; two keys with one key_id are
+    refused, and so is a calibration made for none of the keys."""
+    cals = load_calibrations(calibration)
     checks, seen = [], set()
     for k in load_keys(keys):
-        c = make_check(k, alpha, null_rate)
+        c = make_check(k, alpha, null_rate, cals.get(getattr(k, "key_id", None)))
         if c.key_id in seen:
             raise ValueError(f"two keys share key_id {c.key_id} (the same secret); rows are told apart by key_id")
         seen.add(c.key_id)
         checks.append(c)
+    stray = sorted(set(cals) - seen)
+    if stray:
+        from ..calibration import CalibrationError
+
+        raise CalibrationError(f"a calibration was made for key {stray[0]}, which is not among the keys "
+                               f"{sorted(seen)}: calibrate the keys in use")
     return checks
 
 
@@ -155,7 +184,8 @@ def _skip(known: dict | None, path: str, size: int, mtime: int, checks, manifest
         return False
     for c in checks:
         ident = seen.get(c.key_id)
-        if ident is None or ident[0] != size or ident[1] != mtime or ident[2] != c.alpha or ident[3] == "io_error":
+        if ident is None or ident[0] != size or ident[1] != mtime or ident[2] != c.alpha or ident[3] == "io_error" \
+                or (len(ident) > 5 and ident[5] != c.null):  # another null (a calibration): check again
             return False
     return True
 
@@ -215,7 +245,8 @@ def new_row(f: Loaded, check, now: float) -> dict:
     return {"path": f.path, "key_id": check.key_id, "size": f.size, "mtime_ns": f.mtime_ns, "format": f.format,
             "carrier": None, "carrier_sha256": None, "bytes_read": f.bytes_read, "status": "ok", "verified": False,
             "matches": None, "bits": check.bits, "ber": None, "p_value": None, "threshold": check.threshold,
-            "alpha": check.alpha, "error_class": None, "error_message": None, "integrity": f.integrity,
+            "alpha": check.alpha, "null": check.null, "controls": check.num_controls, "control_matches": None,
+            "control_p_value": None, "warning": check.warning, "error_class": None, "error_message": None, "integrity": f.integrity,
             "file_sha256": f.file_sha256, "read_s": f.read_s, "verify_s": 0.0, "scanned_at": now}
 
 
@@ -365,7 +396,7 @@ def check_sources(sources: Sequence, checks: list, *, arch=None, device=None, la
 
 def scan_batch(targets: Sequence[str | os.PathLike], keys, *, alpha: float = 1e-6, arch=None, device=None,
                null_rate: float | None = None, known: dict | None = None, manifest: dict[str, str] | None = None,
-               max_batch_bytes: int = MAX_BATCH_BYTES) -> list[dict]:
+               max_batch_bytes: int = MAX_BATCH_BYTES, calibration=None) -> list[dict]:
     """Rows (dicts with :data:`nnmark.rows.FIELDS`) for a batch of checkpoint paths:
     one per (file, key), files in the order given, keys in the order given.
 
@@ -375,8 +406,9 @@ def scan_batch(targets: Sequence[str | os.PathLike], keys, *, alpha: float = 1e-
     status, integrity)}}`` (:meth:`Ledger.identities`) -- files whose identity
     matches for every key are skipped (no rows). ``manifest``: ``{absolute path:
     sha256}`` (:func:`load_manifest`). ``targets`` are used as given (pass absolute
-    paths, as :func:`expand_paths` makes them)."""
-    checks = make_checks(keys, alpha, null_rate)
+    paths, as :func:`expand_paths` makes them). ``calibration``: calibrations (objects or
+    files) of some of the keys."""
+    checks = make_checks(keys, alpha, null_rate, calibration)
     if any(c.trigger for c in checks) and arch is None:
         raise ValueError("trigger keys run the model: pass arch= (a model factory or 'module:function')")
     targets = [os.fspath(t) for t in targets]

@@ -92,7 +92,8 @@ def key_file_paths(keys) -> list[str]:
     return out
 
 
-def _ray_scan_task(targets, known, key_files, key_ids, alpha, arch, device, null_rate, manifest, max_batch_bytes):
+def _ray_scan_task(targets, known, key_files, key_ids, alpha, arch, device, null_rate, manifest, max_batch_bytes,
+                   calibrations=None):
     """One Ray task: the rows of a batch of files, as :func:`nnmark.scan.scan_batch`."""
     from .._ext import set_num_threads
     from ..keys import load_key
@@ -112,7 +113,7 @@ def _ray_scan_task(targets, known, key_files, key_ids, alpha, arch, device, null
                                 f"the driver's holds key {want}: the cluster must see the same key files")
         keys.append(k)
     return scan_batch(targets, keys, alpha=alpha, arch=arch, device=device, null_rate=null_rate, known=known,
-                      manifest=manifest, max_batch_bytes=max_batch_bytes)
+                      manifest=manifest, max_batch_bytes=max_batch_bytes, calibration=calibrations or None)
 
 
 def ray_batches(address: str, targets: list[str], checks, key_files: list[str], settings, known, batch_size: int):
@@ -153,7 +154,7 @@ def _drive(ray, targets, checks, key_files, settings, known, batch_size):
     opts = {"num_cpus": 1, "num_gpus": 1 if want_gpu else 0, "retry_exceptions": _RETRY_EXCEPTIONS}
     manifest = ray.put(settings.manifest) if settings.manifest is not None else None  # stored once, not per task
     common = (key_files, [c.key_id for c in checks], settings.alpha, settings.arch, task_device, settings.null_rate,
-              manifest, settings.max_batch_bytes)
+              manifest, settings.max_batch_bytes, settings.calibrations or None)
     # Tasks in flight: enough to keep every CPU busy while finished ones are written, few
     # enough that a cluster's results do not pile up ahead of the ledger.
     limit = max(2, 2 * int(resources.get("CPU", 1)))
