@@ -9,8 +9,8 @@ from .keys import DenseKey, KeyFileError, WhiteBoxKey, load_key, message_bits
 from .ops import dense_projection, keyed_projection, philox4x32_10
 from .stats import Verdict, binomial_p_value, binomial_threshold
 from .whitebox import Uchida, extract
-from .verdicts import verify
-from .calibration import Calibration, calibrate
+from .verdicts import calibrate, verify
+from .calibration import Calibration, CalibrationError, load_calibration
 from .triggers import TriggerKey, TriggerMixer, embed_triggers
 from .scan import scan  # the function; its package stays importable: "from nnmark.scan import expand_paths"
 from .robustness import RobustnessReport, robustness_report
@@ -19,7 +19,8 @@ from .integrations import PenaltyHook
 __all__ = [
     "build_info", "get_num_threads", "set_num_threads",
     "WhiteBoxKey", "DenseKey", "load_key", "KeyFileError", "message_bits",
-    "Uchida", "extract", "verify", "calibrate", "Calibration", "Verdict", "binomial_p_value", "binomial_threshold",
+    "Uchida", "extract", "verify", "calibrate", "Calibration", "CalibrationError", "load_calibration", "Verdict",
+    "binomial_p_value", "binomial_threshold",
     "keyed_projection", "dense_projection", "philox4x32_10", "CheckpointError", "open_checkpoint",
     "TriggerKey", "TriggerMixer", "embed_triggers", "scan",
     "robustness_report", "RobustnessReport", "PenaltyHook",

@@ -1,4 +1,5 @@
-"""``nnmark.calibrate``: how often a key matches on models that do not carry it.
+"""Calibrations: how often a key matches on models that do not carry it (``nnmark.calibrate``
+in :mod:`nnmark.verdicts` measures them; this module fits, stores and applies them).
 
 A verdict's p-value promises that among models without the mark at most a fraction
 alpha verify. The nominal null (1/2 per bit, 1/num_classes per trigger) keeps that
@@ -27,7 +28,6 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -193,7 +193,7 @@ def _from_body(body: dict) -> Calibration:
     if pv is not None and (not isinstance(pv, list) or len(pv) != len(counts)
                            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 for v in pv)):
         raise ValueError("p_values must be one probability per null model")
-    return _make(key_id, kind, n, counts, a, b, alpha, p0, created=str(body.get("created", "")),
+    return make_calibration(key_id, kind, n, counts, a, b, alpha, p0, created=str(body.get("created", "")),
                  version=str(body.get("nnmark_version", "")), p_values=pv)
 
 
@@ -231,7 +231,9 @@ def fit_beta_binomial(counts, n: int, p0: float) -> tuple[float, float]:
     return mu * s, (1.0 - mu) * s
 
 
-def _make(key_id, kind, n, counts, a, b, alpha, p0, created="", version="", p_values=None) -> Calibration:
+def make_calibration(key_id, kind, n, counts, a, b, alpha, p0, created="", version="",
+                     p_values=None) -> Calibration:
+    """A Calibration from its fitted parameters and data (thresholds and rates derived here)."""
     from .stats import binomial_p_value, binomial_threshold
 
     counts = [int(c) for c in counts]
@@ -249,53 +251,5 @@ def _make(key_id, kind, n, counts, a, b, alpha, p0, created="", version="", p_va
     return cal
 
 
-def calibrate(key, null_models, *, alpha: float = 1e-6, arch=None, null_rate: float | None = None,
-              device=None) -> Calibration:
-    """Measures a key's match counts on independent unmarked models and fits their null.
-
-    Args:
-        key: a white-box or trigger key.
-        null_models: at least 10 models that do not carry the key: modules, state dicts or
-            checkpoint paths (any source ``verify`` reads).
-        alpha: the significance level whose thresholds the calibration reports.
-        arch: for trigger keys, the model factory (a callable or ``"module:function"``).
-        null_rate: the nominal chance rate to compare with (default 1/2 per bit,
-            1/num_classes per trigger).
-        device: where carriers are projected / models run.
-
-    Returns:
-        A :class:`Calibration`; pass it as ``verify(..., calibration=cal)``, save it with
-        ``cal.save(path)``.
-
-    Raises:
-        ValueError: fewer than 10 null models, or one that could not be checked (its path,
-            status and error class).
-    """
-    from importlib.metadata import PackageNotFoundError, version
-
-    from .scan.engine import make_check
-    from .verdicts import verify
-
-    null_models = list(null_models)
-    if len(null_models) < MIN_MODELS:
-        raise CalibrationError(f"calibrate() needs at least {MIN_MODELS} null models (independently trained, without "
-                               f"the mark), got {len(null_models)}")
-    check = make_check(key, alpha, null_rate)  # the bad key or alpha is named before any model is read
-    verdicts = verify(key, null_models, alpha=alpha, arch=arch, null_rate=null_rate, device=device)
-    bad = [v for v in verdicts if v.status != "ok"]
-    if bad:
-        raise CalibrationError(f"{len(bad)} null model(s) could not be checked, e.g. {bad[0].source}: {bad[0].status} "
-                               f"({bad[0].error_class}): {bad[0].detail}")
-    counts = [int(v.matches) for v in verdicts]
-    a, b = fit_beta_binomial(counts, check.bits, check.p0)
-    kind = f"trigger:{key.kind}" if check.trigger else "whitebox"
-    try:
-        ours = version("nnmark")
-    except PackageNotFoundError:  # pragma: no cover - run from a source tree
-        ours = ""
-    return _make(key.key_id, kind, check.bits, counts, a, b, check.alpha, check.p0,
-                 created=datetime.now(timezone.utc).isoformat(timespec="seconds"), version=ours,
-                 p_values=[v.p_value for v in verdicts])
-
-
-__all__ = ["Calibration", "CalibrationError", "calibrate", "load_calibration", "fit_beta_binomial", "MIN_MODELS"]
+__all__ = ["Calibration", "CalibrationError", "load_calibration", "fit_beta_binomial", "make_calibration",
+           "MIN_MODELS"]

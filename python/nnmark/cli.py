@@ -103,9 +103,12 @@ def keygen(carrier, bits, reduction, message, shape, output, force):
 @click.option("--arch", default=None, metavar="MODULE:FACTORY",
               help="Trigger keys: the function that builds the model (e.g. mypkg.models:resnet18 or file.py:make).")
 @click.option("--null-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="Chance match rate under the null (default 1/2 per bit, 1/classes per trigger), e.g. from calibrate.")
+              help="Chance match rate under the null (default 1/2 per bit, 1/classes per trigger).")
+@click.option("--calibration", "calibration", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="A calibration of KEY from `nnmark calibrate -o`: p-values from the beta-binomial fitted on "
+                   "unmarked models.")
 @click.option("--device", default=None, help="Where carriers are projected / models run, e.g. cuda (default: cpu).")
-def verify(key, checkpoints, alpha, as_json, arch, null_rate, device):
+def verify(key, checkpoints, alpha, as_json, arch, null_rate, calibration, device):
     """Verify KEY's watermark in each CHECKPOINT (safetensors, .pt/.pth/.ckpt; loaded safely).
 
     Checkpoints are read with safetensors or torch.load(weights_only=True) only:
@@ -121,11 +124,14 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, device):
         sys.exit(EXIT_ERROR)
     if isinstance(k, nnmark.TriggerKey) and arch is None:
         raise click.UsageError("a trigger key runs the model: pass --arch MODULE:FACTORY")
+    if calibration is not None and null_rate is not None:
+        raise click.UsageError("--calibration and --null-rate both set the null: give one")
     start = time.perf_counter()
     try:
+        cal = nnmark.load_calibration(calibration) if calibration is not None else None
         verdicts = nnmark.verify(k, [str(p) for p in checkpoints], alpha=alpha, arch=arch, null_rate=null_rate,
-                                 device=device)
-    except ValueError as exc:  # e.g. an --arch that cannot be imported
+                                 calibration=cal, device=device)
+    except ValueError as exc:  # e.g. an --arch that cannot be imported, a calibration of another key
         _error(exc)
         sys.exit(EXIT_ERROR)
     elapsed = time.perf_counter() - start
@@ -159,8 +165,12 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, device):
         for line in problems:
             con.print(line, markup=False)
         n_ok = sum(v.verified for v in verdicts)
-        con.print(f"{n_ok}/{len(verdicts)} verified (threshold {verdicts[0].threshold}/{n} matching {what}, "
-                  f"exact binomial) in {elapsed:.2f} s")
+        v0 = verdicts[0]
+        tested = " and each model's controls (the larger p-value counts)" if v0.controls else ""
+        con.print(f"{n_ok}/{len(verdicts)} verified (threshold {v0.threshold}/{n} matching {what} under "
+                  f"{v0.null}{tested}) in {elapsed:.2f} s", markup=False)
+        if v0.warning:
+            con.print(f"warning: {v0.warning}", markup=False, style="yellow", soft_wrap=True)
     if any(v.status != "ok" for v in verdicts):
         sys.exit(EXIT_ERROR)
     sys.exit(EXIT_OK if all(v.verified for v in verdicts) else EXIT_FINDINGS)
@@ -172,29 +182,46 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, device):
 @click.option("--alpha", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
 @click.option("--arch", default=None, metavar="MODULE:FACTORY", help="Trigger keys: the model factory.")
 @click.option("--null-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="The chance match rate whose threshold is evaluated (default 1/2 per bit, 1/classes per trigger).")
+              help="The nominal chance rate to compare with (default 1/2 per bit, 1/classes per trigger).")
 @click.option("--device", default=None, help="Where carriers are projected / models run, e.g. cuda (default: cpu).")
+@click.option("-o", "--output", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the calibration here (JSON, no secret in it) for `verify/scan --calibration`.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def calibrate(key, null_checkpoints, alpha, arch, null_rate, device, as_json):
-    """Measure KEY's match rate on independent (unmarked) NULL_CHECKPOINTS and the
-    empirical false-positive rate at the threshold in use."""
+def calibrate(key, null_checkpoints, alpha, arch, null_rate, device, output, as_json):
+    """Measure KEY's match counts on independent unmarked NULL_CHECKPOINTS (at least 10)
+    and fit their null: a beta-binomial, whose p-values `verify --calibration` uses.
+
+    Also reports the nominal null's threshold and how many null models reach it (its
+    empirical false-positive rate). Exit 0 written, 2 a key, a model or the output could
+    not be used, 4 usage error.
+    """
     import nnmark
 
     try:
         k = nnmark.load_key(key)
         cal = nnmark.calibrate(k, [str(p) for p in null_checkpoints], alpha=alpha, arch=arch, null_rate=null_rate,
                                device=device)
-    except (nnmark.KeyFileError, ValueError) as exc:
+        if output is not None:
+            cal.save(output)
+    except (nnmark.KeyFileError, ValueError, OSError) as exc:
         _error(exc)
         sys.exit(EXIT_ERROR)
     if as_json:
         click.echo(json.dumps(cal.to_dict()))
         return
     con = _console()
-    con.print(f"{cal.n_models} null models, {cal.n} {'triggers' if isinstance(k, nnmark.TriggerKey) else 'bits'}: "
-              f"mean match rate {cal.null_rate:.4f} (max {cal.max_rate:.4f}; chance assumed {cal.null_rate_used:.4f})")
-    con.print(f"threshold {cal.threshold}/{cal.n} at alpha {alpha:g}: {cal.false_positives} false positives "
-              f"(empirical FPR {cal.false_positive_rate:.4g})")
+    what = "triggers" if isinstance(k, nnmark.TriggerKey) else "bits"
+    con.print(f"{cal.n_models} null models, {cal.n} {what}: mean match rate {cal.null_rate:.4f} (max "
+              f"{cal.max_rate:.4f}; nominal chance {cal.null_rate_used:.4f}); fitted null {cal.describe()}, "
+              f"dispersion {cal.dispersion:.3g} (0: binomial)", markup=False, soft_wrap=True)
+    con.print(f"at alpha {alpha:g}: calibrated threshold {cal.threshold}/{cal.n}; nominal threshold "
+              f"{cal.nominal_threshold}/{cal.n}, reached by {cal.false_positives} of the null models (empirical FPR "
+              f"{cal.false_positive_rate:.4g})", markup=False, soft_wrap=True)
+    extra = cal.extrapolation(alpha)
+    if extra:
+        con.print(f"note: {extra}", markup=False, style="yellow", soft_wrap=True)
+    if output is not None:
+        con.print(f"wrote {output}: verify with --calibration {output}", markup=False)
 
 
 def _load_data(spec: str, seed: int):

@@ -54,6 +54,8 @@ def _mb(n: int) -> str:
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files whose name or path matches; repeatable.")
 @click.option("--null-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Chance match rate under the null (default 1/2 per bit, 1/classes per trigger).")
+@click.option("--calibration", "calibrations", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="A calibration from `nnmark calibrate -o` of one of the keys (matched by key_id); repeatable.")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
 @click.option("--ray", "ray_address", default=None, metavar="auto|ADDRESS",
               help="Run the scan as Ray tasks (pip install \"nnmark[ray]\"): 'auto' joins the running cluster "
@@ -61,7 +63,7 @@ def _mb(n: int) -> str:
                    "ray://head:10001. Workers read the checkpoints and the key files at these same paths; "
                    "rows land in this ledger.")
 def scan_cmd(paths, keys, ledger, alpha, arch, device, workers, batch_size, as_json, manifest, rescan, exclude,
-             null_rate, no_progress, ray_address):
+             null_rate, calibrations, no_progress, ray_address):
     """Verify KEYs in every checkpoint under PATHS (files, folders recursively, globs).
 
     Formats are sniffed from their first bytes: safetensors (only the carrier's
@@ -103,7 +105,8 @@ def scan_cmd(paths, keys, ledger, alpha, arch, device, workers, batch_size, as_j
         res = nnmark.scan(scan_keys, [str(p) for p in paths], ledger=ledger_path, alpha=alpha, arch=arch,
                           device=device, workers=workers, batch_size=batch_size, json_out=out,
                           progress=not no_progress, manifest=manifest, rescan=rescan, null_rate=null_rate,
-                          exclude=exclude, keep_rows=False, ray=ray_address)
+                          exclude=exclude, keep_rows=False, ray=ray_address,
+                          calibration=[str(c) for c in calibrations] or None)
     except (ValueError, ImportError, ConnectionError) as exc:
         # a ledger of another schema, a malformed manifest, an --arch that fails to import,
         # --ray without ray installed or without a cluster at the address
@@ -137,6 +140,8 @@ def _summary(res, keys, con) -> None:
     more = s["errors"] - min(len(res.problems), _SHOWN_PROBLEMS)
     if more > 0:
         con.print(f"... and {more} more: nnmark ledger export --status STATUS", markup=False, soft_wrap=True)
+    for kid, text in s.get("warnings", {}).items():
+        con.print(f"warning (key {kid}): {text}", markup=False, style="yellow", soft_wrap=True)
     rate = f"{s['files_per_s']:,.0f} files/s, {s['mb_per_s']:,.1f} MB/s" if s["scanned"] else "nothing new to read"
     con.print(f"scanned {s['scanned']} files, skipped {s['skipped']} unchanged (ledger), read {_mb(s['bytes_read'])} "
               f"in {s['seconds']:.2f} s ({rate}); ledger: {s['ledger']}", markup=False, soft_wrap=True)

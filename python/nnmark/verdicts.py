@@ -1,4 +1,4 @@
-"""``nnmark.verify``: one entry point for every key kind, on the scan's batch engine.
+"""``nnmark.verify`` and ``nnmark.calibrate``: every key kind, on the scan's batch engine.
 
 White-box keys read a carrier's weights; trigger keys run the model on the
 secret trigger set. Either way each source gets a :class:`~nnmark.stats.Verdict`,
@@ -8,10 +8,12 @@ same status, error class, matches and p-value.
 from __future__ import annotations
 
 import os
+from datetime import datetime, timezone
 
 import torch
 
-from .calibration import Calibration, load_calibration
+from .calibration import (MIN_MODELS, Calibration, CalibrationError, fit_beta_binomial, load_calibration,
+                          make_calibration)
 from .checkpoints import label_of
 from .scan.engine import check_sources, make_check
 from .stats import Verdict
@@ -78,4 +80,51 @@ def verify(key, source, *, alpha: float = 1e-6, arch=None, null_rate: float | No
     return verdicts if batch else verdicts[0]
 
 
-__all__ = ["verify"]
+
+def calibrate(key, null_models, *, alpha: float = 1e-6, arch=None, null_rate: float | None = None,
+              device=None) -> Calibration:
+    """Measures a key's match counts on independent unmarked models and fits their null.
+
+    Args:
+        key: a white-box or trigger key.
+        null_models: at least 10 models that do not carry the key: modules, state dicts or
+            checkpoint paths (any source ``verify`` reads).
+        alpha: the significance level whose thresholds the calibration reports.
+        arch: for trigger keys, the model factory (a callable or ``"module:function"``).
+        null_rate: the nominal chance rate to compare with (default 1/2 per bit,
+            1/num_classes per trigger).
+        device: where carriers are projected / models run.
+
+    Returns:
+        A :class:`Calibration`; pass it as ``verify(..., calibration=cal)``, save it with
+        ``cal.save(path)``.
+
+    Raises:
+        ValueError: fewer than 10 null models, or one that could not be checked (its path,
+            status and error class).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    null_models = list(null_models)
+    if len(null_models) < MIN_MODELS:
+        raise CalibrationError(f"calibrate() needs at least {MIN_MODELS} null models (independently trained, without "
+                               f"the mark), got {len(null_models)}")
+    check = make_check(key, alpha, null_rate)  # the bad key or alpha is named before any model is read
+    verdicts = verify(key, null_models, alpha=alpha, arch=arch, null_rate=null_rate, device=device)
+    bad = [v for v in verdicts if v.status != "ok"]
+    if bad:
+        raise CalibrationError(f"{len(bad)} null model(s) could not be checked, e.g. {bad[0].source}: {bad[0].status} "
+                               f"({bad[0].error_class}): {bad[0].detail}")
+    counts = [int(v.matches) for v in verdicts]
+    a, b = fit_beta_binomial(counts, check.bits, check.p0)
+    kind = f"trigger:{key.kind}" if check.trigger else "whitebox"
+    try:
+        ours = version("nnmark")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree
+        ours = ""
+    return make_calibration(key.key_id, kind, check.bits, counts, a, b, check.alpha, check.p0,
+                            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), version=ours,
+                            p_values=[v.p_value for v in verdicts])
+
+
+__all__ = ["verify", "calibrate"]

@@ -92,6 +92,7 @@ class Tally:
         self.problems: list[dict] = []
         self.n_verified = self.n_not = self.n_changed = self.n_skipped = self.n_scanned = 0
         self.per_key = {k: {"verified": 0, "not_verified": 0, "errors": 0} for k in key_ids}
+        self.warnings: dict[str, str] = {}  # key_id -> the warning its rows carry (one per key)
         self.bytes_read = self.done = 0
         self.start = time.perf_counter()
         self.bar = Progress(total, progress)
@@ -130,6 +131,8 @@ class Tally:
             else:
                 self.n_skipped += 1
             for r in file_rows:
+                if r.get("warning") and r["key_id"] not in self.warnings:
+                    self.warnings[r["key_id"]] = r["warning"]
                 st = r["status"]
                 status[st] = status.get(st, 0) + 1
                 pk = per_key[r["key_id"]]
@@ -177,6 +180,7 @@ class Tally:
             "files_per_s": self.n_scanned / elapsed if elapsed > 0 else 0.0,
             "mb_per_s": self.bytes_read / elapsed / 1e6 if elapsed > 0 else 0.0,
             "ledger": str(self.led.path) if self.led.path is not None else None,
+            "warnings": dict(self.warnings),
         }
         summary["exit_code"] = exit_code(n_files, status, self.n_not, self.n_changed)
         return ScanResult(rows, summary, self.problems, summary["ledger"])
