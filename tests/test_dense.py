@@ -213,3 +213,185 @@ def test_dense_key_wrong_length_carrier(rng):
         key.project(torch.randn(5, 2, 3, 3))
     v = nnmark.verify(key, {"conv.weight": torch.randn(5, 2, 3, 3)})
     assert v.status == "invalid" and not v.verified and "expects 36" in v.detail
+
+
+# ---------------------------------------------------------------------------- Uchida et al.'s files
+# Their code (github.com/yu4u/dnn-watermark): WatermarkRegularizer.set_param makes X = np.random.randn(N, T)
+# with N = kh*kw*in of a Keras (kh, kw, in, out) kernel; train_wrn.py's save_wmark_signatures writes X as
+# PREFIX_layerK_w.npy ([N, T], float64) and the owner's bits b as PREFIX_layerK_b.npy (float [1, T]).
+# A bit is sigmoid(mean_out(kernel).reshape(1, N) . X) > 0.5 (utility/wmark_validate.py).
+KH, KW, CIN, COUT = 3, 3, 16, 8  # N = 144
+
+
+def _uchida_files(tmp_path, rng, T, n=KH * KW * CIN, name="wrn_layer7"):
+    X = rng.standard_normal((n, T))
+    b = rng.integers(0, 2, (1, T)).astype(np.float64)
+    w_path, b_path = tmp_path / f"{name}_w.npy", tmp_path / f"{name}_b.npy"
+    np.save(w_path, X)
+    np.save(b_path, b)
+    return w_path, b_path, X, b
+
+
+def _uchida_carrier(X, b, rng) -> torch.Tensor:
+    """A torch conv weight [out, in, kh, kw] that carries b as Uchida's code reads it: every filter the
+    least-norm v (in Keras (kh, kw, in) order) with v . X = 2b - 1, plus a little noise."""
+    v = np.linalg.lstsq(X.T, 2.0 * b.reshape(-1) - 1.0, rcond=None)[0]
+    filt = v.reshape(KH, KW, CIN).transpose(2, 0, 1)  # (kh, kw, in) -> torch's [in, kh, kw]
+    w = filt[None] + 1e-3 * rng.standard_normal((COUT, CIN, KH, KW))
+    # their extraction, on the Keras kernel (kh, kw, in, out): the carrier holds b
+    kernel = w.transpose(2, 3, 1, 0)
+    assert np.array_equal(1 / (1 + np.exp(-(kernel.mean(axis=3).reshape(1, -1) @ X))) > 0.5, b == 1)
+    return torch.from_numpy(w.astype(np.float32))
+
+
+def test_from_uchida_files_verify(tmp_path, rng):
+    w_path, b_path, X, b = _uchida_files(tmp_path, rng, T=64)
+    weight = _uchida_carrier(X, b, rng)
+    key = nnmark.DenseKey.from_uchida(w_path, b_path, carrier="conv.weight", order="keras",
+                                      shape=(COUT, CIN, KH, KW))
+    assert key.num_bits == 64 and key.length == KH * KW * CIN and key.order == "keras"
+    assert torch.equal(key.matrix, torch.from_numpy(X.T.astype(np.float32)))
+    assert torch.equal(key.bits, torch.from_numpy(b[0].astype(np.uint8)))
+    v = nnmark.verify(key, {"conv.weight": weight})
+    assert v.verified and v.ber == 0.0 and v.matches == 64
+    # the same key from the arrays, bits [T] or [1, T] as saved
+    same = nnmark.DenseKey(X, "conv.weight", b, order="keras", matrix_layout="NT")
+    assert same.key_id == key.key_id and torch.equal(same.bits, key.bits)
+    # b saved as int [T] reads the same
+    np.save(b_path, b[0].astype(np.int64))
+    assert torch.equal(nnmark.DenseKey.from_uchida(w_path, b_path, carrier="conv.weight").bits, key.bits)
+    # the element order matters: torch's (in, kh, kw) reading of the same files does not verify
+    torch_order = nnmark.DenseKey.from_uchida(w_path, b_path, carrier="conv.weight", order="torch")
+    assert not nnmark.verify(torch_order, {"conv.weight": weight}).verified
+
+
+def test_from_uchida_square_needs_layout(tmp_path, rng):
+    T = KH * KW * CIN  # N == T: the shapes cannot tell [N, T] from [T, N]
+    w_path, b_path, X, b = _uchida_files(tmp_path, rng, T=T)
+    weight = _uchida_carrier(X, b, rng)
+    with pytest.raises(nnmark.KeyFileError, match=r"square \(144 x 144: N == T\).*matrix_layout='NT'"):
+        nnmark.DenseKey.from_uchida(w_path, b_path, carrier="conv.weight", order="keras")
+    key = nnmark.DenseKey.from_uchida(w_path, b_path, carrier="conv.weight", order="keras", matrix_layout="NT")
+    v = nnmark.verify(key, {"conv.weight": weight})
+    assert v.verified and v.ber == 0.0 and v.matches == T
+    # the layout matters: read untransposed, the same files give wrong bits
+    wrong = nnmark.DenseKey.from_uchida(w_path, b_path, carrier="conv.weight", order="keras", matrix_layout="TN")
+    v = nnmark.verify(wrong, {"conv.weight": weight})
+    assert not v.verified and v.matches < 0.7 * T
+    # the plain constructor refuses the square matrix too, unless told its layout
+    with pytest.raises(ValueError, match=r"square \(144 x 144, N == T\).*matrix_layout='TN'.*'NT'"):
+        nnmark.DenseKey(X, "conv.weight", b, order="keras")
+    for m, layout in ((X, "NT"), (X.T, "TN")):
+        k = nnmark.DenseKey(m, "conv.weight", b, order="keras", matrix_layout=layout)
+        assert k.key_id == key.key_id and nnmark.verify(k, {"conv.weight": weight}).verified
+
+
+def test_from_uchida_layout_must_agree_with_shapes(tmp_path, rng):
+    w_path, b_path, X, b = _uchida_files(tmp_path, rng, T=64)
+    key = nnmark.DenseKey.from_uchida(w_path, b_path, carrier="c", matrix_layout="NT")
+    with pytest.raises(nnmark.KeyFileError, match=r"matrix_layout='TN' says .* is \[T, N\].*\[144, 64\].*64 bits"):
+        nnmark.DenseKey.from_uchida(w_path, b_path, carrier="c", matrix_layout="TN")
+    with pytest.raises(ValueError, match=r"matrix_layout must be None, 'NT'"):
+        nnmark.DenseKey.from_uchida(w_path, b_path, carrier="c", matrix_layout="nt")
+    with pytest.raises(ValueError, match=r"carrier shape \[8, 16, 3, 2\] reduces \(filter_mean\) to length 96.*N = 144"):
+        nnmark.DenseKey.from_uchida(w_path, b_path, carrier="c", shape=(8, 16, 3, 2))
+    # a non-square matrix already in nnmark's [T, N] is unambiguous
+    np.save(w_path, X.T)
+    assert nnmark.DenseKey.from_uchida(w_path, b_path, carrier="c").key_id == key.key_id
+    with pytest.raises(nnmark.KeyFileError, match=r"matrix_layout='NT' says .* is \[N, T\].*\[64, 144\]"):
+        nnmark.DenseKey.from_uchida(w_path, b_path, carrier="c", matrix_layout="NT")
+
+
+class _Boom:
+    pass
+
+
+@pytest.mark.parametrize(
+    "which,write,match",
+    [
+        ("w", lambda p, X, b: np.save(p, np.array([_Boom()], dtype=object), allow_pickle=True),
+         r"projection matrix \(w\) file .* pickled Python objects .* could run code"),
+        ("b", lambda p, X, b: np.save(p, np.array([b.tolist()], dtype=object), allow_pickle=True),
+         r"owner bits \(b\) file .* pickled Python objects"),
+        ("w", lambda p, X, b: p.write_bytes(__import__("pickle").dumps(X)),
+         r"projection matrix \(w\) file .* is a pickle.*refused"),
+        ("w", lambda p, X, b: np.savez(str(p)[:-4], X=X) or (p.with_suffix(".npz")).replace(p),
+         r"is an \.npz archive; expected a \.npy array"),
+        ("w", lambda p, X, b: p.write_bytes(p.read_bytes()[:200]), r"not a readable \.npy array \(truncated"),
+        ("w", lambda p, X, b: p.write_text("hello"), r"is not a \.npy file"),
+        ("w", lambda p, X, b: p.unlink(), r"cannot read projection matrix \(w\) file .*wrn_layer7_w\.npy"),
+        ("b", lambda p, X, b: p.unlink(), r"cannot read owner bits \(b\) file .*wrn_layer7_b\.npy"),
+        ("w", lambda p, X, b: np.save(p, np.where(np.arange(X.size).reshape(X.shape) == 7, np.nan, X)),
+         r"projection matrix file .* contains NaN or Inf"),
+        ("w", lambda p, X, b: np.save(p, X.reshape(16, 9, -1)), r"shape \[16, 9, 64\].*2-D \[N, T\]"),
+        ("w", lambda p, X, b: np.save(p, X[0]), r"shape \[64\].*2-D \[N, T\]"),
+        ("w", lambda p, X, b: np.save(p, X.astype(np.complex128)), r"complex128 values; expected real"),
+        ("b", lambda p, X, b: np.save(p, 2 * b), r"owner bits file .* only 0 and 1, found \[2\.0"),
+        ("b", lambda p, X, b: np.save(p, b - 0.5), r"only 0 and 1, found \[-?0\.5"),
+        ("b", lambda p, X, b: np.save(p, b[:, :60]), r"\[144, 64\] but .* holds 60 bits: neither axis is T = 60"),
+        ("b", lambda p, X, b: np.save(p, np.vstack([b, b])), r"shape \[2, 64\]; expected \[1, T\]"),
+        ("b", lambda p, X, b: np.save(p, np.array(["1"] * 64)), r"<U1 values; expected 0/1"),
+    ],
+    ids=["pickled-w", "pickled-b", "raw-pickle", "npz", "truncated", "text", "missing-w", "missing-b", "nan",
+         "3d", "1d", "complex", "b-two", "b-half", "b-length", "b-two-rows", "b-strings"],
+)
+def test_from_uchida_bad_files(tmp_path, rng, which, write, match):
+    w_path, b_path, X, b = _uchida_files(tmp_path, rng, T=64)
+    write(w_path if which == "w" else b_path, X, b)
+    with pytest.raises(nnmark.KeyFileError, match=match):
+        nnmark.DenseKey.from_uchida(w_path, b_path, carrier="conv.weight")
+    assert issubclass(nnmark.KeyFileError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(matrix=np.ones((3, 4)), bits=[[0, 1, 0], [1, 1, 0]]), r"bits must be \[T\] or one row \[1, T\], got shape \[2, 3\]"),
+        (dict(matrix=np.ones((3, 4)), bits=[0, 1, 0], matrix_layout="NT"), r"matrix_layout='NT' says .*\[N, T\].*4 columns.*3 bits"),
+        (dict(matrix=np.ones((4, 3)), bits=[0, 1, 0]), r"4 rows but there are 3 bits \(it looks like \[N, T\].*matrix_layout='NT'"),
+        (dict(matrix=np.ones((4, 3)), bits=[0, 1, 0], matrix_layout="TN"), r"4 rows but there are 3 bits$"),
+        (dict(matrix=np.ones((3, 3)), bits=[0, 1, 0]), r"matrix is square \(3 x 3, N == T\)"),
+        (dict(matrix=np.ones((3, 3)), bits=[0, 1, 0], matrix_layout="T,N"), r"matrix_layout must be None, 'TN'"),
+    ],
+)
+def test_dense_key_layout_args(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        nnmark.DenseKey(carrier="c.weight", reduction="flat", **kwargs)
+
+
+def test_dense_key_row_bits_and_layouts(rng):
+    X = rng.standard_normal((30, 12))
+    bits = rng.integers(0, 2, 30)
+    key = nnmark.DenseKey(X, "c.weight", bits[None, :], "flat")  # [1, T], as Uchida's b
+    assert torch.equal(key.bits, torch.from_numpy(bits.astype(np.uint8)))
+    assert nnmark.DenseKey(X.T, "c.weight", torch.from_numpy(bits)[None], "flat", matrix_layout="NT").key_id == key.key_id
+    assert nnmark.DenseKey(X, "c.weight", bits, "flat", matrix_layout="TN").key_id == key.key_id
+
+
+def test_square_dense_key_file_still_loads(tmp_path, rng):
+    """A square key file as nnmark has always written it ([T, N], no layout member) loads unchanged."""
+    import base64
+    import hashlib
+
+    from nnmark.keys import write_key_file
+
+    T = 36
+    M = (rng.integers(-4, 5, size=(T, T)) / 4).astype("<f4")
+    bits = rng.integers(0, 2, T)
+    key_id = hashlib.sha256(b"nnmark:key-id:v1:" + M.tobytes()).hexdigest()[:16]
+    fields = {"matrix": base64.b64encode(M.tobytes()).decode("ascii"), "matrix_shape": [T, T],
+              "carrier": "features.0.weight", "reduction": "filter_mean", "order": "keras", "num_bits": T,
+              "bits": "".join(map(str, bits)), "shape": [5, 4, 3, 3]}
+    path = write_key_file(tmp_path / "old.key", "whitebox-dense", key_id, fields)
+    key = nnmark.load_key(path)
+    assert isinstance(key, nnmark.DenseKey) and key.key_id == key_id
+    assert torch.equal(key.matrix, torch.from_numpy(M)) and key.bits.tolist() == bits.tolist()
+    w = torch.from_numpy(rng.standard_normal((5, 4, 3, 3)).astype(np.float32))
+    v = w.double().numpy().mean(axis=0).transpose(1, 2, 0).reshape(-1)  # keras (kh, kw, in)
+    p = M.astype(np.float64) @ v
+    assert np.all(np.abs(p) > 1e-4)
+    assert nnmark.extract(key, {"features.0.weight": w}).tolist() == (p > 0).astype(int).tolist()
+    # and it saves and loads again, bit for bit
+    again = nnmark.load_key(key.save(tmp_path / "again.key"))
+    assert again.key_id == key_id and torch.equal(again.matrix, key.matrix) and torch.equal(again.bits, key.bits)
+    assert torch.equal(nnmark.extract(again, {"features.0.weight": w}), nnmark.extract(key, {"features.0.weight": w}))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .carriers import REDUCTIONS, reduce_carrier
+from .carriers import REDUCTIONS, carrier_length, reduce_carrier
 
 FORMAT = "nnmark-key"
 VERSION = 1
@@ -33,6 +33,8 @@ SECRET_BYTES = 32
 _PROJECTION_DOMAIN = b"nnmark:projection:v1:"
 _MESSAGE_DOMAIN = b"nnmark:message:v1:"
 _KEY_ID_DOMAIN = b"nnmark:key-id:v1:"
+# DenseKey's matrix_layout: unknown (refused when square), nnmark's [T, N], Uchida's [N, T].
+MATRIX_LAYOUTS = (None, "TN", "NT")
 
 
 class KeyFileError(ValueError):
@@ -65,6 +67,44 @@ def _as_bits(bits: Any) -> np.ndarray:
         bad = arr[(arr != 0) & (arr != 1)][:3].tolist()
         raise ValueError(f"bits must contain only 0 and 1, found {bad}")
     return arr.astype(np.uint8)
+
+
+def _row_bits(bits: Any) -> Any:
+    """Bits given as one row [1, T] (as Uchida's *_b.npy) become [T]; other 2-D shapes are refused."""
+    if isinstance(bits, (str, bytes)):
+        return bits
+    arr = np.asarray(bits.cpu() if isinstance(bits, torch.Tensor) else bits)
+    if arr.ndim == 2:
+        if arr.shape[0] != 1:
+            raise ValueError(f"bits must be [T] or one row [1, T], got shape {list(arr.shape)}")
+        return arr[0]
+    return arr
+
+
+def _read_npy(path: str | os.PathLike, what: str) -> np.ndarray:
+    """One array from a .npy file, never unpickling anything (a pickle could run code)."""
+    p = str(path)
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+            f.seek(0)
+            if magic != b"\x93NUMPY":
+                kind = ("an .npz archive" if magic.startswith(b"PK") else
+                        "a pickle" if magic[:1] == b"\x80" else "not a .npy file")
+                raise KeyFileError(f"{what} file {p!r} is {kind}; expected a .npy array"
+                                   + (" (pickled data is refused: loading it could run code)"
+                                      if kind == "a pickle" else ""))
+            arr = np.load(f, allow_pickle=False)
+    except KeyFileError:
+        raise
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {what} file {p!r}: {exc.strerror or exc}") from None
+    except (ValueError, EOFError) as exc:
+        if "pickle" in str(exc).lower():
+            raise KeyFileError(f"{what} file {p!r} holds pickled Python objects (an object array), which nnmark "
+                               f"refuses to load: loading them could run code. Save a numeric array") from None
+        raise KeyFileError(f"{what} file {p!r} is not a readable .npy array (truncated or damaged): {exc}") from None
+    return np.asarray(arr)
 
 
 def _check_carrier(carrier: Any) -> str:
@@ -245,22 +285,109 @@ class DenseKey(WhiteBoxKeyBase):
     ``order`` says which element order X expects of a ``filter_mean`` conv carrier:
     ``"torch"`` ((in, kh, kw), torch's [out, in, kh, kw] averaged over out) or
     ``"keras"`` ((kh, kw, in), Uchida's Keras code averaging a (kh, kw, in, out) kernel).
+
+    ``matrix_layout`` says which axis of ``matrix`` is which: ``"TN"`` (nnmark's
+    [T, N]: row t is bit t) or ``"NT"`` (Uchida's [N, T], as their code saves it;
+    transposed here). When None, a matrix with T rows is taken as [T, N], and a
+    square one (N == T) is refused: its orientation cannot be told from its shape,
+    and the wrong one extracts wrong bits. ``bits`` may be [T] or [1, T].
     """
 
     kind = "whitebox-dense"
 
     def __init__(self, matrix, carrier: str, bits: Sequence[int], reduction: str = "filter_mean",
-                 order: str = "torch", shape: Sequence[int] | None = None):
-        super().__init__(carrier, bits, reduction, shape, order)
+                 order: str = "torch", shape: Sequence[int] | None = None, *, matrix_layout: str | None = None):
+        super().__init__(carrier, _row_bits(bits), reduction, shape, order)
+        if matrix_layout not in MATRIX_LAYOUTS:
+            raise ValueError(f"matrix_layout must be None, 'TN' (nnmark's [T, N]) or 'NT' (Uchida's [N, T]), "
+                             f"got {matrix_layout!r}")
         x = torch.as_tensor(np.asarray(matrix.cpu() if isinstance(matrix, torch.Tensor) else matrix))
         if x.dim() != 2 or x.numel() == 0:
             raise ValueError(f"matrix must be a non-empty [T, N] array, got shape {list(x.shape)}")
-        if x.shape[0] != self.num_bits:
-            raise ValueError(f"matrix has {x.shape[0]} rows but there are {self.num_bits} bits")
+        t = self.num_bits
+        if matrix_layout is None and x.shape[0] == x.shape[1] == t:
+            raise ValueError(f"matrix is square ({t} x {t}, N == T), so its orientation cannot be told from its "
+                             f"shape: pass matrix_layout='TN' (nnmark's [T, N], row t is bit t) or 'NT' "
+                             f"(Uchida et al.'s [N, T] as their code saves it)")
+        if matrix_layout == "NT":
+            if x.shape[1] != t:
+                raise ValueError(f"matrix_layout='NT' says the matrix is [N, T], but it has {x.shape[1]} columns "
+                                 f"and there are {t} bits")
+            x = x.T
+        if x.shape[0] != t:
+            hint = (" (it looks like [N, T], as Uchida et al.'s code saves it: pass matrix_layout='NT' or use "
+                    "DenseKey.from_uchida)" if matrix_layout is None and x.shape[1] == t else "")
+            raise ValueError(f"matrix has {x.shape[0]} rows but there are {t} bits{hint}")
         if not torch.isfinite(x).all():
             raise ValueError("matrix contains NaN or Inf")
         self._matrix = x.to(torch.float32).contiguous()
         _min_bits_warning(self.num_bits)
+
+    @classmethod
+    def from_uchida(cls, w_path: str | os.PathLike, b_path: str | os.PathLike, *, carrier: str,
+                    order: str = "keras", reduction: str = "filter_mean", shape: Sequence[int] | None = None,
+                    matrix_layout: str | None = None) -> "DenseKey":
+        """A key from the two .npy files of Uchida et al.'s code (github.com/yu4u/dnn-watermark).
+
+        ``w_path``: the projection matrix X as saved, [N, T] (``*_layerK_w.npy``);
+        ``b_path``: the owner's bits, [1, T] or [T], values 0/1 (``*_layerK_b.npy``,
+        float in their code). ``carrier``: the state-dict name of the marked weight.
+        ``order="keras"``: their regularizer averages a Keras (kh, kw, in, out) kernel
+        over out and reads it in (kh, kw, in) order; use ``"torch"`` for a port that
+        reads torch's (in, kh, kw). When N == T the matrix's orientation cannot be told
+        from the shapes and ``matrix_layout`` must say it (``"NT"``: as Uchida's code
+        saves it; ``"TN"``: already nnmark's [T, N]); given for a non-square matrix, it
+        must agree with the shapes. Files are read with ``allow_pickle=False``.
+        A defect of the files raises :class:`KeyFileError` (a ValueError) naming the file
+        and the problem; bad arguments raise ValueError.
+        """
+        if matrix_layout not in MATRIX_LAYOUTS:
+            raise ValueError(f"matrix_layout must be None, 'NT' (Uchida's [N, T], as saved) or 'TN' "
+                             f"(nnmark's [T, N]), got {matrix_layout!r}")
+        x = _read_npy(w_path, "projection matrix (w)")
+        b = _read_npy(b_path, "owner bits (b)")
+        wp, bp = str(w_path), str(b_path)
+        if x.ndim != 2 or x.size == 0:
+            raise KeyFileError(f"projection matrix file {wp!r} holds an array of shape {list(x.shape)}; "
+                               f"Uchida's *_w.npy is a non-empty 2-D [N, T] matrix")
+        if x.dtype.kind not in "fiu":
+            raise KeyFileError(f"projection matrix file {wp!r} holds {x.dtype} values; expected real numbers")
+        if not np.isfinite(x).all():
+            raise KeyFileError(f"projection matrix file {wp!r} contains NaN or Inf")
+        if not (b.ndim == 1 or (b.ndim == 2 and b.shape[0] == 1)) or b.size == 0:
+            raise KeyFileError(f"owner bits file {bp!r} holds an array of shape {list(b.shape)}; "
+                               f"expected [1, T] (as Uchida's *_b.npy) or [T]")
+        if b.dtype.kind not in "fiub":
+            raise KeyFileError(f"owner bits file {bp!r} holds {b.dtype} values; expected 0/1")
+        b = b.reshape(-1)
+        if not np.all((b == 0) | (b == 1)):
+            bad = b[(b != 0) & (b != 1)][:3].tolist()
+            raise KeyFileError(f"owner bits file {bp!r} must hold only 0 and 1, found {bad}")
+        t = b.size
+        rows, cols = x.shape
+        if matrix_layout is None:
+            if rows == cols == t:
+                raise KeyFileError(f"projection matrix in {wp!r} is square ({t} x {t}: N == T), so which axis is "
+                                   f"which cannot be told from the shapes; pass matrix_layout='NT' (the [N, T] "
+                                   f"layout Uchida's code saves) or matrix_layout='TN' (nnmark's [T, N])")
+            if cols == t:
+                matrix_layout = "NT"
+            elif rows == t:
+                matrix_layout = "TN"
+            else:
+                raise KeyFileError(f"projection matrix in {wp!r} is [{rows}, {cols}] but {bp!r} holds {t} bits: "
+                                   f"neither axis is T = {t}")
+        elif (cols if matrix_layout == "NT" else rows) != t:
+            axis = "[N, T]: its columns" if matrix_layout == "NT" else "[T, N]: its rows"
+            raise KeyFileError(f"matrix_layout={matrix_layout!r} says the matrix in {wp!r} is {axis} are the bits, "
+                               f"but it is [{rows}, {cols}] and {bp!r} holds {t} bits")
+        m = x.T if matrix_layout == "NT" else x
+        if shape is not None and reduction in REDUCTIONS:
+            n = carrier_length(_check_shape(shape), reduction)
+            if n != m.shape[1]:
+                raise ValueError(f"carrier shape {list(shape)} reduces ({reduction}) to length {n}, but the "
+                                 f"matrix in {wp!r} expects N = {m.shape[1]}")
+        return cls(m.astype(np.float64), carrier, b.astype(np.uint8), reduction, order, shape, matrix_layout="TN")
 
     @property
     def matrix(self) -> torch.Tensor:
@@ -362,7 +489,9 @@ def _load_whitebox(body: dict[str, Any]) -> WhiteBoxKey:
 
 def _load_dense(body: dict[str, Any]) -> DenseKey:
     m = np.frombuffer(base64.b64decode(body["matrix"]), dtype="<f4").reshape(tuple(body["matrix_shape"]))
-    return DenseKey(m, body["carrier"], _owner_bits(body), body["reduction"], body["order"], body["shape"])
+    # nnmark stores [T, N]: say so, or a square matrix (N == T) would be refused
+    return DenseKey(m, body["carrier"], _owner_bits(body), body["reduction"], body["order"], body["shape"],
+                    matrix_layout="TN")
 
 
 def load_key(path: str | os.PathLike):
