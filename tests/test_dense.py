@@ -395,3 +395,15 @@ def test_square_dense_key_file_still_loads(tmp_path, rng):
     again = nnmark.load_key(key.save(tmp_path / "again.key"))
     assert again.key_id == key_id and torch.equal(again.matrix, key.matrix) and torch.equal(again.bits, key.bits)
     assert torch.equal(nnmark.extract(again, {"features.0.weight": w}), nnmark.extract(key, {"features.0.weight": w}))
+
+
+def test_attacker_key_like_a_square_dense_key():
+    """The overwriting attack builds an attacker key like the owner's: a square dense key too."""
+    from nnmark.attacks import attacker_key_like
+
+    rng = np.random.default_rng(5)
+    owner = nnmark.DenseKey(rng.standard_normal((36, 36)), "conv.weight", rng.integers(0, 2, 36),
+                            matrix_layout="TN")
+    attacker = attacker_key_like(owner, seed=1)
+    assert isinstance(attacker, nnmark.DenseKey) and attacker.matrix.shape == (36, 36)
+    assert attacker.key_id != owner.key_id

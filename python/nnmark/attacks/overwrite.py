@@ -89,7 +89,7 @@ def attacker_key_like(owner_key, seed: int | None = None, samples: Any = None):
                 rng = np.random.default_rng(int.from_bytes(stream[-8:], "little"))
                 matrix = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=(t, owner_key.length))
                 return DenseKey(matrix, owner_key.carrier, bits, owner_key.reduction, owner_key.order,
-                                owner_key.shape)
+                                owner_key.shape, matrix_layout="TN")  # built [T, N] here, square or not
     if isinstance(owner_key, TriggerKey):
         if owner_key.kind == "abstract":
             if samples is not None:
