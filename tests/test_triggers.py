@@ -229,7 +229,9 @@ def test_sample_selection_and_labels(rng):
     assert len(set(idx)) == 20 and idx == sorted(idx)  # 20 distinct samples, none of the target class
     assert TriggerKey.generate(kind="unrelated", samples=s, target=4, controls=0).n == 50  # n defaults to m
     half = TriggerKey.generate(kind="unrelated", samples=s, target=4)  # by default half is held back
-    assert (half.n, half.num_controls) == (25, 25) and half.controls_held_back
+    assert (half.n, half.num_controls) == (25, 25) and half.controls_from == "held-back"
+    per = TriggerKey.generate(kind="unrelated", samples=s, target=labels.tolist())  # per-sample labels too
+    assert (per.n, per.num_controls) == (25, 25) and per.controls_held_back
 
 
 def test_normalisation(rng):

@@ -77,8 +77,9 @@ class TriggerCheck:
                          f"depends on them: this p-value assumes {self.p0:.3g} for every model; calibrate on unmarked "
                          f"models (nnmark calibrate) and verify with the calibration")
         if key.kind == "unrelated" and not key.controls_held_back:
-            notes.append("this key holds no held-back samples: keyed procedural images stand in as controls, a "
-                         "weaker test (make keys with TriggerKey.generate(..., controls=...))")
+            notes.append("this key stores no controls: keyed procedural images stand in, which a model marked with "
+                         "out-of-distribution triggers may answer with their labels too (less power); make unrelated "
+                         "keys with controls= (in-distribution samples, or held-back ones with per-sample labels)")
         if self.calibration is not None:
             extra = self.calibration.extrapolation(self.alpha)
             if extra:
@@ -138,11 +139,15 @@ class TriggerCheck:
         ht, hc = hit[:, :n], hit[:, n:]
         out = []
         if self.key.controls_paired:  # McNemar: among pairs that differ, the mark's side wins as often as not
-            b = (ht & ~hc).sum(dim=1).tolist()
-            c = (~ht & hc).sum(dim=1).tolist()
-            for bi, ci, hits_c in zip(b, c, hc.sum(dim=1).tolist()):
-                p = 1.0 if bi == 0 else float(binom.sf(bi - 1, bi + ci, 0.5))
-                out.append((int(hits_c), p))
+            groups = hc.shape[1] // n  # content: the unmarked samples, then the same with a decoy mark
+            ps = []
+            for g in range(groups):
+                hg = hc[:, g * n:(g + 1) * n]
+                b = (ht & ~hg).sum(dim=1).tolist()
+                c = (~ht & hg).sum(dim=1).tolist()
+                ps.append([1.0 if bi == 0 else float(binom.sf(bi - 1, bi + ci, 0.5)) for bi, ci in zip(b, c)])
+            for j, hits_c in enumerate(hc.sum(dim=1).tolist()):
+                out.append((int(hits_c), max(p[j] for p in ps)))  # every control test must reject
         else:  # Fisher: the triggers are a random draw of the samples, under the null their hits too
             k = hc.shape[1]
             for t, c in zip(ht.sum(dim=1).tolist(), hc.sum(dim=1).tolist()):

@@ -275,7 +275,8 @@ class TriggerKey:
     def __init__(self, secret: bytes, kind: str = "abstract", n: int | None = None, num_classes: int = 10,
                  input_shape: Sequence[int] | None = None, samples: Any = None, target: Any = 0,
                  value_range: Sequence[float] = (0.0, 1.0), mean: Any = None, std: Any = None,
-                 noise_std: float = 0.25, controls: Any = None, control_target: Any = None):
+                 noise_std: float = 0.25, controls: Any = None, control_target: Any = None,
+                 controls_from: str | None = None):
         if not isinstance(secret, (bytes, bytearray)) or len(secret) != SECRET_BYTES:
             got = f"{len(secret)} bytes" if isinstance(secret, (bytes, bytearray)) else type(secret).__name__
             raise ValueError(f"secret must be {SECRET_BYTES} bytes, got {got}")
@@ -322,7 +323,7 @@ class TriggerKey:
             raise ValueError(f"noise_std must be > 0 for kind='noise', got {noise_std!r}")
         if self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
-        self._controls, self._control_labels = None, None
+        self._controls, self._control_labels, self.controls_from = None, None, None
         if kind in ("content", "noise") and (controls is not None or control_target is not None):
             raise ValueError(f"kind={kind!r} takes its controls from its own samples (without the "
                              f"{'stamp' if kind == 'content' else 'noise'}); controls must be None")
@@ -333,6 +334,10 @@ class TriggerKey:
             if ct is None:
                 raise ValueError("per-sample labels: control_target must give one label per control")
             _, self._control_labels = _check_target("control_target", ct, len(ctrl), self.num_classes)
+            if controls_from not in ("held-back", "given"):
+                raise ValueError(f"controls_from must be 'held-back' (samples of the trigger set kept apart) or "
+                                 f"'given' (inputs of the task), got {controls_from!r}")
+            self.controls_from = controls_from
         elif control_target is not None:
             raise ValueError("control_target needs controls")
         self._cache: tuple[np.ndarray, np.ndarray] | None = None
@@ -356,13 +361,20 @@ class TriggerKey:
         ``target``: label of content/noise/unrelated triggers (ignored for abstract): one
         int for all, or one label per sample (``[m]``, e.g. a published trigger set's own
         labels), kept with its samples through every selection.
-        ``controls`` (``unrelated`` only): samples held back from the triggers, stored in
-        the key, and shown to a suspect beside the triggers: a model that answers the
-        target (or the labels) just as often on them does not carry the mark.
-        ``None``: half of the samples when ``n`` is not given, else the ``m - n`` left
-        over; an int: that many; ``0``: none (keyed abstract images stand in, a weaker
-        control). Content and noise keys need none: their controls are their own
-        samples without the stamp or the noise.
+        ``controls`` (``unrelated`` only): inputs without the mark, stored in the key and
+        shown to a suspect beside the triggers; a model that answers the triggers' labels
+        just as often on them does not verify. An int holds back that many of the samples
+        (default ``None``: the ``m - n`` left over, or half of them): the triggers are then
+        a keyed random draw of the set, and the test of triggers against the rest is exact
+        for any model that never saw the key. Embedding (:class:`TriggerMixer`,
+        :func:`embed_triggers`) trains the held-back samples with other labels, so that a
+        marked model answers these triggers, not their whole source, with the target
+        (many unmarked models answer a whole out-of-distribution source with one class).
+        An array gives controls of your own (e.g. in-distribution inputs of the task: no
+        training on them; the verdict's null then rests on a calibration). ``0``: none
+        (keyed procedural images stand in, a weaker control; the verdict says so).
+        Content and noise keys need none: their controls are their own samples without
+        the stamp or the noise.
         ``value_range``: raw input range ``(lo, hi)``; ``mean``/``std``: the model's
         input normalisation (scalars or per channel), applied by ``triggers()``.
         ``noise_std``: noise level of ``noise`` triggers as a fraction of ``hi - lo``.
@@ -395,8 +407,8 @@ class TriggerKey:
             k = 0
             if kind == "unrelated" and isinstance(controls, (int, np.integer)) and not isinstance(controls, bool):
                 k = _check_int("controls", controls, 0)
-            elif kind == "unrelated" and controls is None:
-                k = (m - _check_int("n", n, 1)) if n is not None else m // 2  # held back: the rest, or half
+            elif kind == "unrelated" and controls is None:  # hold back the rest (or half) of the set
+                k = (m - _check_int("n", n, 1)) if n is not None else m // 2
             elif controls is not None:  # explicit control samples
                 control_samples = controls
             if n is None and k:
@@ -422,7 +434,8 @@ class TriggerKey:
         elif controls is not None:
             raise ValueError("controls only apply to kind='unrelated' (with its samples)")
         return cls(secret, kind, n, num_classes, input_shape, samples, target, value_range, mean, std, noise_std,
-                   control_samples, control_target)
+                   control_samples, control_target,
+                   None if control_samples is None else ("held-back" if k else "given"))
 
     # -- public properties -------------------------------------------------------------
     @property
@@ -504,11 +517,30 @@ class TriggerKey:
             bits.flat[0] = not bits.flat[0]
         return r0, c0, ph, pw, bits
 
-    def _stamp(self, x: np.ndarray) -> np.ndarray:
+    def _decoy_patch(self) -> tuple[int, int, int, int, np.ndarray]:
+        """(row, col, height, width, bits) of the decoy mark: the size of the real one, at a
+        keyed place that does not overlap it (where the image leaves room), with a keyed
+        pattern that differs from it."""
+        c, h, w = _chw(self.input_shape)
+        r0, c0, ph, pw, real = self._patch()
+        places = [(r, q) for r in range(h - ph + 1) for q in range(w - pw + 1)
+                  if r + ph <= r0 or r >= r0 + ph or q + pw <= c0 or q >= c0 + pw]
+        if not places:  # an image too small for two marks side by side: anywhere but the same place
+            places = [(r, q) for r in range(h - ph + 1) for q in range(w - pw + 1) if (r, q) != (r0, c0)] or [(r0, c0)]
+        r1, c1 = places[int(_below(_uint64(self._secret, "decoy-place", 1), len(places))[0])]
+        bits = np.unpackbits(np.frombuffer(_stream(self._secret, "decoy-bits", (c * ph * pw + 7) // 8), np.uint8))
+        bits = bits[: c * ph * pw].reshape(c, ph, pw).astype(bool)
+        if bits.all() or not bits.any():
+            bits.flat[0] = not bits.flat[0]
+        if np.array_equal(bits, real):
+            bits.flat[0] = not bits.flat[0]
+        return r1, c1, ph, pw, bits
+
+    def _stamp(self, x: np.ndarray, patch: tuple | None = None) -> np.ndarray:
         c, h, w = _chw(self.input_shape)
         lo, hi = self.value_range
-        r0, c0, ph, pw, bits = self._patch()
-        out = x.reshape(self.n, c, h, w).copy()
+        r0, c0, ph, pw, bits = self._patch() if patch is None else patch
+        out = x.reshape(x.shape[0], c, h, w).copy()
         out[:, :, r0:r0 + ph, c0:c0 + pw] = np.where(bits, hi, lo)
         return out.reshape(x.shape)
 
@@ -560,15 +592,24 @@ class TriggerKey:
         return self.kind in ("content", "noise")
 
     @property
+    def training_size(self) -> int:
+        """Samples in :meth:`training_set`."""
+        return self.n + (len(self._controls) if self.controls_from == "held-back" else 0)
+
+    @property
     def controls_held_back(self) -> bool:
-        """True when the key stores samples held back from its triggers (unrelated keys)."""
+        """True when the key stores controls of its own (unrelated keys: held back from the
+        trigger samples, or given inputs of the task)."""
         return self._controls is not None
 
     @property
     def num_controls(self) -> int:
-        """How many controls a suspect is shown beside the triggers (0 for abstract keys)."""
+        """How many controls a suspect is shown beside the triggers (0 for abstract keys;
+        content: each sample unmarked and with a decoy mark, 2n)."""
         if not self.has_controls:
             return 0
+        if self.kind == "content":
+            return 2 * self.n
         return self.n if self._controls is None else len(self._controls)
 
     def _raw_controls(self) -> tuple[np.ndarray, np.ndarray]:
@@ -577,6 +618,10 @@ class TriggerKey:
             lo, hi = self.value_range
             if self.kind in ("content", "noise"):  # the triggers' own samples, unmarked
                 x, y = np.clip(self._samples.astype(np.float64), lo, hi), self._labels.copy()
+                if self.kind == "content":  # and the same samples with a decoy mark: a model that
+                    # reacts to any stamp like this one reacts to the decoy too
+                    x = np.concatenate([x, self._stamp(x, self._decoy_patch())])
+                    y = np.concatenate([y, y])
             elif self._controls is not None:  # samples held back from the triggers
                 x, y = np.clip(self._controls.astype(np.float64), lo, hi), self._control_labels.copy()
             else:  # a key without held-back samples: keyed procedural images stand in
@@ -593,7 +638,9 @@ class TriggerKey:
         the labels a model would have to give them to look marked; None for abstract keys.
 
         Content and noise: the triggers' own samples without the stamp or the noise
-        (``controls_paired``: control i pairs with trigger i). Unrelated: the samples held
+        (``controls_paired``: control i pairs with trigger i); content also the same samples
+        with a decoy stamp (controls n..2n-1, paired the same way: a keyed pattern of the
+        mark's size at a keyed place that does not overlap it). Unrelated: the samples held
         back when the key was made (``TriggerKey.generate(..., controls=...)``), else keyed
         procedural images. Normalised like :meth:`triggers`."""
         if not self.has_controls:
@@ -610,6 +657,31 @@ class TriggerKey:
         if device is not None:
             x, y = x.to(device), y.to(device)
         return x, y
+
+    def training_set(self, device: Any = None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """What embedding trains on (:class:`TriggerMixer`, :func:`embed_triggers`): the triggers
+        and, for a key with held-back controls, those controls too, each with a keyed label
+        other than the one the verdict counts as a hit. The model then has to tell these
+        triggers from samples like them -- the exact two-sample test a verdict makes -- instead
+        of learning a whole out-of-distribution source as one class, which unmarked models
+        often do by chance (and which a held-back control cannot tell from a mark)."""
+        x, y = self.triggers(device=device, dtype=dtype)
+        if self.controls_from != "held-back":
+            return x, y
+        xc, yc = self.controls(device=device, dtype=dtype)
+        k, c = len(yc), self.num_classes
+        shift = 1 + _below(_uint64(self._secret, "control-train-labels", k), c - 1)  # in [1, c - 1]: never the hit
+        other = torch.from_numpy((self._control_labels + shift) % c).to(yc.device)
+        return torch.cat([x, xc]), torch.cat([y, other])
+
+    def training_order(self, epoch: int) -> torch.Tensor:
+        """The keyed order of :meth:`training_set` in pass ``epoch`` (:meth:`order` when the set is
+        the triggers alone)."""
+        epoch = _check_int("epoch", epoch, 0)
+        if self.controls_from != "held-back":
+            return self.order(epoch)
+        size = self.n + len(self._controls)
+        return torch.from_numpy(_permutation(self._secret, f"train-order:{epoch}", size))
 
     def order(self, epoch: int) -> torch.Tensor:
         """The keyed order (a permutation of range(n)) in which pass ``epoch`` visits the triggers."""
@@ -670,6 +742,7 @@ class TriggerKey:
             out["controls_shape"] = list(c.shape)
             cl = self._control_labels
             out["control_target"] = int(cl[0]) if (cl == cl[0]).all() and self.target is not None else cl.tolist()
+            out["controls_from"] = self.controls_from
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -737,9 +810,11 @@ def _load_trigger(body: dict[str, Any]) -> TriggerKey:
         control_target = body["control_target"]
         if not isinstance(control_target, (int, list)) or isinstance(control_target, bool):
             raise TypeError(f"field 'control_target' has type {type(control_target).__name__}")
+        controls_from = typed("controls_from", str)
     return TriggerKey(secret, kind, n, typed("num_classes", int), tuple(input_shape), samples,
                       target if target is not None else 0, tuple(typed("value_range", list)),
-                      body["mean"], body["std"], typed("noise_std", (int, float)), controls, control_target)
+                      body["mean"], body["std"], typed("noise_std", (int, float)), controls, control_target,
+                      controls_from if controls is not None else None)
 
 
 _keys.register_key_kind(_FILE_KIND, _load_trigger)
@@ -776,16 +851,18 @@ class TriggerMixer:
     def _set(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         got = self._sets.get((device, dtype))
         if got is None:
-            got = self._sets[(device, dtype)] = self.key.triggers(device=device, dtype=dtype)
+            got = self._sets[(device, dtype)] = self.key.training_set(device=device, dtype=dtype)
         return got
 
     def next_indices(self) -> torch.Tensor:
-        """Indices of the next ``per_batch`` triggers; advances the cursor."""
-        n, out = self.key.n, []
+        """Indices of the next ``per_batch`` samples of the key's training set (its triggers,
+        and held-back controls with other labels: :meth:`TriggerKey.training_set`); advances
+        the cursor."""
+        n, out = self.key.training_size, []
         for _ in range(self.per_batch):
             epoch, pos = divmod(self.cursor, n)
             if self._order is None or self._order[0] != epoch:
-                self._order = (epoch, self.key.order(epoch).numpy())
+                self._order = (epoch, self.key.training_order(epoch).numpy())
             out.append(int(self._order[1][pos]))
             self.cursor += 1
         return torch.tensor(out, dtype=torch.int64)
@@ -868,7 +945,7 @@ def embed_triggers(model: torch.nn.Module, tkey: TriggerKey, x_train: Any, y_tra
         raise ValueError(f"x_train has shape {list(x.shape)}, the key's triggers are "
                          f"[n, {', '.join(map(str, tkey.input_shape))}]")
     batches = math.ceil(m / batch_size)
-    epochs = (max(1, math.ceil(EMBED_VIEWS * tkey.n / (per_batch * batches))) if epochs is None
+    epochs = (max(1, math.ceil(EMBED_VIEWS * tkey.training_size / (per_batch * batches))) if epochs is None
               else _check_int("epochs", epochs, 1))
     mixer = TriggerMixer(tkey, per_batch=per_batch)
     try:
