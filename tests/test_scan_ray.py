@@ -234,3 +234,15 @@ def test_cuda_on_a_cluster_without_gpus_is_refused(ray_local, corpus, monkeypatc
     monkeypatch.setattr(ray_local, "cluster_resources", lambda: {k: v for k, v in real().items() if k != "GPU"})
     with pytest.raises(ValueError, match="no GPUs"):
         scan_fn(key_files, [str(root)], progress=False, ray="auto", device="cuda")
+
+
+def test_a_calibrated_scan_on_ray_equals_the_local_one(ray_local, corpus, tmp_path):
+    """Calibrations are not secret: they travel to the tasks, and the rows name the same null."""
+    root, key_files, keys = corpus
+    nulls = [{CARRIER: torch.randn(SHAPE, generator=torch.Generator().manual_seed(s))} for s in range(12)]
+    cal = nnmark.calibrate(keys[0], nulls)
+    local = scan_fn(list(keys), [str(root)], progress=False, calibration=cal)
+    on_ray = scan_fn(key_files, [str(root)], progress=False, ray="auto", batch_size=4, calibration=cal)
+    assert _strip(on_ray.rows) == _strip(local.rows)
+    nulls_of = {r["key_id"]: r["null"] for r in local.rows}
+    assert nulls_of[keys[0].key_id] == cal.describe() and nulls_of[keys[1].key_id] == "binomial(p0=0.5)"
