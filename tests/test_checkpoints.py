@@ -237,3 +237,27 @@ def test_custom_class_is_unsafe(tmp_path):
     with pytest.raises(CheckpointError) as exc:
         load_state_dict(path)
     assert exc.value.status == "unsafe" and "numpy" in str(exc.value)
+
+
+def test_tensors_that_cannot_be_checked_get_a_row(tmp_path):
+    """A repeating view (a few bytes on disk, gigabytes once copied), meta and sparse tensors,
+    entries that are not tensors, FP8 carriers with and without NaN: each gets its verdict
+    row, nothing aborts."""
+    key = nnmark.WhiteBoxKey(b"\x05" * 32, "w", [0, 1] * 16, reduction="flat")
+    torch.save({"w": torch.zeros(1).expand(10 ** 8), "b": torch.ones(2)}, tmp_path / "expanded.pt")
+    w8 = torch.linspace(-2, 2, 100).to(torch.float8_e4m3fn)
+    w8nan = w8.clone()
+    w8nan.view(torch.uint8)[3] = 0x7F  # NaN in e4m3fn
+    save_file({"w": w8}, str(tmp_path / "f8.safetensors"))
+    sources = [str(tmp_path / "expanded.pt"), {"w": torch.empty(100, device="meta")},
+               {"w": torch.randn(100).to_sparse()}, {"w": [1, 2], "b": torch.ones(1)}, str(tmp_path / "f8.safetensors"),
+               {"w": w8}, {"w": w8nan}]
+    got = [(v.status, v.error_class) for v in nnmark.verify(key, sources)]
+    assert got == [("invalid", "ExpandedTensor"), ("invalid", "UnsupportedTensor"), ("invalid", "UnsupportedTensor"),
+                   ("invalid", "NotATensor"), ("ok", None), ("ok", None), ("invalid", "NonFinite")]
+
+
+def test_a_key_file_that_is_a_pipe_is_refused_not_waited_on(tmp_path):
+    os.mkfifo(tmp_path / "owner.key")
+    with pytest.raises(nnmark.KeyFileError, match="not a regular file"):
+        nnmark.load_key(tmp_path / "owner.key")

@@ -345,6 +345,12 @@ def check_tensor(path: str, name: str, t) -> torch.Tensor:
     if t.is_meta:
         raise CheckpointError("invalid", "UnsupportedTensor", f"{path!r}: tensor {name!r} is on the meta device "
                                                               f"(it has no data)")
+    if t.numel() and t.untyped_storage().nbytes() < t.numel() * t.element_size():
+        # A view that repeats its storage (zero strides): a few bytes on disk that would
+        # take gigabytes once copied. Weights never look like this.
+        raise CheckpointError("invalid", "ExpandedTensor", f"{path!r}: tensor {name!r} has {t.numel()} elements "
+                                                           f"over {t.untyped_storage().nbytes()} bytes of storage "
+                                                           f"(a repeating view, not weights)")
     return t
 
 

@@ -422,6 +422,15 @@ def main(argv=None):
         sys.exit(EXIT_ERROR)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_ERROR)
+    except Exception as exc:  # noqa: BLE001 - a crash must not exit 1 ("checked, not marked")
+        import traceback
+
+        traceback.print_exc()
+        click.echo(f"error: nnmark failed unexpectedly: {type(exc).__name__}: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 

@@ -494,13 +494,46 @@ def _load_dense(body: dict[str, Any]) -> DenseKey:
                     matrix_layout="TN")
 
 
+# A key file holds a secret and some parameters; trigger keys may hold samples too.
+MAX_KEY_FILE_BYTES = 256 << 20
+
+
+def _read_key_bytes(path: Path) -> bytes:
+    """The bytes of a key file: opened without blocking (a FIFO would wait for a writer
+    forever) and read only if it is a regular file of a sane size."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise KeyFileError(f"cannot read key file {str(path)!r}: it is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"key file {str(path)!r} is not a regular file")
+        if st.st_size > MAX_KEY_FILE_BYTES:
+            raise KeyFileError(f"key file {str(path)!r} has {st.st_size} bytes, more than a key file holds "
+                               f"({MAX_KEY_FILE_BYTES})")
+        chunks, left = [], st.st_size
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {str(path)!r}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
 def load_key(path: str | os.PathLike):
     """Read a key file written by ``key.save``; raises :class:`KeyFileError` on any defect."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise KeyFileError(f"cannot read key file {str(path)!r}: {exc.strerror or exc}") from None
+    raw = _read_key_bytes(path)
     if not raw.strip():
         raise KeyFileError(f"key file {str(path)!r} is empty")
     try:
