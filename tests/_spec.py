@@ -24,7 +24,14 @@ From the public specification docs/spec.md (the second half of this file):
 - the verdict statistics in exact rational arithmetic;
 - the trigger sets of every kind: keyed SHAKE-256 streams, the portable float64
   sin/cos/exp/log, abstract images, the content stamp, noise, unrelated samples,
-  normalisation, and the visiting order.
+  normalisation, and the visiting order;
+- per-sample labels, the control sets of every kind (the decoy stamp of content
+  keys, stored controls, keyed stand-ins), the keyed selection of a new key's
+  triggers and held-back controls, the training set and its order;
+- the verdict with controls: top-1 hits, McNemar's and Fisher's exact tests, the
+  beta-binomial null of a calibration (exact rationals from the stored float64 a, b),
+  a maximum-likelihood fit of it (Newton's method: another optimiser than nnmark's),
+  and calibration files.
 """
 from __future__ import annotations
 
@@ -259,6 +266,17 @@ def _channels(value, c: int):
     return vals * c if len(vals) == 1 else vals
 
 
+def _labels(value, count: int, num_classes: int, name: str) -> np.ndarray:
+    """§2.6: an integer (every sample's label) or an array of exactly ``count`` integers."""
+    if type(value) is int:
+        value = [value] * count
+    if type(value) is not list or len(value) != count or any(type(v) is not int for v in value):
+        raise SpecKeyError(f"{name} must be an integer or {count} integers")
+    if any(not 0 <= v < num_classes for v in value):
+        raise SpecKeyError(f"{name} out of range")
+    return np.array(value, dtype=np.int64)
+
+
 def parse_key_file(data: bytes) -> dict:
     """Reads a key file as §2.3 says; returns its members decoded (secret as bytes,
     bits as uint8, matrix/samples as float32 arrays, tuples for shapes)."""
@@ -308,16 +326,34 @@ def parse_key_file(data: bytes) -> dict:
                    std=_channels(body["std"], c), noise_std=float(body["noise_std"]), target=body["target"])
         if key["std"] is not None and min(key["std"]) <= 0:
             raise SpecKeyError("std must be > 0")
+        key.update(controls=None, control_labels=None, controls_from=None)
         if tk == "abstract":
             if body["samples"] is not None or body["target"] is not None:
                 raise SpecKeyError("abstract keys have no samples and no target")
+            if body.get("controls") is not None:
+                raise SpecKeyError("abstract keys have no controls")
             key["samples"] = None
         else:
             if list(body["samples_shape"]) != [body["n"], *shape]:
                 raise SpecKeyError("samples_shape")
             key["samples"] = _f32(body["samples"], body["samples_shape"])
-            if not 0 <= body["target"] < body["num_classes"]:
-                raise SpecKeyError("target")
+            if not np.isfinite(key["samples"]).all():
+                raise SpecKeyError("samples must be finite")
+            key["labels"] = _labels(body["target"], body["n"], body["num_classes"], "target")
+            if body.get("controls") is not None:  # §2.6: stored controls, unrelated keys only
+                if tk != "unrelated":
+                    raise SpecKeyError("only unrelated keys store controls")
+                cshape = [int(s) for s in body["controls_shape"]]
+                if len(cshape) != 1 + len(shape) or tuple(cshape[1:]) != shape or cshape[0] < 1:
+                    raise SpecKeyError("controls_shape")
+                ctrl = _f32(body["controls"], cshape)
+                if not np.isfinite(ctrl).all():
+                    raise SpecKeyError("controls must be finite")
+                if body["controls_from"] not in ("held-back", "given"):
+                    raise SpecKeyError("controls_from")
+                key.update(controls=ctrl, controls_from=body["controls_from"],
+                           control_labels=_labels(body["control_target"], cshape[0], body["num_classes"],
+                                                  "control_target"))
         want = trigger_key_id(key["secret"])
     else:
         raise SpecKeyError(f"unknown kind {kind!r}")
@@ -449,10 +485,11 @@ def chw(shape) -> tuple[int, int, int]:
     return {1: lambda: (1, 1, shape[0]), 2: lambda: (1, shape[0], shape[1]), 3: lambda: shape}[len(shape)]()
 
 
-def _abstract(key: dict) -> np.ndarray:
-    n, (C, H, W) = key["n"], chw(key["input_shape"])
+def _abstract(key: dict, name: str = "abstract", count: int | None = None) -> np.ndarray:
+    """§5.4: ``count`` (default n) images from the uniforms of stream ``name``."""
+    n, (C, H, W) = key["n"] if count is None else count, chw(key["input_shape"])
     lo, hi = key["value_range"]
-    u = uniforms(key["secret"], "abstract", 20 * n * C).reshape(n, C, 20)
+    u = uniforms(key["secret"], name, 20 * n * C).reshape(n, C, 20)
     yy = ((np.arange(H) + 0.5) / H)[:, None]  # [H, 1]
     xx = ((np.arange(W) + 0.5) / W)[None, :]  # [1, W]
     out = np.empty((n, C, H, W))
@@ -493,6 +530,16 @@ def content_patch(key: dict):
     return r0, c0, ph, pw, bits.reshape(C, ph, pw)
 
 
+def stamp(key: dict, x: np.ndarray, patch) -> np.ndarray:
+    """§5.5: a copy of the raw images ``x`` with ``patch`` (r0, c0, ph, pw, bits) set to lo / hi."""
+    C, H, W = chw(key["input_shape"])
+    lo, hi = key["value_range"]
+    r0, c0, ph, pw, bits = patch
+    out = np.array(x, dtype=np.float64).reshape(len(x), C, H, W)
+    out[:, :, r0:r0 + ph, c0:c0 + pw] = np.where(bits == 1, hi, lo)
+    return out.reshape(x.shape)
+
+
 def trigger_raw(key: dict) -> np.ndarray:
     """The raw trigger inputs, float64 [n, *input_shape] (§5.4-§5.7)."""
     if key["trigger_kind"] == "abstract":
@@ -500,11 +547,7 @@ def trigger_raw(key: dict) -> np.ndarray:
     lo, hi = key["value_range"]
     x = np.minimum(np.maximum(key["samples"].astype(np.float64), lo), hi)
     if key["trigger_kind"] == "content":
-        C, H, W = chw(key["input_shape"])
-        r0, c0, ph, pw, bits = content_patch(key)
-        x = x.reshape(key["n"], C, H, W).copy()
-        x[:, :, r0:r0 + ph, c0:c0 + pw] = np.where(bits == 1, hi, lo)
-        x = x.reshape(key["samples"].shape)
+        x = stamp(key, x, content_patch(key))
     elif key["trigger_kind"] == "noise":
         g = gaussians(key["secret"], "noise", x.size).reshape(x.shape)
         x = np.minimum(np.maximum(x + g * (key["noise_std"] * (hi - lo)), lo), hi)
@@ -514,7 +557,17 @@ def trigger_raw(key: dict) -> np.ndarray:
 def trigger_labels(key: dict) -> np.ndarray:
     if key["trigger_kind"] == "abstract":
         return np.array([w % key["num_classes"] for w in words(key["secret"], "labels", key["n"])], dtype=np.int64)
-    return np.full(key["n"], key["target"], dtype=np.int64)
+    return sample_labels(key)
+
+
+def sample_labels(key: dict) -> np.ndarray:
+    """§2.6: L_m, the label of sample m (the integer target for all, or target[m])."""
+    if "labels" in key:
+        return np.array(key["labels"], dtype=np.int64)
+    t = key["target"]
+    if isinstance(t, (list, tuple, np.ndarray)):
+        return _labels([int(v) for v in t], key["n"], key["num_classes"], "target")
+    return np.full(key["n"], t, dtype=np.int64)
 
 
 def normalise(key: dict, raw: np.ndarray) -> np.ndarray:
@@ -536,3 +589,324 @@ def trigger_set(key: dict) -> dict:
 
 def trigger_order(key: dict, epoch: int) -> list[int]:
     return permutation(key["secret"], f"order:{int(epoch)}", key["n"])
+
+
+# ------------------------------------------------------------------ controls (spec §5.10)
+def _bits_of(secret: bytes, name: str, count: int) -> np.ndarray:
+    s = stream(secret, name, (count + 7) // 8)
+    return np.array([(s[t >> 3] >> (7 - (t & 7))) & 1 for t in range(count)], dtype=np.uint8)
+
+
+def decoy_patch(key: dict):
+    """§5.10.1: (r1, c1, ph, pw, bits [C, ph, pw] as uint8) of the decoy stamp, and the
+    number of places it was drawn from."""
+    C, H, W = chw(key["input_shape"])
+    r0, c0, ph, pw, real = content_patch(key)
+    every = [(r, q) for r in range(H - ph + 1) for q in range(W - pw + 1)]  # q varies fastest
+    places = [(r, q) for r, q in every if r + ph <= r0 or r >= r0 + ph or q + pw <= c0 or q >= c0 + pw]
+    if not places:
+        places = [(r, q) for r, q in every if (r, q) != (r0, c0)] or [(r0, c0)]
+    r1, c1 = places[words(key["secret"], "decoy-place", 1)[0] % len(places)]
+    bits = _bits_of(key["secret"], "decoy-bits", C * ph * pw)
+    if bits.all() or not bits.any():
+        bits[0] ^= 1
+    if np.array_equal(bits, real.reshape(-1)):
+        bits[0] ^= 1  # may leave a uniform pattern: §5.10.1, reproduced as specified
+    return (r1, c1, ph, pw, bits.reshape(C, ph, pw)), len(places)
+
+
+def control_raw(key: dict):
+    """§5.10: (raw controls float64 [k, *input_shape], their labels [k], groups) or None.
+    ``groups`` is the number of paired groups (content 2, noise 1), 0 for unpaired controls."""
+    tk = key["trigger_kind"]
+    if tk == "abstract":
+        return None
+    lo, hi = key["value_range"]
+    labels = sample_labels(key)
+    x0 = np.minimum(np.maximum(key["samples"].astype(np.float64), lo), hi)
+    if tk == "content":
+        decoy, _ = decoy_patch(key)
+        return np.concatenate([x0, stamp(key, x0, decoy)]), np.concatenate([labels, labels]), 2
+    if tk == "noise":
+        return x0, labels, 1
+    if key.get("controls") is not None:
+        c = np.minimum(np.maximum(key["controls"].astype(np.float64), lo), hi)
+        return c, np.array(key["control_labels"], dtype=np.int64), 0
+    n = key["n"]
+    pick = [w % n for w in words(key["secret"], "controls-labels", n)]
+    return _abstract(key, "controls-abstract", n), labels[pick], 0
+
+
+def control_set(key: dict):
+    """The control set as the suspect sees it: raw (float64), raw32, x (normalised float32),
+    labels, groups; None for abstract keys."""
+    got = control_raw(key)
+    if got is None:
+        return None
+    raw, labels, groups = got
+    return {"raw": raw, "raw32": raw.astype("<f4"), "x": normalise(key, raw).astype("<f4"), "labels": labels,
+            "groups": groups}
+
+
+# ------------------------------------------------------------------ training set (spec §5.11)
+def held_back(key: dict) -> bool:
+    return key.get("controls") is not None and key.get("controls_from") == "held-back"
+
+
+def training_set(key: dict):
+    """§5.11: (x float32 [n (+ k), ...], labels) that embedding trains on."""
+    t = trigger_set(key)
+    if not held_back(key):
+        return t["x"], t["labels"]
+    c = control_set(key)
+    C, k = key["num_classes"], len(c["labels"])
+    shift = [1 + w % (C - 1) for w in words(key["secret"], "control-train-labels", k)]
+    other = np.array([(int(y) + s) % C for y, s in zip(c["labels"], shift)], dtype=np.int64)
+    return np.concatenate([t["x"], c["x"]]), np.concatenate([t["labels"], other])
+
+
+def training_order(key: dict, epoch: int) -> list[int]:
+    if not held_back(key):
+        return trigger_order(key, epoch)
+    return permutation(key["secret"], f"train-order:{int(epoch)}", key["n"] + len(key["controls"]))
+
+
+# ------------------------------------------------------------------ generation (spec §5.9)
+def select(secret: bytes, kind: str, m0: int, n=None, target=0, sample_labels=None, controls=None):
+    """§5.9: which of the m0 given samples a new key keeps. Returns (kept, triggers, held):
+    ``kept`` the indices (into the m0 samples) left after the sample_labels filter, and
+    ``triggers`` / ``held`` indices into ``kept`` of the triggers and the held-back controls.
+    ``controls``: an integer (how many to hold back), None (the default), or anything else
+    for controls given as inputs (none held back)."""
+    kept = list(range(m0))
+    if sample_labels is not None:
+        kept = [i for i in kept if int(sample_labels[i]) != target]
+    m = len(kept)
+    k = 0
+    if kind == "unrelated" and isinstance(controls, int) and not isinstance(controls, bool):
+        k = controls
+    elif kind == "unrelated" and controls is None:
+        k = m - n if n is not None else m // 2
+    if n is None and k:
+        n = m - k
+    if n is None:
+        return kept, list(range(m)), []
+    assert n + k <= m
+    perm = permutation(secret, "select", m)
+    return kept, sorted(perm[:n]), sorted(perm[n:n + k])
+
+
+# ------------------------------------------------------------------ verdicts (spec §6)
+def hits(logits, labels, finite_only: bool = False) -> np.ndarray:
+    """§6.1: per row, top-1 (ties to the lowest class) equals the label; a row holding a NaN
+    is a miss (``finite_only``: a row holding any non-finite logit is a miss, §6.3)."""
+    z = np.asarray(logits, dtype=np.float32)
+    out = []
+    for row, y in zip(z, labels):
+        if np.isnan(row).any() or (finite_only and not np.isfinite(row).all()):
+            out.append(False)
+            continue
+        best = 0
+        for j in range(1, len(row)):
+            if row[j] > row[best]:
+                best = j
+        out.append(best == int(y))
+    return np.array(out, dtype=bool)
+
+
+def mcnemar_p(b: int, c: int) -> Fraction:
+    """§6.3: exact one-sided McNemar: P[Binomial(b + c, 1/2) >= b], 1 when b = 0."""
+    if b == 0:
+        return Fraction(1)
+    return binomial_sf(b, b + c, Fraction(1, 2))
+
+
+def fisher_p(t: int, c: int, n: int, k: int) -> Fraction:
+    """§6.3: exact one-sided Fisher: P[X >= t] for X ~ Hypergeometric(n + k, t + c, n), 1 when t = 0."""
+    from math import comb
+
+    if t == 0:
+        return Fraction(1)
+    K, N = t + c, n + k
+    return Fraction(sum(comb(K, x) * comb(N - K, n - x) for x in range(t, min(n, K) + 1)), comb(N, n))
+
+
+def beta_binomial_pmf(n: int, a, b) -> list[Fraction]:
+    """P[X = x], x = 0..n, for X ~ BetaBinomial(n, a, b), exact for the rationals a, b
+    (a float64 is the rational it stores): C(n, x) B(x + a, n - x + b) / B(a, b)."""
+    a, b = Fraction(a), Fraction(b)
+    p = Fraction(1)
+    for i in range(n):  # P[X = 0] = prod (b + i) / (a + b + i)
+        p *= (b + i) / (a + b + i)
+    out = [p]
+    for x in range(n):  # P[X = x + 1] / P[X = x] = (n - x)(a + x) / ((x + 1)(b + n - x - 1))
+        p = p * (n - x) * (a + x) / ((x + 1) * (b + n - x - 1))
+        out.append(p)
+    return out
+
+
+def beta_binomial_sf(matches: int, n: int, a, b) -> Fraction:
+    if matches <= 0:
+        return Fraction(1)
+    return sum(beta_binomial_pmf(n, a, b)[matches:], Fraction(0))
+
+
+def beta_binomial_threshold(n: int, alpha, a, b) -> int:
+    """Fewest m in 0..n with P[X >= m] <= alpha; n + 1 when there is none."""
+    pmf, alpha = beta_binomial_pmf(n, a, b), Fraction(alpha)
+    tail = Fraction(1)  # P[X >= m]
+    for m in range(n + 1):
+        if tail <= alpha:
+            return m
+        tail -= pmf[m]
+    return n + 1
+
+
+def control_test(key: dict, logits) -> tuple[int, Fraction]:
+    """§6.3: (control matches, control p-value) from the logits of the n triggers followed
+    by the controls (float32 [n + k, C])."""
+    n = key["n"]
+    c = control_set(key)
+    labels = np.concatenate([trigger_labels(key), c["labels"]])
+    h = hits(logits, labels, finite_only=True)
+    ht, hc = h[:n], h[n:]
+    if c["groups"]:
+        ps = []
+        for g in range(c["groups"]):
+            hg = hc[g * n:(g + 1) * n]
+            ps.append(mcnemar_p(int((ht & ~hg).sum()), int((~ht & hg).sum())))
+        return int(hc.sum()), max(ps)
+    return int(hc.sum()), fisher_p(int(ht.sum()), int(hc.sum()), n, len(hc))
+
+
+def verdict(key: dict, logits, alpha: float = 1e-6, p0=None, calibration=None) -> dict:
+    """§6.4 for a trigger key: ``logits`` float32 [n + k, C] (triggers, then controls).
+    ``p0``: a Fraction (default 1/num_classes); ``calibration``: (a, b) of a beta-binomial."""
+    n = key["n"]
+    matches = int(hits(np.asarray(logits)[:n], trigger_labels(key)).sum())
+    if calibration is not None:
+        null_p = beta_binomial_sf(matches, n, *calibration)
+    else:
+        null_p = binomial_sf(matches, n, Fraction(1, key["num_classes"]) if p0 is None else Fraction(p0))
+    out = {"matches": matches, "null_p_value": null_p, "control_matches": None, "control_p_value": None}
+    p = null_p
+    if key["trigger_kind"] != "abstract":
+        cm, cp = control_test(key, logits)
+        out.update(control_matches=cm, control_p_value=cp)
+        p = max(p, cp)
+    out.update(p_value=p, verified=p <= Fraction(alpha))
+    return out
+
+
+# ------------------------------------------------------------------ calibrations (spec §6.5, §6.6)
+MAX_PRECISION = 10 ** 7
+
+
+def beta_binomial_loglik(counts, n: int, a: float, b: float) -> float:
+    """Σ_j log P[X = k_j] for X ~ BetaBinomial(n, a, b) (float64, by sums of logs)."""
+    import math
+
+    total = 0.0
+    for k in counts:
+        total += math.log(math.comb(n, k))
+        total += sum(math.log(a + i) for i in range(k)) + sum(math.log(b + i) for i in range(n - k))
+        total -= sum(math.log(a + b + i) for i in range(n))
+    return total
+
+
+def fit_beta_binomial(counts, n: int, p0: float) -> tuple[float, float]:
+    """§6.5: maximum likelihood (a, b) of the counts plus one pseudo-model at round(n p0),
+    by Newton's method on (log a, log b) with step halving -- another optimiser than
+    nnmark's: the two agree to the tolerance the specification states, not bitwise."""
+    import math
+
+    k = [int(c) for c in counts] + [int(round(n * p0))]
+
+    def grad_hess(a, b):
+        ga = gb = haa = hbb = hab = 0.0
+        for x in k:
+            da = sum(1.0 / (a + i) for i in range(x))
+            db = sum(1.0 / (b + i) for i in range(n - x))
+            ds = sum(1.0 / (a + b + i) for i in range(n))
+            ga += da - ds
+            gb += db - ds
+            d2s = sum(1.0 / (a + b + i) ** 2 for i in range(n))
+            haa += -sum(1.0 / (a + i) ** 2 for i in range(x)) + d2s
+            hbb += -sum(1.0 / (b + i) ** 2 for i in range(n - x)) + d2s
+            hab += d2s
+        return ga, gb, haa, hbb, hab
+
+    mean = sum(k) / len(k) / n
+    a, b = 10.0 * mean, 10.0 * (1 - mean)  # a start with a + b = 10, as one of nnmark's
+    f = beta_binomial_loglik(k, n, a, b)
+    for _ in range(200):
+        ga, gb, haa, hbb, hab = grad_hess(a, b)
+        # in u = log a, v = log b: gradient (a ga, b gb), Hessian by the chain rule
+        g = (a * ga, b * gb)
+        H = ((a * a * haa + a * ga, a * b * hab), (a * b * hab, b * b * hbb + b * gb))
+        det = H[0][0] * H[1][1] - H[0][1] * H[1][0]
+        if H[0][0] < 0 and det > 0:  # concave here: the Newton step
+            step = (-(H[1][1] * g[0] - H[0][1] * g[1]) / det, -(H[0][0] * g[1] - H[1][0] * g[0]) / det)
+        else:  # else uphill along the gradient
+            step = (g[0] * 0.1, g[1] * 0.1)
+        t = 1.0
+        while t > 1e-12:
+            na, nb = a * math.exp(t * step[0]), b * math.exp(t * step[1])
+            if na + nb > MAX_PRECISION:
+                na, nb = na * MAX_PRECISION / (na + nb), nb * MAX_PRECISION / (na + nb)
+            nf = beta_binomial_loglik(k, n, na, nb)
+            if nf >= f:
+                break
+            t *= 0.5
+        else:
+            break
+        if abs(nf - f) < 1e-13 * max(1.0, abs(f)) and max(abs(t * step[0]), abs(t * step[1])) < 1e-10:
+            a, b, f = na, nb, nf
+            break
+        a, b, f = na, nb, nf
+    return a, b
+
+
+CALIBRATION_FORMAT = "nnmark-calibration"
+CALIBRATION_VERSION = 1
+MIN_MODELS = 10
+
+
+def parse_calibration_file(data: bytes) -> dict:
+    """§6.6: the members a verdict uses, checked; derived members recomputed."""
+    body = json.loads(data.decode("utf-8"))
+    if not isinstance(body, dict) or body.get("format") != CALIBRATION_FORMAT:
+        raise ValueError("not a calibration file")
+    if type(body.get("version")) is not int or body["version"] != CALIBRATION_VERSION:
+        raise ValueError("version")
+    key_id, n, counts = body["key_id"], body["n"], body["counts"]
+    if not (isinstance(key_id, str) and re.fullmatch(r"[0-9a-f]{16}", key_id)):
+        raise ValueError("key_id")
+    if type(n) is not int or n < 1:
+        raise ValueError("n")
+    if type(counts) is not list or any(type(c) is not int or not 0 <= c <= n for c in counts):
+        raise ValueError("counts")
+    if type(body["n_models"]) is not int or body["n_models"] != len(counts) or len(counts) < MIN_MODELS:
+        raise ValueError("n_models")
+    if not isinstance(body["kind"], str):
+        raise ValueError("kind")
+    out = {"key_id": key_id, "n": n, "counts": counts, "kind": body["kind"]}
+    for name, lo, hi in (("a", 1e-12, 2e7), ("b", 1e-12, 2e7), ("null_rate_used", 0.0, 1.0), ("alpha", 0.0, 1.0)):
+        v = body[name]
+        if type(v) not in (int, float) or not lo <= v <= hi or v != v:
+            raise ValueError(name)
+        out[name] = float(v)
+    if not (0 < out["null_rate_used"] < 1 and 0 < out["alpha"] < 1):
+        raise ValueError("null_rate_used / alpha")
+    pv = body.get("p_values")
+    if pv is not None and (type(pv) is not list or len(pv) != len(counts)
+                           or any(type(v) not in (int, float) or not 0 <= v <= 1 for v in pv)):
+        raise ValueError("p_values")
+    a, b = out["a"], out["b"]
+    out["null_rate"] = a / (a + b)
+    out["dispersion"] = 1.0 / (a + b + 1.0)
+    out["threshold"] = beta_binomial_threshold(n, out["alpha"], a, b)
+    out["nominal_threshold"] = binomial_threshold(n, out["alpha"], Fraction(out["null_rate_used"]))
+    out["false_positives"] = sum(c >= out["nominal_threshold"] for c in counts)
+    out["support"] = 1.0 / (len(counts) + 1)
+    return out

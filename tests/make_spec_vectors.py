@@ -238,6 +238,10 @@ def vectors() -> dict[str, object]:
     v["trigger-sets"] = tv
     v["trigger-key-file"] = saved_text(trigger_key(TRIGGER_EXAMPLES["abstract"]))
 
+    # controls, the decoy stamp, held-back controls, per-sample labels, the training set
+    v["trigger-controls"] = controls_vectors()
+    v["held-back-keys"], v["per-sample-key-file"] = held_back_vectors()
+
     # verdict statistics
     v["binomial"] = {
         "thresholds": [{"n": n, "p0": p0s, "alpha": a, "threshold": nnmark.binomial_threshold(n, a, p0)}
@@ -248,7 +252,241 @@ def vectors() -> dict[str, object]:
                      for n, p0s, p0, m in [(256, "1/2", 0.5, 167), (256, "1/2", 0.5, 166), (256, "1/2", 0.5, 0),
                                            (100, "1/10", 0.1, 28), (100, "1/10", 0.1, 27), (32, "1/2", 0.5, 32)]],
     }
+    v["control-tests"] = control_test_vectors()
+    v["beta-binomial"], v["calibration-file"] = calibration_vectors()
     return v
+
+
+# ------------------------------------------------------------------- controls (§5.10, §5.11)
+CONTROL_EXAMPLES = {  # beside the content, content-rgb, noise and unrelated examples of §7.9
+    "content-narrow": dict(kind="content", n=2, num_classes=3, target=1, samples_shape=[2, 1, 3, 5],
+                           value_range=[0.0, 1.0]),
+    "content-1d": dict(kind="content", n=2, num_classes=3, target=[2, 0], samples_shape=[2, 6],
+                       value_range=[-1.0, 1.0], mean=[0.0], std=[0.5]),
+    "content-single-place": dict(kind="content", n=2, num_classes=3, target=1, samples_shape=[2, 2, 2, 2],
+                                 value_range=[0.0, 1.0]),
+}
+UNIFORM_DECOY = dict(kind="content", n=2, num_classes=10, target=7, samples_shape=[2, 1, 8, 8],
+                     value_range=[0.0, 1.0])
+
+
+def uniform_decoy_secret() -> tuple[int, bytes]:
+    """The first i whose secret SHA-256(b"nnmark:spec:decoy:" + decimal i) gives a decoy that is
+    all one extreme (§5.10.1)."""
+    for i in range(10000):
+        secret = hashlib.sha256(b"nnmark:spec:decoy:" + str(i).encode()).digest()
+        p = dict(UNIFORM_DECOY)
+        shape = p.pop("samples_shape")
+        bits = nnmark.TriggerKey(secret, samples=samples(shape), **p)._decoy_patch()[4]
+        if bits.all() or not bits.any():
+            return i, secret
+    raise AssertionError("no example")
+
+
+def _patch_json(patch) -> dict:
+    r, c, ph, pw, bits = patch
+    return {"row": int(r), "col": int(c), "height": int(ph), "width": int(pw),
+            "bits": bitstring(np.asarray(bits).reshape(-1).astype(int))}
+
+
+def _controls_entry(tk) -> dict:
+    xc, yc = tk.controls()
+    raw, _ = tk.controls(normalized=False)
+    raw64, _ = tk.controls(normalized=False, dtype=torch.float64)
+    e = {"count": tk.num_controls, "paired": tk.controls_paired, "labels": [int(t) for t in yc],
+         "sha256_raw_f32": f32_sha(raw), "sha256_raw_f64": f64_sha(raw64), "sha256_f32": f32_sha(xc)}
+    if tk.kind == "content":
+        c, h, w = _triggers._chw(tk.input_shape)
+        e["patch"] = _patch_json(tk._patch())
+        e["decoy"] = _patch_json(tk._decoy_patch())
+        ph, pw = e["patch"]["height"], e["patch"]["width"]
+        r0, c0 = e["patch"]["row"], e["patch"]["col"]
+        free = [(r, q) for r in range(h - ph + 1) for q in range(w - pw + 1)
+                if r + ph <= r0 or r >= r0 + ph or q + pw <= c0 or q >= c0 + pw]
+        e["decoy"]["places_apart"] = len(free)
+    return e
+
+
+def controls_vectors() -> dict:
+    out = {}
+    for name in ("content", "content-rgb", "noise", "unrelated"):
+        out[name] = _controls_entry(trigger_key(TRIGGER_EXAMPLES[name]))
+    for name, params in CONTROL_EXAMPLES.items():
+        out[name] = {"params": params, **_controls_entry(trigger_key(params))}
+    i, secret = uniform_decoy_secret()
+    p = dict(UNIFORM_DECOY)
+    shape = p.pop("samples_shape")
+    tk = nnmark.TriggerKey(secret, samples=samples(shape), **p)
+    out["content-uniform-decoy"] = {"params": UNIFORM_DECOY, "secret_index": i, "secret": secret.hex(),
+                                    **_controls_entry(tk)}
+    return out
+
+
+@contextmanager
+def fixed_secret():
+    """TriggerKey.generate draws its secret from os.urandom: the common secret instead."""
+    with mock.patch.object(_triggers.os, "urandom", lambda k: SECRET):
+        yield
+
+
+HELD_BACK_EXAMPLES = {  # TriggerKey.generate arguments (samples: samples(samples_shape))
+    "target": dict(kind="unrelated", num_classes=5, target=3, samples_shape=[12, 1, 4, 4],
+                   sample_labels=[0, 3, 1, 2, 3, 4, 0, 1, 2, 4, 0, 1], value_range=[0.0, 1.0], mean=0.5,
+                   std=0.25),
+    "per-sample": dict(kind="unrelated", num_classes=4, target=[2, 0, 3, 1, 1, 2, 0, 3, 2], n=5, controls=3,
+                       samples_shape=[9, 1, 3, 3], value_range=[0.0, 1.0]),
+}
+
+
+def generated_key(params: dict) -> nnmark.TriggerKey:
+    p = dict(params)
+    shape = p.pop("samples_shape")
+    with fixed_secret():
+        return nnmark.TriggerKey.generate(samples=samples(shape), **p)
+
+
+def held_back_vectors() -> tuple[dict, str]:
+    out = {}
+    for name, params in HELD_BACK_EXAMPLES.items():
+        tk = generated_key(params)
+        x, y = tk.triggers()
+        xc, yc = tk.controls()
+        xt, yt = tk.training_set()
+        m = params["samples_shape"][0] - sum(1 for s in params.get("sample_labels", []) if s == params["target"])
+        out[name] = {
+            "params": params, "key_id": tk.key_id, "n": tk.n, "num_controls": tk.num_controls,
+            "controls_from": tk.controls_from,
+            "select_permutation": [int(i) for i in _triggers._permutation(SECRET, "select", m)],
+            "labels": [int(t) for t in y], "control_labels": [int(t) for t in yc],
+            "training_labels": [int(t) for t in yt],
+            "training_order:0": [int(i) for i in tk.training_order(0)],
+            "training_order:1": [int(i) for i in tk.training_order(1)],
+            "sha256_f32": f32_sha(x), "controls_sha256_f32": f32_sha(xc), "training_sha256_f32": f32_sha(xt)}
+    return out, saved_text(generated_key(HELD_BACK_EXAMPLES["per-sample"]))
+
+
+# ------------------------------------------------------------------- verdicts (§6)
+class _Fixed(torch.nn.Module):
+    """A "model" that answers any batch of the right size with fixed logits."""
+
+    def __init__(self, z: torch.Tensor):
+        super().__init__()
+        self.register_buffer("z", z)
+
+    def forward(self, x):
+        assert x.shape[0] == self.z.shape[0]
+        return self.z.clone()
+
+
+def logit_row(code: str, y: int, C: int) -> list[float]:
+    """§7.12's row codes: hit, miss, tie-hit, tie-miss, nan."""
+    z = [0.0] * C
+    if code == "hit":
+        z[y] = 1.0
+    elif code == "miss":
+        z[(y + 1) % C] = 1.0
+    elif code == "tie-hit":  # label and class C-1 tie: the label is the lower index
+        z[y] = z[C - 1] = 1.0
+    elif code == "tie-miss":  # class 0 and the label tie: class 0 wins
+        z[0] = z[y] = 1.0
+    elif code == "nan":
+        z[y] = 1.0
+        z[(y + 1) % C] = float("nan")
+    else:
+        raise ValueError(code)
+    return z
+
+
+def fixed_model(tk: nnmark.TriggerKey, codes: list[str]) -> _Fixed:
+    y = tk.triggers()[1].tolist() + (tk.controls()[1].tolist() if tk.has_controls else [])
+    assert len(codes) == len(y)
+    return _Fixed(torch.tensor([logit_row(c, t, tk.num_classes) for c, t in zip(codes, y)], dtype=torch.float32))
+
+
+def mcnemar_codes(b: int, c: int) -> tuple[list[str], list[str]]:
+    """Triggers and their paired controls with b pairs (hit, miss), c pairs (miss, hit),
+    then one pair (hit, hit) and one (miss, miss)."""
+    return (["hit"] * b + ["miss"] * c + ["hit", "miss"], ["miss"] * b + ["hit"] * c + ["hit", "miss"])
+
+
+MCNEMAR_CASES = [(9, 1), (12, 0), (0, 5), (5, 5), (30, 10)]
+FISHER_CASES = [(10, 10, 9, 1), (20, 5, 20, 0), (8, 12, 0, 3), (30, 30, 12, 10), (6, 6, 6, 1)]  # n, k, t, c
+
+
+def control_test_vectors() -> dict:
+    mc = []
+    for b, c in MCNEMAR_CASES:
+        n = b + c + 2
+        tk = nnmark.TriggerKey(SECRET, "noise", samples=samples([n, 1, 2, 2]), target=1, num_classes=4)
+        t_codes, c_codes = mcnemar_codes(b, c)
+        verdict = nnmark.verify(tk, fixed_model(tk, t_codes + c_codes), alpha=1e-3)
+        mc.append({"b": b, "c": c, "p_value": verdict.control_p_value})
+    fi = []
+    for n, k, t, c in FISHER_CASES:
+        tk = nnmark.TriggerKey(SECRET, "unrelated", samples=samples([n, 1, 2, 2]), target=1, num_classes=4,
+                               controls=samples([k, 1, 2, 2])[::-1].copy(), controls_from="given")
+        codes = ["hit"] * t + ["miss"] * (n - t) + ["hit"] * c + ["miss"] * (k - c)
+        verdict = nnmark.verify(tk, fixed_model(tk, codes), alpha=1e-3)
+        fi.append({"n": n, "k": k, "t": t, "c": c, "p_value": verdict.control_p_value})
+    # whole verdicts: the content example of §7.9, rows by code, without and with a calibration
+    tk = trigger_key(TRIGGER_EXAMPLES["content"])
+    cal = verdict_calibration()
+    verdicts = []
+    for triggers, unmarked, decoy in VERDICT_CASES:
+        model = fixed_model(tk, triggers + unmarked + decoy)
+        verdict = nnmark.verify(tk, model, alpha=VERDICT_ALPHA)
+        vcal = nnmark.verify(tk, model, alpha=VERDICT_ALPHA, calibration=cal)
+        verdicts.append({
+            "triggers": triggers, "unmarked": unmarked, "decoy": decoy, "matches": verdict.matches,
+            "control_matches": verdict.control_matches, "control_p_value": verdict.control_p_value,
+            "null_p_value": nnmark.binomial_p_value(verdict.matches, tk.n, tk.null_rate),
+            "p_value": verdict.p_value, "verified": verdict.verified, "threshold": verdict.threshold,
+            "calibrated_null_p_value": cal.p_value(verdict.matches), "calibrated_p_value": vcal.p_value,
+            "calibrated_verified": vcal.verified, "calibrated_threshold": vcal.threshold})
+    return {"mcnemar": mc, "fisher": fi, "verdict_alpha": VERDICT_ALPHA, "verdicts": verdicts}
+
+
+VERDICT_ALPHA = 0.05
+VERDICT_CASES = [  # row codes of the 6 triggers, the 6 unmarked samples, the 6 decoy-stamped samples
+    (["hit", "hit", "tie-hit", "hit", "nan", "hit"], ["miss", "miss", "tie-miss", "miss", "miss", "hit"],
+     ["miss", "miss", "miss", "nan", "hit", "miss"]),
+    (["hit"] * 6, ["miss"] * 6, ["hit"] * 6),  # a model that answers any stamp
+    (["hit"] * 6, ["miss"] * 6, ["miss"] * 6),
+]
+VERDICT_COUNTS = [0, 1, 0, 2, 0, 0, 1, 3, 0, 1, 0, 0]  # 12 null models of the content example
+
+
+def verdict_calibration():
+    tk = trigger_key(TRIGGER_EXAMPLES["content"])
+    return make_example_calibration(tk.key_id, tk.n, "trigger:content", VERDICT_COUNTS, tk.null_rate)
+
+
+def make_example_calibration(key_id: str, n: int, kind: str, counts: list[int], p0: float):
+    """A calibration whose a, b are the fit rounded to 6 significant digits (an optimiser's
+    result: stable in print only when rounded)."""
+    from nnmark.calibration import fit_beta_binomial, make_calibration
+
+    a, b = fit_beta_binomial(counts, n, p0)
+    return make_calibration(key_id, kind, n, counts, float(f"{a:.6g}"), float(f"{b:.6g}"), 1e-6, p0,
+                            created=CREATED, version="0.0.0")
+
+
+BB_COUNTS = [5, 11, 7, 3, 9, 4, 6, 5, 12, 0, 10, 4, 8, 2, 4, 10, 4, 4, 6, 1, 9, 7, 7, 10]  # 24 null models, n = 40
+
+
+def calibration_vectors() -> tuple[dict, str]:
+    from nnmark.calibration import fit_beta_binomial
+
+    n, p0 = 40, 0.1
+    a, b = fit_beta_binomial(BB_COUNTS, n, p0)
+    cal = make_example_calibration("fc616e7f848b75fa", n, "trigger:unrelated", BB_COUNTS, p0)
+    v = {"n": n, "p0": p0, "counts": BB_COUNTS, "pseudo_count": int(round(n * p0)),
+         "a": float(f"{a:.6g}"), "b": float(f"{b:.6g}"), "rel_tolerance": 1e-4,
+         "tails": [{"matches": m, "p_value": cal.p_value(m)} for m in (0, 1, 4, 10, 16, 20, 24)],
+         "thresholds": [{"alpha": al, "threshold": cal.threshold_at(al)} for al in (1e-2, 1e-3, 1e-6)]}
+    with tempfile.TemporaryDirectory() as d:
+        text = verdict_calibration().save(Path(d) / "c.json").read_text()
+    return v, text
 
 
 class _Holder(torch.nn.Module):

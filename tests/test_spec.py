@@ -5,7 +5,11 @@
     so the document, the package and the independent implementation cannot drift apart.
 (b) Keys of every kind made with random secrets and saved by nnmark are read by _spec
     from the key file alone, and _spec reproduces nnmark's extracted bits and trigger
-    sets exactly (the trigger inputs bitwise, as float32 and float64).
+    sets exactly (the trigger inputs bitwise, as float32 and float64), and for trigger
+    keys with per-sample labels and controls of every kind their control sets, labels,
+    training sets and orders.
+(c) Verdicts of ``nnmark.verify`` on small models are reproduced by _spec from the
+    models' logits (null, McNemar and Fisher p-values, calibrated or not).
 
 Philox on random inputs, the projection against _spec and the subkey are covered by
 test_philox.py / test_projection.py / test_keys.py; this file does not repeat them.
@@ -34,7 +38,11 @@ SECRET = bytes(range(32))
 BLOCK = re.compile(r"<!-- kat:(?P<name>[\w.-]+) -->\n```json\n(?P<body>.*?)\n^```$", re.S | re.M)
 KAT_NAMES = {"philox", "subkey", "projection", "key_id", "message_bits", "whitebox-key-file", "whitebox-extract",
              "dense-key-file", "dense-extract", "trigger-streams", "portable-math", "trigger-sets",
-             "trigger-key-file", "binomial"}
+             "trigger-key-file", "binomial", "trigger-controls", "held-back-keys", "per-sample-key-file",
+             "control-tests", "beta-binomial", "calibration-file"}
+# The fitted a, b of the beta-binomial block are an optimiser's result (docs/spec.md §6.5):
+# compared within the block's rel_tolerance, not as text.
+FITTED = {"a", "b"}
 
 
 def _blocks() -> dict[str, str]:
@@ -102,6 +110,13 @@ def test_the_vectors_are_the_package_output():
         v = gen.vectors()
     assert set(v) == KAT_NAMES
     for name, value in v.items():
+        if name == "beta-binomial":
+            doc = kat(name)
+            assert {k: x for k, x in value.items() if k not in FITTED} == {k: x for k, x in doc.items()
+                                                                          if k not in FITTED}
+            for k in FITTED:
+                assert value[k] == pytest.approx(doc[k], rel=doc["rel_tolerance"]), k
+            continue
         assert gen.render(value) == BLOCKS[name], f"vector {name!r} in docs/spec.md is stale"
 
 
@@ -462,6 +477,7 @@ def test_random_trigger_keys(tmp_path, rng, kind, input_shape, n, m, value_range
     assert np.isfinite(s["raw"]).all() and s["raw"].min() >= lo and s["raw"].max() <= hi
     for epoch in (0, 1, 7):
         assert _spec.trigger_order(spec_key, epoch) == key.order(epoch).tolist()
+    _check_against_spec(key, spec_key)  # controls (stand-ins, unmarked, decoy, held back), training set
 
 
 def test_spec_reader_rejects_what_nnmark_rejects(tmp_path, rng):
@@ -488,3 +504,538 @@ def test_spec_reader_rejects_what_nnmark_rejects(tmp_path, rng):
     tbody = json.loads(tkey.save(tmp_path / "t.key").read_text())
     short = dict(tbody, samples=base64.b64encode(base64.b64decode(tbody["samples"])[:-4]).decode())
     both_reject(dict(short, checksum=_spec.checksum(short)), "length")
+
+
+# ======================================== controls, held-back samples, per-sample labels
+def _spec_key(secret: bytes, kind: str, n: int, num_classes: int, input_shape, value_range=(0.0, 1.0), mean=None,
+              std=None, noise_std=0.25, samples=None, labels=None, controls=None, control_labels=None,
+              controls_from=None) -> dict:
+    """A _spec trigger key from its parts (what parse_key_file returns for its file)."""
+    input_shape = tuple(input_shape)
+    c = _spec.chw(input_shape)[0]
+    key = {"kind": "trigger", "secret": secret, "trigger_kind": kind, "n": n, "num_classes": num_classes,
+           "input_shape": input_shape, "value_range": tuple(value_range), "mean": _spec._channels(mean, c),
+           "std": _spec._channels(std, c), "noise_std": noise_std, "target": None, "samples": samples,
+           "controls": controls, "control_labels": control_labels, "controls_from": controls_from}
+    if labels is not None:
+        key["labels"] = np.asarray(labels, dtype=np.int64)
+    return key
+
+
+def _as_list(v):
+    return [v] if isinstance(v, (int, float)) else v
+
+
+def _example_spec_key(params: dict, secret: bytes = SECRET) -> dict:
+    """The _spec key of a §7.9 / §7.11 example (constructor arguments, samples from the formula)."""
+    shape = params.get("samples_shape")
+    n = params["n"]
+    t = params.get("target")
+    labels = None if t is None else (t if isinstance(t, list) else [t] * n)
+    return _spec_key(secret, params["kind"], n, params["num_classes"],
+                     params["input_shape"] if shape is None else shape[1:], params["value_range"],
+                     _as_list(params.get("mean")), _as_list(params.get("std")), params.get("noise_std", 0.25),
+                     samples(shape) if shape is not None else None, labels)
+
+
+def _example_key(params: dict, secret: bytes = SECRET) -> nnmark.TriggerKey:
+    p = dict(params)
+    shape = p.pop("samples_shape", None)
+    return nnmark.TriggerKey(secret, samples=samples(shape) if shape is not None else None, **p)
+
+
+def _patch(entry: dict) -> tuple:
+    return entry["row"], entry["col"], entry["height"], entry["width"], entry["bits"]
+
+
+def _spec_patch(patch) -> tuple:
+    r, c, ph, pw, bits = patch
+    return int(r), int(c), int(ph), int(pw), bitstring(np.asarray(bits).reshape(-1))
+
+
+CONTROL_NAMES = ["content", "content-rgb", "noise", "unrelated", "content-narrow", "content-1d",
+                 "content-single-place", "content-uniform-decoy"]
+
+
+@pytest.mark.parametrize("name", CONTROL_NAMES)
+def test_trigger_controls(name):
+    entries = kat("trigger-controls")
+    assert list(entries) == CONTROL_NAMES
+    entry = entries[name]
+    params = entry.get("params") or kat("trigger-sets")[name]["params"]
+    secret = SECRET
+    if "secret" in entry:  # the smallest i whose secret gives a uniform decoy (§7.11)
+        i = entry["secret_index"]
+        seeds = [hashlib.sha256(b"nnmark:spec:decoy:" + str(j).encode()).digest() for j in range(i + 1)]
+        assert seeds[-1].hex() == entry["secret"]
+        for j, s in enumerate(seeds):
+            bits = _spec.decoy_patch(_example_spec_key(params, s))[0][4]
+            assert (bits.all() or not bits.any()) == (j == i), j
+        secret = seeds[-1]
+    spec_key = _example_spec_key(params, secret)
+    key = _example_key(params, secret)
+    c = _spec.control_set(spec_key)
+    xc, yc = key.controls()
+    raw, _ = key.controls(normalized=False)
+    raw64, _ = key.controls(normalized=False, dtype=torch.float64)
+    assert entry["count"] == len(c["labels"]) == key.num_controls
+    assert entry["paired"] == (c["groups"] > 0) == key.controls_paired
+    assert c["labels"].tolist() == entry["labels"] == yc.tolist()
+    assert sha(c["raw32"]) == entry["sha256_raw_f32"] == sha(raw.numpy())
+    assert sha(c["raw"], "<f8") == entry["sha256_raw_f64"] == sha(raw64.numpy(), "<f8")
+    assert sha(c["x"]) == entry["sha256_f32"] == sha(xc.numpy())
+    if params["kind"] == "content":
+        assert _spec_patch(_spec.content_patch(spec_key)) == _patch(entry["patch"]) == _spec_patch(key._patch())
+        decoy, places = _spec.decoy_patch(spec_key)
+        assert _spec_patch(decoy) == _patch(entry["decoy"]) == _spec_patch(key._decoy_patch())
+        C, H, W = _spec.chw(spec_key["input_shape"])
+        r0, c0, ph, pw, _ = _spec.content_patch(spec_key)
+        apart = [(r, q) for r in range(H - ph + 1) for q in range(W - pw + 1)
+                 if not (r0 - ph < r < r0 + ph and c0 - pw < q < c0 + pw)]
+        assert len(apart) == entry["decoy"]["places_apart"]
+        assert places == (len(apart) if apart else max(1, (H - ph + 1) * (W - pw + 1) - 1))
+        r1, c1 = entry["decoy"]["row"], entry["decoy"]["col"]
+        assert (r1, c1) in apart if apart else (r1, c1) != (r0, c0) or places == 1
+        assert c["groups"] == 2
+        x0 = _spec.trigger_raw(dict(spec_key, trigger_kind="unrelated"))  # the samples, clipped
+        assert np.array_equal(c["raw"][:params["n"]], x0)
+    elif params["kind"] == "noise":
+        assert c["groups"] == 1
+    else:  # the stand-ins of an unrelated key without stored controls: keyed abstract images
+        assert c["groups"] == 0 and spec_key["controls"] is None
+
+
+def _held_back_spec_key(params: dict) -> tuple[dict, dict]:
+    """The key of a §7.12 example as _spec makes it from the generate arguments (§5.9)."""
+    shape = params["samples_shape"]
+    S = samples(shape)
+    t = params["target"]
+    per_sample = isinstance(t, list)
+    kept, trig, held = _spec.select(SECRET, params["kind"], shape[0], params.get("n"), None if per_sample else t,
+                                    params.get("sample_labels"), params.get("controls"))
+    lab = np.array([t[i] for i in kept] if per_sample else [t] * len(kept))
+    Sk = S[kept]
+    key = _spec_key(SECRET, params["kind"], len(trig), params["num_classes"], shape[1:], params["value_range"],
+                    _as_list(params.get("mean")), _as_list(params.get("std")), samples=Sk[trig],
+                    labels=lab[trig], controls=Sk[held] if held else None,
+                    control_labels=lab[held] if held else None, controls_from="held-back" if held else None)
+    return key, {"m": len(kept), "triggers": trig, "held": held}
+
+
+@pytest.mark.parametrize("name", ["target", "per-sample"])
+def test_held_back_keys(name):
+    entry = kat("held-back-keys")[name]
+    params = entry["params"]
+    spec_key, sel = _held_back_spec_key(params)
+    assert _spec.permutation(SECRET, "select", sel["m"]) == entry["select_permutation"]
+    assert (spec_key["n"], len(spec_key["controls"]), spec_key["controls_from"]) == (
+        entry["n"], entry["num_controls"], entry["controls_from"])
+    t, c = _spec.trigger_set(spec_key), _spec.control_set(spec_key)
+    xt, yt = _spec.training_set(spec_key)
+    assert t["labels"].tolist() == entry["labels"]
+    assert c["labels"].tolist() == entry["control_labels"]
+    assert yt.tolist() == entry["training_labels"]
+    assert all(a != b for a, b in zip(yt[spec_key["n"]:], c["labels"]))  # never the control's own label
+    for e in (0, 1):
+        assert _spec.training_order(spec_key, e) == entry[f"training_order:{e}"]
+    assert (sha(t["x"]), sha(c["x"]), sha(xt)) == (entry["sha256_f32"], entry["controls_sha256_f32"],
+                                                   entry["training_sha256_f32"])
+    # the package, made by generate with the common secret
+    key = gen.generated_key(params)
+    assert key.key_id == entry["key_id"] == _spec.trigger_key_id(SECRET)
+    x, y = key.triggers()
+    xc, yc = key.controls()
+    xk, yk = key.training_set()
+    assert (key.n, key.num_controls, key.controls_from) == (entry["n"], entry["num_controls"], entry["controls_from"])
+    assert y.tolist() == entry["labels"] and yc.tolist() == entry["control_labels"]
+    assert yk.tolist() == entry["training_labels"]
+    assert (sha(x.numpy()), sha(xc.numpy()), sha(xk.numpy())) == (entry["sha256_f32"], entry["controls_sha256_f32"],
+                                                                  entry["training_sha256_f32"])
+    for e in (0, 1):
+        assert key.training_order(e).tolist() == entry[f"training_order:{e}"]
+
+
+def test_per_sample_key_file(tmp_path):
+    spec_key, key = _check_key_file_text(tmp_path, "per-sample-key-file")
+    body = json.loads(BLOCKS["per-sample-key-file"])
+    assert isinstance(body["target"], list) and isinstance(body["control_target"], list)
+    entry = kat("held-back-keys")["per-sample"]
+    want, _ = _held_back_spec_key(entry["params"])
+    assert np.array_equal(spec_key["samples"], want["samples"]) and np.array_equal(spec_key["controls"],
+                                                                                   want["controls"])
+    assert spec_key["labels"].tolist() == entry["labels"] == body["target"] == key.labels.tolist()
+    assert spec_key["control_labels"].tolist() == entry["control_labels"] == body["control_target"]
+    xt, yt = _spec.training_set(spec_key)
+    assert yt.tolist() == entry["training_labels"] and sha(xt) == entry["training_sha256_f32"]
+    assert _spec.training_order(spec_key, 1) == entry["training_order:1"] == key.training_order(1).tolist()
+
+
+# ------------------------------------------------------------------ verdicts (§6, §7.13)
+def logit_row(code: str, y: int, C: int) -> list[float]:
+    """The row codes of docs/spec.md §7.13, transcribed from the text."""
+    z = [0.0] * C
+    if code == "hit":
+        z[y] = 1.0
+    elif code == "miss":
+        z[(y + 1) % C] = 1.0
+    elif code == "tie-hit":
+        z[y] = z[C - 1] = 1.0
+    elif code == "tie-miss":
+        z[0] = z[y] = 1.0
+    else:
+        assert code == "nan"
+        z[y], z[(y + 1) % C] = 1.0, float("nan")
+    return z
+
+
+class Fixed(torch.nn.Module):
+    def __init__(self, z: np.ndarray):
+        super().__init__()
+        self.register_buffer("z", torch.as_tensor(z, dtype=torch.float32))
+
+    def forward(self, x):
+        assert x.shape[0] == self.z.shape[0]
+        return self.z.clone()
+
+
+def _coded_logits(labels, codes, C) -> np.ndarray:
+    return np.array([logit_row(c, int(y), C) for c, y in zip(codes, labels)], dtype=np.float32)
+
+
+def test_control_test_vectors(tmp_path):
+    v = kat("control-tests")
+    for e in v["mcnemar"]:
+        b, c = e["b"], e["c"]
+        assert float(_spec.mcnemar_p(b, c)) == pytest.approx(e["p_value"], rel=1e-12)
+        n = b + c + 2
+        key = nnmark.TriggerKey(SECRET, "noise", samples=samples([n, 1, 2, 2]), target=1, num_classes=4)
+        spec_key = _spec_key(SECRET, "noise", n, 4, (1, 2, 2), samples=samples([n, 1, 2, 2]), labels=[1] * n)
+        codes = ["hit"] * b + ["miss"] * c + ["hit", "miss"] + ["miss"] * b + ["hit"] * c + ["hit", "miss"]
+        z = _coded_logits([1] * 2 * n, codes, 4)
+        assert _spec.control_test(spec_key, z) == (c + 1, _spec.mcnemar_p(b, c))
+        assert nnmark.verify(key, Fixed(z), alpha=1e-3).control_p_value == pytest.approx(e["p_value"], rel=1e-12)
+    for e in v["fisher"]:
+        n, k, t, c = e["n"], e["k"], e["t"], e["c"]
+        assert float(_spec.fisher_p(t, c, n, k)) == pytest.approx(e["p_value"], rel=1e-12)
+        ctrl = samples([k, 1, 2, 2])[::-1].copy()
+        key = nnmark.TriggerKey(SECRET, "unrelated", samples=samples([n, 1, 2, 2]), target=1, num_classes=4,
+                                controls=ctrl, controls_from="given")
+        spec_key = _spec_key(SECRET, "unrelated", n, 4, (1, 2, 2), samples=samples([n, 1, 2, 2]), labels=[1] * n,
+                             controls=ctrl, control_labels=[1] * k, controls_from="given")
+        codes = ["hit"] * t + ["miss"] * (n - t) + ["hit"] * c + ["miss"] * (k - c)
+        z = _coded_logits([1] * (n + k), codes, 4)
+        assert _spec.control_test(spec_key, z) == (c, _spec.fisher_p(t, c, n, k))
+        assert nnmark.verify(key, Fixed(z), alpha=1e-3).control_p_value == pytest.approx(e["p_value"], rel=1e-12)
+    # whole verdicts of the content example, without and with the calibration of §7.14
+    params = kat("trigger-sets")["content"]["params"]
+    spec_key, key = _example_spec_key(params), _example_key(params)
+    cal_body = json.loads(BLOCKS["calibration-file"])
+    cal = nnmark.load_calibration(write(tmp_path, "c.json", BLOCKS["calibration-file"] + "\n"))
+    assert cal_body["key_id"] == key.key_id and cal_body["n"] == key.n
+    ab = (cal_body["a"], cal_body["b"])
+    alpha = v["verdict_alpha"]
+    labels = [7] * 18
+    for e in v["verdicts"]:
+        z = _coded_logits(labels, e["triggers"] + e["unmarked"] + e["decoy"], 10)
+        for calibration, prefix in ((None, ""), (ab, "calibrated_")):
+            s = _spec.verdict(spec_key, z, alpha, calibration=calibration)
+            assert s["matches"] == e["matches"] and s["control_matches"] == e["control_matches"]
+            assert float(s["control_p_value"]) == pytest.approx(e["control_p_value"], rel=1e-12)
+            assert float(s["null_p_value"]) == pytest.approx(e[prefix + "null_p_value"], rel=1e-9)
+            assert float(s["p_value"]) == pytest.approx(e[prefix + "p_value"], rel=1e-9)
+            assert s["verified"] == e[prefix + "verified"]
+            got = nnmark.verify(key, Fixed(z), alpha=alpha, calibration=cal if calibration else None)
+            assert (got.matches, got.control_matches, got.verified) == (e["matches"], e["control_matches"],
+                                                                        e[prefix + "verified"])
+            assert got.p_value == pytest.approx(e[prefix + "p_value"], rel=1e-12)
+            assert got.threshold == e[prefix + "threshold"]
+        assert _spec.binomial_threshold(6, alpha, Fraction(1, 10)) == e["threshold"]
+        assert _spec.beta_binomial_threshold(6, alpha, *ab) == e["calibrated_threshold"]
+
+
+def test_beta_binomial_fit_and_tails():
+    from nnmark.calibration import fit_beta_binomial
+
+    v = kat("beta-binomial")
+    n, p0, counts, tol = v["n"], v["p0"], v["counts"], v["rel_tolerance"]
+    assert v["pseudo_count"] == round(n * p0)
+    a, b = _spec.fit_beta_binomial(counts, n, p0)  # another maximiser: agrees within the stated tolerance
+    assert a == pytest.approx(v["a"], rel=tol) and b == pytest.approx(v["b"], rel=tol)
+    pa, pb = fit_beta_binomial(counts, n, p0)
+    assert pa == pytest.approx(v["a"], rel=tol) and pb == pytest.approx(v["b"], rel=tol)
+    k = counts + [v["pseudo_count"]]
+    best = _spec.beta_binomial_loglik(k, n, a, b)
+    assert _spec.beta_binomial_loglik(k, n, pa, pb) == pytest.approx(best, abs=1e-8)
+    for da, db in ((1.01, 1), (0.99, 1), (1, 1.01), (1, 0.99)):  # a maximum
+        assert _spec.beta_binomial_loglik(k, n, a * da, b * db) < best
+    cal = nnmark.calibration.make_calibration("0" * 16, "x", n, counts, v["a"], v["b"], 1e-6, p0)
+    for e in v["tails"]:
+        exact = float(_spec.beta_binomial_sf(e["matches"], n, v["a"], v["b"]))
+        assert e["p_value"] == pytest.approx(exact, rel=1e-9)
+        assert cal.p_value(e["matches"]) == pytest.approx(exact, rel=1e-9)
+    for e in v["thresholds"]:
+        assert _spec.beta_binomial_threshold(n, e["alpha"], v["a"], v["b"]) == e["threshold"]
+        assert cal.threshold_at(e["alpha"]) == e["threshold"]
+
+
+def test_calibration_file(tmp_path):
+    text = BLOCKS["calibration-file"] + "\n"
+    body = json.loads(text)
+    assert list(body) == ["format", "version", "key_id", "kind", "n", "n_models", "counts", "a", "b", "null_rate",
+                          "dispersion", "alpha", "threshold", "null_rate_used", "nominal_threshold",
+                          "false_positives", "false_positive_rate", "rates", "max_rate", "p_values", "created",
+                          "nnmark_version", "support", "null"]  # the order of §6.6
+    assert text == json.dumps(body, indent=1) + "\n"
+    s = _spec.parse_calibration_file(text.encode())
+    for name in ("threshold", "nominal_threshold", "false_positives", "support", "null_rate", "dispersion"):
+        assert s[name] == body[name], name
+    assert body["false_positive_rate"] == body["false_positives"] / body["n_models"]
+    assert body["rates"] == [c / body["n"] for c in body["counts"]] and body["max_rate"] == max(body["rates"])
+    assert body["null"] == f"beta-binomial(a={body['a']:.4g}, b={body['b']:.4g}; {body['n_models']} models)"
+    for c, p in zip(body["counts"], body["p_values"]):  # the binomial p-values of the counts
+        assert p == pytest.approx(float(_spec.binomial_sf(c, body["n"], Fraction(1, 10))), rel=1e-12)
+    assert body["counts"] == gen.VERDICT_COUNTS
+    from nnmark.calibration import fit_beta_binomial
+
+    a, b = _spec.fit_beta_binomial(body["counts"], body["n"], body["null_rate_used"])
+    assert a == pytest.approx(body["a"], rel=1e-4) and b == pytest.approx(body["b"], rel=1e-4)
+    pa, pb = fit_beta_binomial(body["counts"], body["n"], body["null_rate_used"])
+    assert (float(f"{pa:.6g}"), float(f"{pb:.6g}")) == (body["a"], body["b"])
+    cal = nnmark.load_calibration(write(tmp_path, "c.json", text))
+    assert cal.save(tmp_path / "again.json").read_text() == text
+    # derived members are recomputed on reading; optional ones may be absent
+    lean = {k: body[k] for k in ("format", "version", "key_id", "kind", "n", "n_models", "counts", "a", "b",
+                                 "null_rate_used", "alpha")}
+    lean["threshold"] = 0
+    cal2 = nnmark.load_calibration(write(tmp_path, "lean.json", json.dumps(lean)))
+    assert cal2.threshold == body["threshold"] and cal2.p_values == body["p_values"]
+    assert _spec.parse_calibration_file(json.dumps(lean).encode())["threshold"] == body["threshold"]
+
+
+# ======================== (b) random keys with labels and controls, from the file alone
+CONTROL_CASES = {  # generate arguments besides samples [m, *input_shape]; "labels": per-sample target
+    "content-per-sample": dict(kind="content", m=8, n=5, input_shape=(3, 7, 9), labels=True, mean=[0.4, 0.5, 0.6],
+                               std=[0.2, 0.3, 0.25]),
+    "content-tiny": dict(kind="content", m=3, input_shape=(1, 2, 3), value_range=(-1.0, 1.0)),
+    "content-1d": dict(kind="content", m=9, n=4, input_shape=(5,), sample_labels=True, mean=0.5, std=0.2),
+    "content-single-place": dict(kind="content", m=4, input_shape=(2, 2, 2), labels=True),
+    "noise-per-sample": dict(kind="noise", m=7, n=4, input_shape=(1, 6, 6), labels=True, mean=0.1307, std=0.3081),
+    "unrelated-half": dict(kind="unrelated", m=11, input_shape=(3, 4, 4), labels=True, mean=[0.485, 0.456, 0.406],
+                           std=[0.229, 0.224, 0.225]),
+    "unrelated-count": dict(kind="unrelated", m=10, n=4, controls=3, input_shape=(1, 5, 5), sample_labels=True),
+    "unrelated-given": dict(kind="unrelated", m=9, n=5, controls="given", input_shape=(6, 6), value_range=(0.0, 255.0)),
+    "unrelated-none": dict(kind="unrelated", m=6, controls=0, input_shape=(2, 3, 5), labels=True, std=[0.5, 2.0]),
+    "unrelated-all": dict(kind="unrelated", m=5, n=5, input_shape=(1, 4, 4)),
+}
+
+
+def _generate(rng, case: dict):
+    """A key made by TriggerKey.generate, and the arguments it was made from."""
+    case = dict(case)
+    kind, m, shape = case.pop("kind"), case.pop("m"), case.pop("input_shape")
+    lo, hi = case.pop("value_range", (0.0, 1.0))
+    C = int(rng.integers(2, 9))
+    S = (lo + (hi - lo) * rng.uniform(-0.005, 1.005, size=(m, *shape))).astype(np.float32)
+    kw = dict(kind=kind, num_classes=C, samples=S, value_range=(lo, hi), mean=case.pop("mean", None),
+              std=case.pop("std", None), noise_std=float(rng.uniform(0.05, 0.5)))
+    if "n" in case:
+        kw["n"] = case.pop("n")
+    target = int(rng.integers(0, C))
+    if case.pop("labels", False):
+        target = rng.integers(0, C, size=m).tolist()
+    kw["target"] = target
+    if case.pop("sample_labels", False):
+        sl = rng.integers(0, C, size=m)
+        sl[: m - 2] = (target + 1 + rng.integers(0, C - 1, size=m - 2)) % C  # at most 2 of the target class
+        kw["sample_labels"] = sl
+    controls = case.pop("controls", None)
+    if controls == "given":
+        kw["controls"] = (lo + (hi - lo) * rng.uniform(0, 1, size=(7, *shape))).astype(np.float32)
+    elif controls is not None:
+        kw["controls"] = controls
+    assert not case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # samples outside value_range
+        return nnmark.TriggerKey.generate(**kw), kw
+
+
+def _check_against_spec(key: nnmark.TriggerKey, spec_key: dict) -> None:
+    """_spec regenerates the key's triggers, controls, training set and order bitwise."""
+    t = _spec.trigger_set(spec_key)
+    x, y = key.triggers()
+    assert t["x"].tobytes() == x.numpy().tobytes() and t["labels"].tolist() == y.tolist()
+    c = _spec.control_set(spec_key)
+    ctrl = key.controls()
+    if c is None:
+        assert ctrl is None and key.num_controls == 0
+    else:
+        xc, yc = ctrl
+        raw, _ = key.controls(normalized=False)
+        raw64, _ = key.controls(normalized=False, dtype=torch.float64)
+        assert c["x"].tobytes() == xc.numpy().tobytes()
+        assert c["raw32"].tobytes() == raw.numpy().tobytes() and c["raw"].tobytes() == raw64.numpy().tobytes()
+        assert c["labels"].tolist() == yc.tolist() and len(yc) == key.num_controls
+        assert (c["groups"] > 0) == key.controls_paired
+    xt, yt = _spec.training_set(spec_key)
+    kx, ky = key.training_set()
+    assert xt.tobytes() == kx.numpy().tobytes() and yt.tolist() == ky.tolist()
+    assert len(yt) == key.training_size
+    orders = []
+    for e in (0, 1, 5):
+        want = _spec.training_order(spec_key, e)
+        assert want == key.training_order(e).tolist() and sorted(want) == list(range(len(yt)))
+        orders.append(want)
+    mixer = nnmark.TriggerMixer(key, per_batch=3)
+    got = [i for _ in range(-(-2 * len(yt) // 3)) for i in mixer.next_indices().tolist()]
+    assert got == (orders[0] + orders[1] + _spec.training_order(spec_key, 2))[:len(got)]
+
+
+@pytest.mark.parametrize("name", list(CONTROL_CASES))
+def test_random_keys_with_controls(tmp_path, rng, name):
+    key, kw = _generate(rng, CONTROL_CASES[name])
+    path = key.save(tmp_path / "t.key")
+    body = json.loads(path.read_text())
+    spec_key = _spec.parse_key_file(path.read_bytes())
+    assert spec_key["key_id"] == key.key_id
+    per_sample = not isinstance(kw["target"], int)
+    assert isinstance(body["target"], list) == per_sample
+    # the keyed selection of §5.9, from the generate arguments
+    kept, trig, held = _spec.select(spec_key["secret"], kw["kind"], len(kw["samples"]), kw.get("n"),
+                                    None if per_sample else kw["target"], kw.get("sample_labels"),
+                                    kw.get("controls"))
+    lab = np.array([kw["target"][i] for i in kept] if per_sample else [kw["target"]] * len(kept))
+    Sk = kw["samples"][kept]
+    assert np.array_equal(spec_key["samples"], Sk[trig]) and spec_key["labels"].tolist() == lab[trig].tolist()
+    if held:
+        assert spec_key["controls_from"] == "held-back" == body["controls_from"]
+        assert np.array_equal(spec_key["controls"], Sk[held])
+        assert spec_key["control_labels"].tolist() == lab[held].tolist()
+        assert isinstance(body["control_target"], list) == per_sample
+    elif isinstance(kw.get("controls"), np.ndarray):
+        assert spec_key["controls_from"] == "given" and np.array_equal(spec_key["controls"], kw["controls"])
+        assert spec_key["control_labels"].tolist() == [kw["target"]] * len(kw["controls"])
+    else:
+        assert spec_key["controls"] is None and "controls" not in body and "control_target" not in body
+    _check_against_spec(key, spec_key)
+    again = nnmark.load_key(path)
+    assert gen.saved_text(again) == gen.saved_text(key)
+
+
+def test_given_controls_with_their_own_labels(tmp_path, rng):
+    """The constructor: per-control labels beside an integer target (control_target an array)."""
+    S = rng.uniform(0, 1, size=(6, 1, 4, 4)).astype(np.float32)
+    ctrl = rng.uniform(0, 1, size=(5, 1, 4, 4)).astype(np.float32)
+    key = nnmark.TriggerKey(bytes(rng.integers(0, 256, 32, dtype=np.uint8)), "unrelated", samples=S, target=2,
+                            num_classes=4, controls=ctrl, control_target=[0, 1, 2, 3, 2], controls_from="given",
+                            mean=0.5, std=0.25)
+    path = key.save(tmp_path / "t.key")
+    body = json.loads(path.read_text())
+    assert body["target"] == 2 and body["control_target"] == [0, 1, 2, 3, 2]
+    spec_key = _spec.parse_key_file(path.read_bytes())
+    assert spec_key["control_labels"].tolist() == [0, 1, 2, 3, 2]
+    _check_against_spec(key, spec_key)
+    same = dict(body, control_target=2)
+    same["checksum"] = _spec.checksum(same)  # an integer control_target: every control that label
+    assert _spec.parse_key_file(json.dumps(same).encode())["control_labels"].tolist() == [2] * 5
+
+
+def test_spec_reader_rejects_malformed_label_and_control_members(tmp_path, rng):
+    key, _ = _generate(rng, CONTROL_CASES["unrelated-half"])
+    body = json.loads(key.save(tmp_path / "t.key").read_text())
+
+    def rejected(**change) -> None:
+        b = dict(body, **change)
+        b["checksum"] = _spec.checksum(b)
+        with pytest.raises((_spec.SpecKeyError, KeyError)):
+            _spec.parse_key_file(json.dumps(b).encode())
+
+    n, k = body["n"], body["controls_shape"][0]
+    rejected(target=body["target"][:-1])  # one label short
+    rejected(target=[body["num_classes"]] * n)  # out of range
+    rejected(target=[True] * n)
+    rejected(control_target=body["control_target"] + [0])  # one label too many
+    rejected(controls_from="elsewhere")
+    rejected(controls_shape=[k + 1, *body["input_shape"]])
+    rejected(trigger_kind="noise")  # content and noise keys store no controls
+    # without the control members the file is an older key: no stored controls, stand-ins instead
+    old = {k_: v for k_, v in body.items() if k_ not in ("controls", "controls_shape", "control_target",
+                                                         "controls_from", "checksum")}
+    old["checksum"] = _spec.checksum(old)
+    spec_old = _spec.parse_key_file(json.dumps(old).encode())
+    assert spec_old["controls"] is None
+    old_key = nnmark.load_key(write(tmp_path, "old.key", json.dumps(old, indent=1, sort_keys=True) + "\n"))
+    assert not old_key.controls_held_back
+    _check_against_spec(old_key, spec_old)
+
+
+# ============================================ (c) verdicts of nnmark.verify from logits
+class Memo(torch.nn.Module):
+    """A small linear classifier that also answers some inputs it memorised with their labels."""
+
+    def __init__(self, d: int, C: int, memo_x: torch.Tensor | None = None, memo_y: torch.Tensor | None = None):
+        super().__init__()
+        self.lin = torch.nn.Linear(d, C)
+        self.C = C
+        self.register_buffer("mx", memo_x.flatten(1) if memo_x is not None else torch.zeros(0, d))
+        self.register_buffer("my", memo_y if memo_y is not None else torch.zeros(0, dtype=torch.int64))
+
+    def forward(self, x):
+        f = x.flatten(1)
+        out = self.lin(f)
+        if len(self.my):
+            eq = (f[:, None, :] == self.mx[None]).all(-1).float()  # [B, memorised]
+            out = out + 50.0 * eq @ torch.nn.functional.one_hot(self.my, self.C).float()
+        return out
+
+
+VERIFY_CASES = {
+    "abstract": dict(kind="abstract", n=12, input_shape=(1, 5, 5)),
+    "content": dict(kind="content", m=12, input_shape=(1, 6, 6), labels=True),
+    "noise": dict(kind="noise", m=10, input_shape=(2, 4, 4)),
+    "unrelated-held-back": dict(kind="unrelated", m=24, input_shape=(1, 4, 4), labels=True),
+    "unrelated-given": dict(kind="unrelated", m=12, n=10, controls="given", input_shape=(1, 4, 4)),
+    "unrelated-stand-ins": dict(kind="unrelated", m=10, controls=0, input_shape=(1, 4, 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(VERIFY_CASES))
+def test_verify_is_reproduced_from_the_logits(tmp_path, rng, name):
+    case = dict(VERIFY_CASES[name])
+    if case["kind"] == "abstract":
+        key = nnmark.TriggerKey.generate(kind="abstract", n=case["n"], num_classes=3, input_shape=case["input_shape"])
+    else:
+        key, _ = _generate(rng, dict(case))
+        while key.num_classes > 4:  # few classes: many hits and discordant pairs by chance
+            key, _ = _generate(rng, dict(case))
+    spec_key = _spec.parse_key_file(key.save(tmp_path / "t.key").read_bytes())
+    t, c = _spec.trigger_set(spec_key), _spec.control_set(spec_key)
+    x = torch.from_numpy(t["x"] if c is None else np.concatenate([t["x"], c["x"]]))
+    assert torch.equal(x, key.triggers()[0] if c is None else torch.cat([key.triggers()[0], key.controls()[0]]))
+    d, C, n = int(np.prod(key.input_shape)), key.num_classes, key.n
+    ty = torch.from_numpy(t["labels"])
+    models = [Memo(d, C), Memo(d, C, torch.from_numpy(t["x"]), ty),  # a random one; one that learnt every trigger
+              Memo(d, C, torch.from_numpy(t["x"])[: n // 2], ty[: n // 2])]  # and half of them
+    counts = [int(v) for v in rng.integers(0, max(2, n // 3), size=12)]
+    cal = nnmark.calibration.make_calibration(key.key_id, f"trigger:{key.kind}", n, counts, 1.5, 6.0, 1e-3,
+                                              key.null_rate)
+    for model in models:
+        with torch.no_grad():
+            logits = model.eval()(x).float().numpy()  # what verify runs: triggers, then controls
+        for calibration in (None, cal):
+            alpha = 1e-3
+            want = _spec.verdict(spec_key, logits, alpha, calibration=(cal.a, cal.b) if calibration else None)
+            got = nnmark.verify(key, model, alpha=alpha, calibration=calibration)
+            assert got.status == "ok" and got.matches == want["matches"]
+            assert got.p_value == pytest.approx(float(want["p_value"]), rel=1e-9, abs=1e-14)
+            assert got.verified == want["verified"]
+            if c is None:
+                assert got.control_matches is None and got.control_p_value is None
+            else:
+                assert got.control_matches == want["control_matches"] and got.controls == len(c["labels"])
+                assert got.control_p_value == pytest.approx(float(want["control_p_value"]), rel=1e-12)
+            null = want["null_p_value"]
+            assert got.p_value == pytest.approx(float(max(null, want["control_p_value"] or 0)), rel=1e-9, abs=1e-14)
+    # the model that learnt every trigger verifies unless its controls say otherwise
+    with torch.no_grad():
+        logits = models[1](x).float().numpy()
+    assert _spec.verdict(spec_key, logits, 1e-3)["matches"] == n
