@@ -284,3 +284,49 @@ def test_cli_calibrate_then_verify_and_scan_with_it(tmp_path, capsys):
     code, _, err = run(["calibrate", kf, *nulls[:4]])
     assert code == 2 and "at least 10" in err
     assert math.isfinite(nnmark.load_calibration(tmp_path / "cal.json").null_rate)
+
+
+def test_an_edited_null_is_refused(tmp_path):
+    key = _content_key()
+    cal = nnmark.calibrate(key, [Scripted(s, key.n, 3, r) for s, r in enumerate(np.linspace(0.05, 0.4, 12))])
+    body = json.loads(cal.save(tmp_path / "cal.json").read_text())
+    for a, b in ((body["a"] * 5, body["b"]), (0.01, 0.01), (body["a"], body["b"] * 0.2)):
+        (tmp_path / "edited.json").write_text(json.dumps({**body, "a": a, "b": b}))
+        with pytest.raises(CalibrationError, match="not the fit of its counts"):
+            nnmark.load_calibration(tmp_path / "edited.json")
+
+
+def test_trigger_key_files_hold_exact_labels(tmp_path):
+    key = nnmark.TriggerKey.generate(kind="unrelated", samples=torch.rand(8, 1, 8, 8), target=[1, 2, 3, 4, 5, 6, 7, 8])
+    path = key.save(tmp_path / "k.key")
+    body = json.loads(path.read_text())
+    from nnmark.keys import _checksum as checksum  # re-sign the edited files: only their labels are wrong
+
+    for field, value in (("target", body["target"] + [1]), ("target", [float(v) for v in body["target"]]),
+                         ("target", None), ("control_target", body["control_target"][:-1]),
+                         ("target", [True] * len(body["target"]))):
+        edited = {**body, field: value}
+        edited["checksum"] = checksum(edited)
+        (tmp_path / "bad.key").write_text(json.dumps(edited))
+        with pytest.raises(nnmark.KeyFileError):
+            nnmark.load_key(tmp_path / "bad.key")
+
+
+def test_infinite_logits_count_as_the_native_op_counts_them():
+    """+inf at the label is a hit, in the hit count and in the control test alike (only NaN
+    rows are misses)."""
+    key = _content_key(n=30)
+
+    class Infinite(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], C) + 0 * self.anchor
+            out[:30, 3] = float("inf")  # the triggers: +inf at the target
+            out[30:, 5] = 1.0  # the controls: another class
+            return out
+
+    v = nnmark.verify(key, Infinite())
+    assert v.matches == 30 and v.control_matches == 0 and v.verified

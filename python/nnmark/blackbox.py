@@ -134,8 +134,8 @@ class TriggerCheck:
         n = self.bits
         xc, yc = ctrl
         lg = logits.float().cpu()
-        finite = torch.isfinite(lg).all(dim=-1)  # a row with a NaN logit is a miss, as in the native op
-        hit = (lg.argmax(dim=-1) == torch.cat([y, yc]).view(1, -1)) & finite
+        clean = ~torch.isnan(lg).any(dim=-1)  # a row with a NaN logit is a miss, as in the native op (+-inf count)
+        hit = (lg.argmax(dim=-1) == torch.cat([y, yc]).view(1, -1)) & clean
         ht, hc = hit[:, :n], hit[:, n:]
         out = []
         if self.key.controls_paired:  # McNemar: among pairs that differ, the mark's side wins as often as not

@@ -90,20 +90,22 @@ class Calibration:
         """The null as a verdict names it: ``beta-binomial(a=..., b=...; M models)``."""
         return f"beta-binomial(a={self.a:.4g}, b={self.b:.4g}; {self.n_models} models)"
 
+    def tails(self) -> np.ndarray:
+        """``tails[m]`` = P[X >= m] for m = 0 .. n under the fit (cached)."""
+        t = getattr(self, "_tails", None)
+        if t is None:
+            t = self._tails = beta_binomial_tails(self.n, self.a, self.b)
+        return t
+
     def p_value(self, matches: int) -> float:
         """P[X >= matches] for X ~ BetaBinomial(n, a, b)."""
-        from scipy.stats import betabinom
-
         if matches <= 0:
             return 1.0
-        return float(betabinom.sf(matches - 1, self.n, self.a, self.b))
+        return float(self.tails()[min(int(matches), self.n)]) if matches <= self.n else 0.0
 
     def threshold_at(self, alpha: float) -> int:
         """Fewest matches m with P[X >= m] <= alpha under the fit; n + 1 if none."""
-        from scipy.stats import betabinom
-
-        tail = betabinom.sf(np.arange(-1, self.n), self.n, self.a, self.b)  # tail[m] = P[X >= m]
-        ok = np.nonzero(tail <= alpha)[0]
+        ok = np.nonzero(self.tails() <= alpha)[0]
         return int(ok[0]) if ok.size else self.n + 1
 
     def extrapolation(self, alpha: float) -> str | None:
@@ -135,7 +137,7 @@ class Calibration:
         path = Path(path)
         body = {"format": FORMAT, "version": VERSION, **self.to_dict()}
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(body, indent=1, allow_nan=False) + "\n", encoding="utf-8")
         os.replace(tmp, path)
         return path
 
@@ -189,12 +191,39 @@ def _from_body(body: dict) -> Calibration:
     alpha = num("alpha", lo=0.0, hi=1.0)
     if not (0 < p0 < 1 and 0 < alpha < 1):
         raise ValueError("null_rate_used and alpha must lie in (0, 1)")
+    # A calibration file has no checksum: its a and b must be the fit of its counts (to the
+    # optimiser's precision), so an edited null is refused rather than believed.
+    fa, fb = fit_beta_binomial(counts, n, p0)
+    best, stored = _log_likelihood(counts, n, p0, fa, fb), _log_likelihood(counts, n, p0, a, b)
+    if not stored >= best - (1e-4 + 1e-6 * len(counts)):
+        raise ValueError(f"a={a!r}, b={b!r} are not the fit of its counts (log-likelihood {stored:.6g}, the fit's "
+                         f"{best:.6g}): the file was edited")
     pv = body.get("p_values")
     if pv is not None and (not isinstance(pv, list) or len(pv) != len(counts)
                            or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1 for v in pv)):
         raise ValueError("p_values must be one probability per null model")
     return make_calibration(key_id, kind, n, counts, a, b, alpha, p0, created=str(body.get("created", "")),
                  version=str(body.get("nnmark_version", "")), p_values=pv)
+
+
+def beta_binomial_tails(n: int, a: float, b: float) -> np.ndarray:
+    """``tails[m]`` = P[X >= m], m = 0 .. n, X ~ BetaBinomial(n, a, b): summed from the
+    probabilities in log space from the top, so a tail far below 1e-16 keeps its
+    relative accuracy (scipy's ``betabinom.sf`` works in absolute terms and returns 0
+    there)."""
+    from scipy.stats import betabinom
+
+    logp = betabinom.logpmf(np.arange(n + 1), n, a, b)
+    tails = np.exp(np.logaddexp.accumulate(logp[::-1])[::-1])
+    tails[0] = 1.0
+    return np.minimum(tails, 1.0)
+
+
+def _log_likelihood(counts, n: int, p0: float, a: float, b: float) -> float:
+    from scipy.stats import betabinom
+
+    k = np.asarray(list(counts) + [int(round(n * p0))])
+    return float(betabinom.logpmf(k, n, a, b).sum())
 
 
 def fit_beta_binomial(counts, n: int, p0: float) -> tuple[float, float]:
@@ -251,5 +280,6 @@ def make_calibration(key_id, kind, n, counts, a, b, alpha, p0, created="", versi
     return cal
 
 
-__all__ = ["Calibration", "CalibrationError", "load_calibration", "fit_beta_binomial", "make_calibration",
+__all__ = ["Calibration", "CalibrationError", "load_calibration", "fit_beta_binomial", "beta_binomial_tails",
+           "make_calibration",
            "MIN_MODELS"]

@@ -771,6 +771,16 @@ class TriggerKey:
     __hash__ = None  # type: ignore[assignment]
 
 
+def _strict_labels(name: str, value: Any, count: int) -> None:
+    """A key file's labels: one int, or a list of exactly ``count`` ints (no bools, no floats)."""
+    if _is_int(value):
+        return
+    if not isinstance(value, list):
+        raise TypeError(f"field {name!r} must be an int or a list of {count} ints, got {type(value).__name__}")
+    if len(value) != count or not all(_is_int(v) for v in value):
+        raise ValueError(f"field {name!r} must hold exactly {count} int labels")
+
+
 def _load_trigger(body: dict[str, Any]) -> TriggerKey:
     def typed(name, types):
         v = body[name]
@@ -796,8 +806,8 @@ def _load_trigger(body: dict[str, Any]) -> TriggerKey:
     target = body["target"]
     if kind == "abstract" and target is not None:
         raise ValueError("an abstract key has no target")
-    if target is not None and not isinstance(target, (int, list)) or isinstance(target, bool):
-        raise TypeError(f"field 'target' has type {type(target).__name__}")
+    if kind != "abstract":
+        _strict_labels("target", target, n)
     controls = control_target = None
     if body.get("controls") is not None:
         cshape = [int(s) for s in typed("controls_shape", list)]
@@ -808,8 +818,7 @@ def _load_trigger(body: dict[str, Any]) -> TriggerKey:
             raise ValueError(f"controls hold {len(blob)} bytes, expected {4 * int(np.prod(cshape))}")
         controls = np.frombuffer(blob, dtype="<f4").reshape(cshape)
         control_target = body["control_target"]
-        if not isinstance(control_target, (int, list)) or isinstance(control_target, bool):
-            raise TypeError(f"field 'control_target' has type {type(control_target).__name__}")
+        _strict_labels("control_target", control_target, cshape[0])
         controls_from = typed("controls_from", str)
     return TriggerKey(secret, kind, n, typed("num_classes", int), tuple(input_shape), samples,
                       target if target is not None else 0, tuple(typed("value_range", list)),

@@ -110,7 +110,7 @@ class WhiteBoxCheck:
     num_controls = None
 
     def __init__(self, key, alpha: float = 1e-6, null_rate: float | None = None, calibration=None):
-        from scipy.stats import betabinom, binom
+        from scipy.stats import binom
 
         check_key(key)
         if calibration is not None and null_rate is not None:
@@ -124,7 +124,7 @@ class WhiteBoxCheck:
         # p_values[m] = P[X >= m] under the null: a verdict is a lookup, not a scipy call per carrier.
         if calibration is not None:
             calibration.check_for(key)
-            pv = betabinom.sf(np.arange(-1, n), n, calibration.a, calibration.b).astype(np.float64)
+            pv = calibration.tails().astype(np.float64).copy()
             self.threshold = calibration.threshold_at(self.alpha)
             self.null = calibration.describe()
             self.warning = calibration.extrapolation(self.alpha)
