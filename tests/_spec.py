@@ -697,21 +697,27 @@ def select(secret: bytes, kind: str, m0: int, n=None, target=0, sample_labels=No
 
 
 # ------------------------------------------------------------------ verdicts (spec §6)
-def hits(logits, labels, finite_only: bool = False) -> np.ndarray:
-    """§6.1: per row, top-1 (ties to the lowest class) equals the label; a row holding a NaN
-    is a miss (``finite_only``: a row holding any non-finite logit is a miss, §6.3)."""
+def predictions(logits) -> np.ndarray:
+    """§6.3: per row, the top-1 class (ties to the lowest, +-inf compared as numbers), or -1
+    for a row holding a NaN."""
     z = np.asarray(logits, dtype=np.float32)
     out = []
-    for row, y in zip(z, labels):
-        if np.isnan(row).any() or (finite_only and not np.isfinite(row).all()):
-            out.append(False)
+    for row in z:
+        if np.isnan(row).any():
+            out.append(-1)
             continue
         best = 0
         for j in range(1, len(row)):
             if row[j] > row[best]:
                 best = j
-        out.append(best == int(y))
-    return np.array(out, dtype=bool)
+        out.append(best)
+    return np.array(out, dtype=np.int64)
+
+
+def hits(logits, labels) -> np.ndarray:
+    """§6.1: per row, top-1 (ties to the lowest class) equals the label; a row holding a NaN
+    is a miss."""
+    return predictions(logits) == np.asarray(labels, dtype=np.int64)
 
 
 def mcnemar_p(b: int, c: int) -> Fraction:
@@ -768,13 +774,17 @@ def control_test(key: dict, logits) -> tuple[int, Fraction]:
     n = key["n"]
     c = control_set(key)
     labels = np.concatenate([trigger_labels(key), c["labels"]])
-    h = hits(logits, labels, finite_only=True)
+    h = hits(logits, labels)
     ht, hc = h[:n], h[n:]
     if c["groups"]:
         ps = []
         for g in range(c["groups"]):
             hg = hc[g * n:(g + 1) * n]
             ps.append(mcnemar_p(int((ht & ~hg).sum()), int((~ht & hg).sum())))
+        if c["groups"] == 2:  # content: does the mark move the answers more than its decoy?
+            a = predictions(logits)
+            m, u, d = a[:n], a[n:2 * n], a[2 * n:3 * n]
+            ps.append(mcnemar_p(int(((m != u) & (d == u)).sum()), int(((m == u) & (d != u)).sum())))
         return int(hc.sum()), max(ps)
     return int(hc.sum()), fisher_p(int(ht.sum()), int(hc.sum()), n, len(hc))
 

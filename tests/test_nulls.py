@@ -21,9 +21,10 @@ C = 10
 
 class Scripted(torch.nn.Module):
     """A model whose answers are scripted per input row: rows [0, n) are the triggers, the
-    rows after them the controls (the order TriggerCheck feeds them). ``trigger_rate``: the
-    chance of answering ``target`` on a trigger; ``control_rate`` on a control; other
-    answers are a non-target class. Rows are decided by a per-model generator."""
+    rows after them the controls (the order TriggerCheck feeds them: for content, each
+    sample unmarked, then with a decoy stamp). ``trigger_rate``: the chance of answering
+    ``target`` on a trigger; ``control_rate`` on a control; other answers are a non-target
+    class. Rows are decided by a per-model generator."""
 
     def __init__(self, seed, n, target, trigger_rate, control_rate=0.0):
         super().__init__()
@@ -36,8 +37,13 @@ class Scripted(torch.nn.Module):
 
     def forward(self, x):
         k = x.shape[0]
-        rate = torch.where(torch.arange(k) < self.n, self.rt, self.rc)
-        cls = torch.where(self.u[:k] < rate, torch.full((k,), self.target), self.other[:k])
+        rows = torch.arange(k)
+        is_trigger = rows < self.n
+        rate = torch.where(is_trigger, self.rt, self.rc)
+        # A control's answer depends on its sample (i = row mod n), not on its group: the
+        # unmarked and the decoy-stamped copies of a sample get the same answer.
+        sample = torch.where(is_trigger, rows, self.n + (rows - self.n) % self.n)
+        cls = torch.where(self.u[sample] < rate, torch.full((k,), self.target), self.other[sample])
         return torch.nn.functional.one_hot(cls, C).float() + 0 * self.anchor
 
 

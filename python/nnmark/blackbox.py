@@ -134,18 +134,26 @@ class TriggerCheck:
         n = self.bits
         xc, yc = ctrl
         lg = logits.float().cpu()
-        clean = ~torch.isnan(lg).any(dim=-1)  # a row with a NaN logit is a miss, as in the native op (+-inf count)
-        hit = (lg.argmax(dim=-1) == torch.cat([y, yc]).view(1, -1)) & clean
+        nan = torch.isnan(lg).any(dim=-1)  # a row with a NaN logit is a miss, as in the native op (+-inf count)
+        pred = torch.where(nan, torch.full_like(nan, -1, dtype=torch.long), lg.argmax(dim=-1))
+        hit = pred == torch.cat([y, yc]).view(1, -1)
         ht, hc = hit[:, :n], hit[:, n:]
         out = []
+
+        def mcnemar(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+            """Per model: P[Binomial(#(a & ~b) + #(~a & b), 1/2) >= #(a & ~b)], 1 when no pair favours a."""
+            wins, losses = (a & ~b).sum(dim=1).tolist(), (~a & b).sum(dim=1).tolist()
+            return [1.0 if w == 0 else float(binom.sf(w - 1, w + l, 0.5)) for w, l in zip(wins, losses)]
+
         if self.key.controls_paired:  # McNemar: among pairs that differ, the mark's side wins as often as not
             groups = hc.shape[1] // n  # content: the unmarked samples, then the same with a decoy mark
-            ps = []
-            for g in range(groups):
-                hg = hc[:, g * n:(g + 1) * n]
-                b = (ht & ~hg).sum(dim=1).tolist()
-                c = (~ht & hg).sum(dim=1).tolist()
-                ps.append([1.0 if bi == 0 else float(binom.sf(bi - 1, bi + ci, 0.5)) for bi, ci in zip(b, c)])
+            ps = [mcnemar(ht, hc[:, g * n:(g + 1) * n]) for g in range(groups)]
+            if groups == 2:
+                # The mark must move the answers more than a decoy of its kind does: an untrained
+                # model whose answers any stamp overturns (to the target, for this one stamp,
+                # by chance) moves them as much under the decoy.
+                pu, pm, pd = pred[:, n:2 * n], pred[:, :n], pred[:, 2 * n:3 * n]
+                ps.append(mcnemar(pm != pu, pd != pu))
             for j, hits_c in enumerate(hc.sum(dim=1).tolist()):
                 out.append((int(hits_c), max(p[j] for p in ps)))  # every control test must reject
         else:  # Fisher: the triggers are a random draw of the samples, under the null their hits too
