@@ -340,6 +340,13 @@ def parse_key_file(data: bytes) -> dict:
             if not np.isfinite(key["samples"]).all():
                 raise SpecKeyError("samples must be finite")
             key["labels"] = _labels(body["target"], body["n"], body["num_classes"], "target")
+            key["true_labels"] = None
+            if body.get("sample_labels") is not None:  # §2.6: the samples' own classes (content, noise)
+                if tk not in ("content", "noise"):
+                    raise SpecKeyError("only content and noise keys store sample_labels")
+                if not isinstance(body["sample_labels"], list):
+                    raise SpecKeyError("sample_labels must be an array")
+                key["true_labels"] = _labels(body["sample_labels"], body["n"], body["num_classes"], "sample_labels")
             if body.get("controls") is not None:  # §2.6: stored controls, unrelated keys only
                 if tk != "unrelated":
                     raise SpecKeyError("only unrelated keys store controls")
@@ -781,8 +788,11 @@ def control_test(key: dict, logits) -> tuple[int, Fraction]:
         for g in range(c["groups"]):
             hg = hc[g * n:(g + 1) * n]
             ps.append(mcnemar_p(int((ht & ~hg).sum()), int((~ht & hg).sum())))
+        a = predictions(logits)
+        if key.get("true_labels") is not None:  # the suspect must do the task (§6.3)
+            right = int((a[n:2 * n] == key["true_labels"]).sum())
+            ps.append(Fraction(1) if right == 0 else binomial_sf(right, n, Fraction(1, key["num_classes"])))
         if c["groups"] == 2:  # content: does the mark move the answers more than its decoy?
-            a = predictions(logits)
             m, u, d = a[:n], a[n:2 * n], a[2 * n:3 * n]
             ps.append(mcnemar_p(int(((m != u) & (d == u)).sum()), int(((m == u) & (d != u)).sum())))
         return int(hc.sum()), max(ps)

@@ -243,12 +243,16 @@ def test_every_verdict_names_its_null_and_warns_where_it_should():
     assert v.null == "binomial(p0=0.5)" and v.warning is None and v.controls is None
     key = _content_key()
     v = nnmark.verify(key, Scripted(0, key.n, 3, 0.1))
-    assert v.null == "binomial(p0=0.1)" and "calibrate" in v.warning
-    cal = nnmark.calibrate(key, [Scripted(s, key.n, 3, 0.1) for s in range(MIN_MODELS)])
-    v = nnmark.verify(key, Scripted(0, key.n, 3, 0.1), alpha=1e-6, calibration=cal)
+    assert v.null == "binomial(p0=0.1)" and "calibrate" in v.warning and "sample labels" in v.warning
+    g = torch.Generator().manual_seed(4)
+    labelled = nnmark.TriggerKey.generate(kind="content", samples=torch.rand(90, 1, 8, 8, generator=g), target=3,
+                                          sample_labels=torch.randint(0, C, (90,), generator=g), n=60)
+    assert labelled.sample_labels is not None and (labelled.sample_labels != 3).all()
+    cal = nnmark.calibrate(labelled, [Scripted(s, labelled.n, 3, 0.1) for s in range(MIN_MODELS)])
+    v = nnmark.verify(labelled, Scripted(0, labelled.n, 3, 0.1), alpha=1e-6, calibration=cal)
     assert v.null.startswith("beta-binomial") and f"{MIN_MODELS} calibration models" in v.warning
-    v = nnmark.verify(key, Scripted(0, key.n, 3, 0.1), alpha=0.5, calibration=cal)
-    assert v.warning is None  # within what 10 models show, calibrated: nothing to warn about
+    v = nnmark.verify(labelled, Scripted(0, labelled.n, 3, 0.1), alpha=0.5, calibration=cal)
+    assert v.warning is None  # within what 10 models show, calibrated, with sample labels: nothing to warn about
     tabs = nnmark.TriggerKey.generate(kind="abstract", n=50)
     assert nnmark.verify(tabs, Scripted(0, 50, 3, 0.1)).warning is None  # keyed labels: the binomial is exact
 
@@ -336,3 +340,35 @@ def test_infinite_logits_count_as_the_native_op_counts_them():
 
     v = nnmark.verify(key, Infinite())
     assert v.matches == 30 and v.control_matches == 0 and v.verified
+
+
+def test_a_suspect_must_do_the_task(tmp_path):
+    """With the samples' own classes in the key, a model that answers the unmarked samples no
+    better than chance does not verify, however the mark moves it; one that answers them
+    right does. The labels survive save and load."""
+    g = torch.Generator().manual_seed(5)
+    samples, true = torch.rand(80, 1, 8, 8, generator=g), torch.randint(0, C, (80,), generator=g)
+    key = nnmark.TriggerKey.generate(kind="noise", samples=samples, target=3, sample_labels=true, n=60)
+    assert torch.equal(nnmark.load_key(key.save(tmp_path / "k.key")).sample_labels, key.sample_labels)
+    x, _ = key.triggers()
+    table = {xi.numpy().tobytes(): int(t) for xi, t in zip(key.controls()[0], key.sample_labels)}
+
+    class Answers(torch.nn.Module):
+        def __init__(self, competent: bool):
+            super().__init__()
+            self.competent = competent
+            self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, inp):
+            cls = []
+            for xi in inp:
+                b = xi.numpy().tobytes()
+                if b in table:  # an unmarked sample: its class, or (incompetent) always class 0
+                    cls.append(table[b] if self.competent else 0)
+                else:  # a trigger: the target
+                    cls.append(3)
+            return torch.nn.functional.one_hot(torch.tensor(cls), C).float() + 0 * self.anchor
+
+    good, bad = nnmark.verify(key, [Answers(True), Answers(False)])
+    assert good.verified and good.matches == bad.matches == 60
+    assert not bad.verified and bad.control_p_value > 0.01  # class 0 for all is right about 1 time in 10: chance

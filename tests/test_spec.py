@@ -864,6 +864,10 @@ def _check_against_spec(key: nnmark.TriggerKey, spec_key: dict) -> None:
     t = _spec.trigger_set(spec_key)
     x, y = key.triggers()
     assert t["x"].tobytes() == x.numpy().tobytes() and t["labels"].tolist() == y.tolist()
+    true = spec_key.get("true_labels")
+    assert (true is None) == (key.sample_labels is None)
+    if true is not None:
+        assert true.tolist() == key.sample_labels.tolist()
     c = _spec.control_set(spec_key)
     ctrl = key.controls()
     if c is None:
@@ -992,6 +996,8 @@ VERIFY_CASES = {
     "abstract": dict(kind="abstract", n=12, input_shape=(1, 5, 5)),
     "content": dict(kind="content", m=12, input_shape=(1, 6, 6), labels=True),
     "noise": dict(kind="noise", m=10, input_shape=(2, 4, 4)),
+    "content-sample-labels": dict(kind="content", m=14, input_shape=(1, 6, 6), sample_labels=True),
+    "noise-sample-labels": dict(kind="noise", m=12, input_shape=(2, 4, 4), sample_labels=True),
     "unrelated-held-back": dict(kind="unrelated", m=24, input_shape=(1, 4, 4), labels=True),
     "unrelated-given": dict(kind="unrelated", m=12, n=10, controls="given", input_shape=(1, 4, 4)),
     "unrelated-stand-ins": dict(kind="unrelated", m=10, controls=0, input_shape=(1, 4, 4)),

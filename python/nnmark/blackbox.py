@@ -76,6 +76,10 @@ class TriggerCheck:
             notes.append(f"{key.kind} triggers are made of your samples, so a model's chance of giving their labels "
                          f"depends on them: this p-value assumes {self.p0:.3g} for every model; calibrate on unmarked "
                          f"models (nnmark calibrate) and verify with the calibration")
+        if key.kind in ("content", "noise") and key.sample_labels is None:
+            notes.append(f"this key holds no sample labels, so nothing checks that a suspect does the task: an "
+                         f"untrained model that the {'stamp' if key.kind == 'content' else 'noise'} happens to push "
+                         f"to the target is not ruled out (make keys with sample_labels=)")
         if key.kind == "unrelated" and not key.controls_held_back:
             notes.append("this key stores no controls: keyed procedural images stand in, which a model marked with "
                          "out-of-distribution triggers may answer with their labels too (less power); make unrelated "
@@ -148,6 +152,13 @@ class TriggerCheck:
         if self.key.controls_paired:  # McNemar: among pairs that differ, the mark's side wins as often as not
             groups = hc.shape[1] // n  # content: the unmarked samples, then the same with a decoy mark
             ps = [mcnemar(ht, hc[:, g * n:(g + 1) * n]) for g in range(groups)]
+            true = self.key.sample_labels
+            if true is not None:
+                # The suspect must do the task: more right answers on the unmarked samples than
+                # chance gives (an untrained model answers them at about 1/num_classes).
+                right = (pred[:, n:2 * n] == true.view(1, -1)).sum(dim=1).tolist()
+                chance = 1.0 / self.key.num_classes
+                ps.append([1.0 if r == 0 else float(binom.sf(r - 1, n, chance)) for r in right])
             if groups == 2:
                 # The mark must move the answers more than a decoy of its kind does: an untrained
                 # model whose answers any stamp overturns (to the target, for this one stamp,

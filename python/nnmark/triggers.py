@@ -276,7 +276,7 @@ class TriggerKey:
                  input_shape: Sequence[int] | None = None, samples: Any = None, target: Any = 0,
                  value_range: Sequence[float] = (0.0, 1.0), mean: Any = None, std: Any = None,
                  noise_std: float = 0.25, controls: Any = None, control_target: Any = None,
-                 controls_from: str | None = None):
+                 controls_from: str | None = None, sample_labels: Any = None):
         if not isinstance(secret, (bytes, bytearray)) or len(secret) != SECRET_BYTES:
             got = f"{len(secret)} bytes" if isinstance(secret, (bytes, bytearray)) else type(secret).__name__
             raise ValueError(f"secret must be {SECRET_BYTES} bytes, got {got}")
@@ -324,6 +324,11 @@ class TriggerKey:
         if self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {noise_std!r}")
         self._controls, self._control_labels, self.controls_from = None, None, None
+        self._true = None
+        if sample_labels is not None:
+            if kind not in ("content", "noise"):
+                raise ValueError("sample_labels (the samples' own classes) apply to content and noise keys")
+            _, self._true = _check_target("sample_labels", sample_labels, self.n, self.num_classes)
         if kind in ("content", "noise") and (controls is not None or control_target is not None):
             raise ValueError(f"kind={kind!r} takes its controls from its own samples (without the "
                              f"{'stamp' if kind == 'content' else 'noise'}); controls must be None")
@@ -357,7 +362,9 @@ class TriggerKey:
         ``samples``: raw-range inputs ``[m, *input_shape]`` (needed by content, noise,
         unrelated; stored in the key file). ``sample_labels`` (optional, ``[m]``): the
         samples' true labels; samples of class ``target`` are then left out (a clean
-        model would already say ``target`` for them).
+        model would already say ``target`` for them), and content and noise keys keep the
+        rest: a suspect must then answer the unmarked samples better than chance to verify
+        (an untrained model that a stamp or noise happens to push to the target does not).
         ``target``: label of content/noise/unrelated triggers (ignored for abstract): one
         int for all, or one label per sample (``[m]``, e.g. a published trigger set's own
         labels), kept with its samples through every selection.
@@ -382,7 +389,7 @@ class TriggerKey:
         if kind not in KINDS:
             raise ValueError(f"unknown trigger kind {kind!r}; expected one of {list(KINDS)}")
         secret = os.urandom(SECRET_BYTES)
-        control_samples = control_target = None
+        control_samples = control_target = true = None
         if kind in _SAMPLE_KINDS and samples is not None:
             shape = _check_shape(input_shape) if input_shape is not None else None
             arr = _as_samples(samples, shape)
@@ -401,6 +408,7 @@ class TriggerKey:
                 if not keep.any():
                     raise ValueError(f"every sample has label target={target}; pass samples of other classes")
                 arr = arr[keep]
+                true = lab[keep].astype(np.int64)
             m = arr.shape[0]
             if kind != "unrelated" and controls is not None:
                 raise ValueError(f"kind={kind!r} takes its controls from its own samples; controls must be None")
@@ -426,6 +434,8 @@ class TriggerKey:
                 arr = arr[pick]
                 if labels is not None:
                     labels = labels[pick]
+                if true is not None:
+                    true = true[pick]
             samples = arr
             if labels is not None:
                 target = labels.tolist()
@@ -435,7 +445,8 @@ class TriggerKey:
             raise ValueError("controls only apply to kind='unrelated' (with its samples)")
         return cls(secret, kind, n, num_classes, input_shape, samples, target, value_range, mean, std, noise_std,
                    control_samples, control_target,
-                   None if control_samples is None else ("held-back" if k else "given"))
+                   None if control_samples is None else ("held-back" if k else "given"),
+                   sample_labels=true if kind in ("content", "noise") else None)
 
     # -- public properties -------------------------------------------------------------
     @property
@@ -592,6 +603,14 @@ class TriggerKey:
         return self.kind in ("content", "noise")
 
     @property
+    def sample_labels(self) -> torch.Tensor | None:
+        """The true classes of a content or noise key's samples (``[n]``), when it was made
+        with ``sample_labels``: a suspect must then also answer the unmarked samples better
+        than chance (a model that does not do the task is no copy of yours), or it does not
+        verify."""
+        return None if self._true is None else torch.from_numpy(self._true.copy())
+
+    @property
     def training_size(self) -> int:
         """Samples in :meth:`training_set`."""
         return self.n + (len(self._controls) if self.controls_from == "held-back" else 0)
@@ -736,6 +755,8 @@ class TriggerKey:
         out: dict[str, Any] = {}
         if self._labels is not None and self.target is None:
             out["target"] = self._labels.tolist()
+        if self._true is not None:
+            out["sample_labels"] = self._true.tolist()
         c = self._controls
         if c is not None:
             out["controls"] = base64.b64encode(c.astype("<f4").tobytes()).decode("ascii")
@@ -820,10 +841,15 @@ def _load_trigger(body: dict[str, Any]) -> TriggerKey:
         control_target = body["control_target"]
         _strict_labels("control_target", control_target, cshape[0])
         controls_from = typed("controls_from", str)
+    true = body.get("sample_labels")
+    if true is not None:
+        if not isinstance(true, list):
+            raise TypeError("field 'sample_labels' must be a list of ints")
+        _strict_labels("sample_labels", true, n)
     return TriggerKey(secret, kind, n, typed("num_classes", int), tuple(input_shape), samples,
                       target if target is not None else 0, tuple(typed("value_range", list)),
                       body["mean"], body["std"], typed("noise_std", (int, float)), controls, control_target,
-                      controls_from if controls is not None else None)
+                      controls_from if controls is not None else None, true)
 
 
 _keys.register_key_kind(_FILE_KIND, _load_trigger)
