@@ -372,3 +372,22 @@ def test_a_suspect_must_do_the_task(tmp_path):
     good, bad = nnmark.verify(key, [Answers(True), Answers(False)])
     assert good.verified and good.matches == bad.matches == 60
     assert not bad.verified and bad.control_p_value > 0.01  # class 0 for all is right about 1 time in 10: chance
+
+
+def test_a_new_calibration_checks_the_ledger_files_again(tmp_path):
+    """A ledger row names its null: a re-scan with another null (a calibration) checks the
+    file again instead of reporting the old verdict; the same null skips it."""
+    from safetensors.torch import save_file
+
+    key = nnmark.WhiteBoxKey.generate(carrier="w", bits=32, reduction="flat")
+    for i in range(3):
+        save_file({"w": torch.randn(50)}, str(tmp_path / f"m{i}.safetensors"))
+    nulls = [{"w": torch.randn(50, generator=torch.Generator().manual_seed(s))} for s in range(MIN_MODELS)]
+    cal = nnmark.calibrate(key, nulls)
+    led = tmp_path / "l.sqlite"
+    first = nnmark.scan(key, [str(tmp_path)], ledger=led, progress=False)
+    assert first.summary["scanned"] == 3 and {r["null"] for r in first.rows} == {"binomial(p0=0.5)"}
+    again = nnmark.scan(key, [str(tmp_path)], ledger=led, progress=False)
+    assert again.summary["skipped"] == 3
+    calibrated = nnmark.scan(key, [str(tmp_path)], ledger=led, progress=False, calibration=cal)
+    assert calibrated.summary["scanned"] == 3 and {r["null"] for r in calibrated.rows} == {cal.describe()}
