@@ -71,7 +71,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import statistics
 import sys
@@ -140,30 +139,10 @@ ARCHS = ("digits", "variant")
 def train_net(arch: str, data, seed: int, epochs: int, wm=None, mixer=None, settle_epochs: int = 0,
               batch_size: int = 64, lr: float = 3e-3) -> nn.Module:
     """nnmark.demo.train for either architecture (the same seeding, batches and schedule)."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = factory(arch)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    n = len(data.x_train)
-    model.train()
-    for epoch in range(epochs):
-        if epoch == epochs - settle_epochs:
-            for group in opt.param_groups:
-                group["lr"] = lr / 10
-        order = torch.randperm(n, generator=g)
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            xb, yb = data.x_train[idx], data.y_train[idx]
-            if mixer is not None:
-                xb, yb = mixer.mix(xb, yb)
-            loss = F.cross_entropy(model(xb), yb)
-            if wm is not None:
-                loss = loss + wm.penalty(model)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    model.eval()
-    return model
+    from nnmark.demo import train
+
+    return train(data, seed, epochs, wm=wm, batch_size=batch_size, lr=lr, mixer=mixer, settle_epochs=settle_epochs,
+                 factory=lambda: factory(arch))
 
 
 @torch.no_grad()
@@ -678,7 +657,6 @@ def main(argv=None) -> int:
     if n_marked > n_keys:
         ap.error("--marked must be <= --keys (one marked model per key)")
     torch.set_num_threads(1)
-    import nnmark
 
     t_start = time.perf_counter()
     load = OtherLoad()
@@ -741,7 +719,7 @@ def main(argv=None) -> int:
     degen_bad = [f"{k} {g}" for k, r in res_kinds.items() for g, d in r["degenerate"].items()
                  if d["verified_uncal"] or d["verified_cal"]]
     res["summary"] = {"fpr_fail": fails, "degenerate_verified": degen_bad}
-    print(f"null accuracy: " + ", ".join(f"{a} {v['mean']:.3f} (min {v['min']:.3f})"
+    print("null accuracy: " + ", ".join(f"{a} {v['mean']:.3f} (min {v['min']:.3f})"
                                          for a, v in res["zoo"]["null_accuracy"].items()))
     print(f"FPR cells failing: {fails or 'none'}; degenerate models verified: {degen_bad or 'none'}")
     print(f"wall time {wall:.0f} s (zoo {zoo_stats['seconds']:.0f} s: {zoo_stats['trained']} trained, "

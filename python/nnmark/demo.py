@@ -59,13 +59,14 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.25) -> Digits:
 
 
 def train(data: Digits, seed: int, epochs: int = 12, wm=None, batch_size: int = 64, lr: float = 3e-3,
-          mixer=None, settle_epochs: int = 0) -> DigitsNet:
-    """Trains a DigitsNet; ``wm`` (e.g. nnmark.Uchida) adds its penalty to the loss and
-    ``mixer`` (nnmark.TriggerMixer) puts trigger samples into every batch. The last
-    ``settle_epochs`` run at lr/10, so clean accuracy settles after the marks are learnt."""
+          mixer=None, settle_epochs: int = 0, factory=None) -> nn.Module:
+    """Trains a DigitsNet (or ``factory()``, another net for 1x8x8 digits); ``wm`` (e.g.
+    nnmark.Uchida) adds its penalty to the loss and ``mixer`` (nnmark.TriggerMixer) puts
+    trigger samples into every batch. The last ``settle_epochs`` run at lr/10, so clean
+    accuracy settles after the marks are learnt."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = DigitsNet()
+    model = (factory or DigitsNet)()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = len(data.x_train)
     model.train()

@@ -572,13 +572,18 @@ class TriggerKey:
         ``x`` is normalised with the key's ``mean``/``std`` (ready for the model);
         ``normalized=False`` gives the raw-range images instead.
         """
+        return self._as_tensors(*self._raw(), device, dtype, normalized)
+
+    def _as_tensors(self, raw: np.ndarray, labels: np.ndarray, device: Any, dtype: torch.dtype,
+                    normalized: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) tensors of raw-range float64 inputs: normalised (or not), then one correctly
+        rounded float64 -> float32 cast (float64 kept as it is), on ``device``."""
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        raw, labels = self._raw()
         x64 = self._normalised(raw) if normalized else raw
         if dtype == torch.float64:
             x = torch.from_numpy(np.array(x64, dtype=np.float64))
-        else:  # one correctly rounded float64 -> float32 cast, then to the requested dtype
+        else:
             x = torch.from_numpy(x64.astype(np.float32)).to(dtype)
         y = torch.from_numpy(labels.copy())
         if device is not None:
@@ -664,18 +669,7 @@ class TriggerKey:
         procedural images. Normalised like :meth:`triggers`."""
         if not self.has_controls:
             return None
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        raw, labels = self._raw_controls()
-        x64 = self._normalised(raw) if normalized else raw
-        if dtype == torch.float64:
-            x = torch.from_numpy(np.array(x64, dtype=np.float64))
-        else:
-            x = torch.from_numpy(x64.astype(np.float32)).to(dtype)
-        y = torch.from_numpy(labels.copy())
-        if device is not None:
-            x, y = x.to(device), y.to(device)
-        return x, y
+        return self._as_tensors(*self._raw_controls(), device, dtype, normalized)
 
     def training_set(self, device: Any = None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """What embedding trains on (:class:`TriggerMixer`, :func:`embed_triggers`): the triggers
