@@ -71,7 +71,7 @@ def scan_cmd(paths, keys, ledger, alpha, arch, device, workers, batch_size, as_j
     carrier), torch zip and legacy files (torch.load(weights_only=True); Lightning
     .ckpt included). Nothing in a checkpoint is ever executed. Every (file, key)
     gets one row in the ledger, with status ok, absent, corrupt, unsafe,
-    unsupported, io_error or invalid; a bad file never stops the scan.
+    unsupported, io_error, invalid or error; a bad file never stops the scan.
     With --ray the same scan runs as Ray tasks on a cluster that sees the same
     paths (checkpoints and key files), and its rows land in the same ledger.
 

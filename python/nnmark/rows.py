@@ -11,7 +11,11 @@ import math
 from typing import Any
 
 # Why a check could not be made (or "ok").
-STATUSES = ("ok", "absent", "invalid", "corrupt", "unsafe", "unsupported", "io_error")
+# "error": nnmark itself failed on this file (a bug; the message says where): the row is
+# kept, the exit code says so, and the next scan checks the file again (like io_error).
+STATUSES = ("ok", "absent", "invalid", "corrupt", "unsafe", "unsupported", "io_error", "error")
+# Statuses a re-run checks again instead of trusting the ledger's row.
+RETRY_STATUSES = ("io_error", "error")
 
 # (column, SQL type, meaning) -- the order of the table, of exports and of rows.
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -25,7 +29,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("carrier", "TEXT", "tensor name of the carrier in the file (white-box keys)"),
     ("carrier_sha256", "TEXT", "sha256 of the carrier bytes read (trigger keys: of every tensor the model read)"),
     ("bytes_read", "INTEGER", "bytes read from the checkpoint to check it (all keys of this scan)"),
-    ("status", "TEXT NOT NULL", "ok, absent, corrupt, unsafe, unsupported, io_error or invalid"),
+    ("status", "TEXT NOT NULL", "ok, absent, corrupt, unsafe, unsupported, io_error, invalid or error"),
     ("verified", "INTEGER NOT NULL", "1 if the mark is present at significance alpha"),
     ("matches", "INTEGER", "matching bits (white-box) or trigger labels (black-box)"),
     ("bits", "INTEGER", "number of bits or triggers"),
@@ -62,4 +66,4 @@ def row_json(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
 
-__all__ = ["STATUSES", "COLUMNS", "FIELDS", "TIMING_FIELDS", "row_json"]
+__all__ = ["STATUSES", "RETRY_STATUSES", "COLUMNS", "FIELDS", "TIMING_FIELDS", "row_json"]

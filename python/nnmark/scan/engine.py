@@ -27,6 +27,7 @@ import torch
 from ..blackbox import TriggerCheck, is_trigger_key
 from ..checkpoints import Carrier, Checkpoint, CheckpointError, error_of, open_checkpoint, open_file
 from ..keys import WhiteBoxKeyBase
+from ..rows import RETRY_STATUSES
 from ..whitebox import WhiteBoxCheck
 from .manifest import integrity
 
@@ -184,7 +185,7 @@ def _skip(known: dict | None, path: str, size: int, mtime: int, checks, manifest
         return False
     for c in checks:
         ident = seen.get(c.key_id)
-        if ident is None or ident[0] != size or ident[1] != mtime or ident[2] != c.alpha or ident[3] == "io_error" \
+        if ident is None or ident[0] != size or ident[1] != mtime or ident[2] != c.alpha or ident[3] in RETRY_STATUSES \
                 or (len(ident) > 5 and ident[5] != c.null):  # another null (a calibration): check again
             return False
     return True
@@ -263,6 +264,19 @@ def failed_rows(path: str, checks, exc: BaseException) -> list[dict]:
                                                           f"({first}); the next scan tries it again")
     now = time.time()
     return [fail(new_row(Loaded(path), c, now), err) for c in checks]
+
+
+def internal_error(path: str, exc: BaseException, where: str) -> CheckpointError:
+    """An exception nnmark did not expect while checking one file, as that file's error:
+    status ``error`` (the exit code says not everything was checked; the next scan tries
+    the file again), the exception's class, and where it happened."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    at = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return CheckpointError("error", type(exc).__name__, f"nnmark failed while {where} {path!r}{at}: "
+                                                         f"{first or type(exc).__name__} (please report this)")
 
 
 def _verify_whitebox(check: WhiteBoxCheck, files: list[Loaded], rows: list[dict], device) -> None:
@@ -347,6 +361,44 @@ def _verify(files: list[Loaded], checks: list, arch, device, extras: list | None
     return out
 
 
+def _verify_batch(files: list[Loaded], checks: list, arch, device, extras: list | None) -> list[dict]:
+    """:func:`_verify`, and if it raises (a bug, or a tensor nothing foresaw), each file
+    again on its own, so that only the file that raises gets ``error`` rows."""
+    parts = [files]
+    for attempt in range(2):
+        rows = []
+        for part in parts:
+            mark = len(extras) if extras is not None else 0
+            try:
+                rows += _verify(part, checks, arch, device, extras)
+            except Exception as exc:  # noqa: BLE001 - one file must not stop the others
+                if extras is not None:
+                    del extras[mark:]
+                if attempt == 0 and len(files) > 1:
+                    break
+                rows += error_rows(part[0], checks, internal_error(part[0].path, exc, "verifying"), extras)
+        else:
+            return rows
+        parts = [[f] for f in files]
+    return rows
+
+
+def error_rows(f: Loaded, checks: list, err: CheckpointError, extras: list | None = None) -> list[dict]:
+    """The rows of a file whose check failed as a whole: ``err`` in every key's row."""
+    if f.ck is not None:
+        try:
+            f.bytes_read = f.ck.bytes_read
+            f.ck.close()
+        except Exception:  # noqa: BLE001 - closing a broken checkpoint
+            pass
+        f.ck = f.model = None
+    now = time.time()
+    rows = [fail(new_row(f, c, now), err) for c in checks]
+    if extras is not None:
+        extras += [{} for _ in checks]
+    return rows
+
+
 def check_sources(sources: Sequence, checks: list, *, arch=None, device=None, labels: Sequence[str] | None = None,
                   known: dict | None = None, manifest: dict[str, str] | None = None,
                   max_batch_bytes: int = MAX_BATCH_BYTES, extras: list | None = None) -> list[dict]:
@@ -375,7 +427,10 @@ def check_sources(sources: Sequence, checks: list, *, arch=None, device=None, la
     # whole part in a row (hashlib releases the GIL for each, so another loader thread
     # reads meanwhile), not one hash between two reads.
     for source, label in zip(sources, labels):
-        f = _load(source, label, wb, tk, known, manifest, allocators)
+        try:
+            f = _load(source, label, wb, tk, known, manifest, allocators)
+        except Exception as exc:  # noqa: BLE001 - _load reports bad input itself; this is nnmark failing
+            f = Loaded(label, error=internal_error(label, exc, "reading"))
         if f is None:
             continue
         pending.append(f)
@@ -386,12 +441,13 @@ def check_sources(sources: Sequence, checks: list, *, arch=None, device=None, la
             held += f.size or 0  # read whole and kept for the model
         # Trigger keys keep each checkpoint open until its model has run: bound the open files.
         if held >= max_batch_bytes or (tk and len(pending) >= MAX_OPEN):
-            rows += _verify(pending, checks, arch, device, extras)
+            rows += _verify_batch(pending, checks, arch, device, extras)
             pending, held = [], 0
             arena.reset()  # the verified carriers are no longer referenced
     if pending:
-        rows += _verify(pending, checks, arch, device, extras)
+        rows += _verify_batch(pending, checks, arch, device, extras)
     return rows
+
 
 
 def scan_batch(targets: Sequence[str | os.PathLike], keys, *, alpha: float = 1e-6, arch=None, device=None,
@@ -422,4 +478,4 @@ def chunks(items: list, size: int) -> list[list]:
 
 
 __all__ = ["MAX_BATCH_BYTES", "MAX_OPEN", "load_keys", "make_check", "make_checks", "check_sources", "scan_batch",
-           "failed_rows", "new_row", "fail", "chunks", "Arena", "thread_arena", "Loaded"]
+           "failed_rows", "error_rows", "internal_error", "new_row", "fail", "chunks", "Arena", "thread_arena", "Loaded"]

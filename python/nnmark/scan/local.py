@@ -4,10 +4,11 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from .engine import check_sources, chunks
+from .engine import Loaded, check_sources, chunks, fail, internal_error, new_row
 
 # While a local scan runs, the interpreter's thread switch interval (sys.setswitchinterval;
 # 5 ms by default). A loader that has hashed a carrier waits for the GIL while another
@@ -44,8 +45,13 @@ def quick_switching():
 def run_batch(paths: list[str], checks, settings, known) -> list[dict]:
     """The rows of one batch of files (a loader thread's unit of work)."""
     s = settings
-    return check_sources(paths, checks, arch=s.arch, device=s.device, labels=paths, known=known, manifest=s.manifest,
-                         max_batch_bytes=s.max_batch_bytes)
+    try:
+        return check_sources(paths, checks, arch=s.arch, device=s.device, labels=paths, known=known,
+                             manifest=s.manifest, max_batch_bytes=s.max_batch_bytes)
+    except Exception as exc:  # noqa: BLE001 - check_sources reports per file; this is a last resort
+        now = time.time()
+        return [fail(new_row(Loaded(p), c, now), internal_error(p, exc, "checking the batch of")) for p in paths
+                for c in checks]
 
 
 def local_batches(targets: list[str], checks, settings, known, workers: int, batch_size: int):
