@@ -90,3 +90,56 @@ def test_inert_escapes_controls_bidi_and_undecodable_bytes():
     assert inert("línea ünïcode 模型") == "línea ünïcode 模型"
     assert inert_line("a\nb\tc") == "a\\nb\\tc"
     assert "\\[" in markup_safe("[/x] [bold]") and "\x1b" not in markup_safe("\x1b[31m")
+
+
+def _cli(*args, cwd=None):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
+    return subprocess.run([sys.executable, "-m", "nnmark.cli", *map(str, args)], capture_output=True, cwd=cwd,
+                          env=env, timeout=300)
+
+
+# (a path holding "[/x]" is a folder "q[" with a file "x] ...": rich would read a closing tag)
+HOSTILE_NAMES = ["a\x1b]0;pwned\x07b.safetensors", "q[/x] [bold]c.safetensors", "d\u202egpj.safetensors",
+                 "e\x9b31mf.safetensors"]
+
+
+def _hostile_folder(tmp_path, key):
+    import os
+
+    d = tmp_path / "models"
+    d.mkdir()
+    (d / "q[").mkdir()
+    for n in HOSTILE_NAMES:
+        _marked(key, d, n)
+    (d / "junk\x1b[2J.pt").write_bytes(b"not a checkpoint")  # an error row whose message names the file
+    raw = os.fsencode(str(d)) + b"/g\xff\x1b[31m.safetensors"  # not UTF-8 either
+    with open(raw, "wb") as f:
+        f.write(b"{}")
+    return d
+
+
+def _assert_inert(out: bytes):
+    assert b"\x1b" not in out and b"\x07" not in out and b"\xc2\x9b" not in out, out[:2000]
+    assert "\u202e".encode() not in out
+    assert b"Traceback" not in out
+
+
+def test_cli_verify_and_scan_show_hostile_names_inert(tmp_path):
+    key = _key()
+    kf = tmp_path / "owner.key"
+    key.save(kf)
+    d = _hostile_folder(tmp_path, key)
+    files = sorted(str(p) for p in d.rglob("*") if p.is_file())
+    r = _cli("verify", kf, *files)
+    _assert_inert(r.stdout + r.stderr)
+    assert r.returncode == 2  # the junk files cannot be checked
+    assert b"\\x1b]0;pwned\\x07b.safetensors" in r.stdout  # shown, escaped
+    assert b"q[/x] [bold]c.safetensors" in r.stdout.replace(b"\n", b"")  # markup shown as text
+    r = _cli("scan", "--key", kf, d, "--ledger", tmp_path / "l.sqlite", "--no-progress")
+    _assert_inert(r.stdout + r.stderr)
+    assert r.returncode == 2
+    assert b"junk\\x1b[2J.pt" in r.stdout + r.stderr

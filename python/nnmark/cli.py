@@ -18,6 +18,8 @@ from pathlib import Path
 
 import click
 
+from ._display import inert, inert_line, markup_safe
+
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR, EXIT_USAGE = 0, 1, 2, 4
 
 
@@ -29,9 +31,14 @@ def _console(stderr: bool = False):
 
 def _error(exc) -> None:
     """``error: ...`` on stderr, the message shown as it is (file names are never markup)."""
+    _console(stderr=True).print(f"[red]error:[/red] {markup_safe_lines(exc)}", soft_wrap=True)
+
+
+def markup_safe_lines(text) -> str:
+    """An error message as it is (lines kept), controls escaped, never markup."""
     from rich.markup import escape
 
-    _console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+    return escape(inert(text))
 
 
 def _fmt_p(p: float) -> str:
@@ -147,7 +154,6 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, calibration, devic
         what = "triggers" if isinstance(k, nnmark.TriggerKey) else "bits"
         t = Table(title=f"nnmark verify — key {k.key_id}, {n} {what}, alpha {alpha:g}")
         t.add_column("checkpoint", overflow="fold")
-        from rich.markup import escape  # file names are shown as they are, never as markup
         t.add_column("verified")
         for col in ("matches", "BER", "p-value"):
             t.add_column(col, justify="right")
@@ -156,10 +162,10 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, calibration, devic
         for p, v in zip(checkpoints, verdicts):
             ok = v.status == "ok"
             mark = "[green]yes[/green]" if v.verified else ("no" if ok else "[red]—[/red]")
-            t.add_row(escape(str(p)), mark, f"{v.matches}/{v.bits}" if ok else "—", f"{v.ber:.3f}" if ok else "—",
+            t.add_row(markup_safe(p), mark, f"{v.matches}/{v.bits}" if ok else "—", f"{v.ber:.3f}" if ok else "—",
                       _fmt_p(v.p_value), v.status if ok else f"[red]{v.status}[/red]")
             if not ok:
-                problems.append(f"{p}: {v.status} ({v.error_class}): {v.detail}")
+                problems.append(f"{inert_line(p)}: {v.status} ({inert_line(v.error_class)}): {inert_line(v.detail)}")
         con = _console()
         con.print(t)
         for line in problems:
@@ -170,7 +176,7 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, calibration, devic
         con.print(f"{n_ok}/{len(verdicts)} verified (threshold {v0.threshold}/{n} matching {what} under "
                   f"{v0.null}{tested}) in {elapsed:.2f} s", markup=False)
         if v0.warning:
-            con.print(f"warning: {v0.warning}", markup=False, style="yellow", soft_wrap=True)
+            con.print(f"warning: {inert(v0.warning)}", markup=False, style="yellow", soft_wrap=True)
     if any(v.status != "ok" for v in verdicts):
         sys.exit(EXIT_ERROR)
     sys.exit(EXIT_OK if all(v.verified for v in verdicts) else EXIT_FINDINGS)
@@ -221,7 +227,7 @@ def calibrate(key, null_checkpoints, alpha, arch, null_rate, device, output, as_
     if extra:
         con.print(f"note: {extra}", markup=False, style="yellow", soft_wrap=True)
     if output is not None:
-        con.print(f"wrote {output}: verify with --calibration {output}", markup=False)
+        con.print(f"wrote {inert_line(output)}: verify with --calibration {inert_line(output)}", markup=False)
 
 
 def _load_data(spec: str, seed: int):
@@ -296,12 +302,10 @@ def robustness(checkpoint, arch, keys, data_spec, attack_specs, out_dir, alpha, 
             normalise_grid(grid)  # repeated names, empty lists: before any work is done
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--attack") from None
-    from rich.markup import escape
-
     con_err = _console(stderr=True)
 
     def err(msg: str) -> None:  # one unwrapped line, so paths and messages stay whole
-        con_err.print(f"[red]error:[/red] {escape(msg)}", soft_wrap=True)
+        con_err.print(f"[red]error:[/red] {markup_safe(msg)}", soft_wrap=True)
 
     try:
         marks = [nnmark.load_key(k) for k in keys]
@@ -334,11 +338,12 @@ def robustness(checkpoint, arch, keys, data_spec, attack_specs, out_dir, alpha, 
         click.echo(json.dumps(report.to_dict()))
     else:
         con = _console()
-        con.print(report.table(title=f"nnmark robustness — {checkpoint.name}, alpha {alpha:g}, seed {seed}"))
+        con.print(report.table(title=f"nnmark robustness — {markup_safe(checkpoint.name)}, alpha {alpha:g}, seed {seed}"))
         for line in report.notes():
             con.print(line, markup=False, soft_wrap=True)
         if out_dir is not None:
-            con.print(f"report: {report.json_path} and {len(report.plots)} plots in {out_dir}/", markup=False)
+            con.print(f"report: {inert_line(report.json_path)} and {len(report.plots)} plots in {inert_line(out_dir)}/",
+                      markup=False)
     base = report.baseline["marks"]
     sys.exit(EXIT_OK if all(m["verified"] for m in base.values()) else EXIT_FINDINGS)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from .scan import EXIT_ERROR, EXIT_FINDINGS, EXIT_NO_FILES, EXIT_OK  # noqa: F401 - documented below
+from ._display import inert, inert_line
 from .stats import STATUSES
 
 EXIT_USAGE = 4
@@ -93,7 +94,7 @@ def scan_cmd(paths, keys, ledger, alpha, arch, device, workers, batch_size, as_j
     try:
         loaded = [nnmark.load_key(k) for k in keys]
     except nnmark.KeyFileError as exc:
-        err.print(f"error: {exc}", markup=False, soft_wrap=True)
+        err.print(f"error: {inert(exc)}", markup=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)
     if any(isinstance(k, nnmark.TriggerKey) for k in loaded) and arch is None:
         raise click.UsageError("a trigger key runs the model: pass --arch MODULE:FACTORY")
@@ -110,7 +111,7 @@ def scan_cmd(paths, keys, ledger, alpha, arch, device, workers, batch_size, as_j
     except (ValueError, ImportError, ConnectionError) as exc:
         # a ledger of another schema, a malformed manifest, an --arch that fails to import,
         # --ray without ray installed or without a cluster at the address
-        err.print(f"error: {exc}", markup=False, soft_wrap=True)
+        err.print(f"error: {inert(exc)}", markup=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)
     _summary(res, loaded, _console(stderr=as_json))
     sys.exit(res.exit_code)
@@ -136,15 +137,16 @@ def _summary(res, keys, con) -> None:
         counts += f"; {changed} file{'s' if changed > 1 else ''} changed against the manifest"
     con.print(f"rows by status: {counts}", markup=False, soft_wrap=True)
     for r in res.problems[:_SHOWN_PROBLEMS]:
-        con.print(f"{r['path']}: {r['status']} ({r['error_class']}): {r['error_message']}", markup=False, soft_wrap=True)
+        con.print(f"{inert_line(r['path'])}: {r['status']} ({inert_line(r['error_class'])}): "
+                  f"{inert_line(r['error_message'])}", markup=False, soft_wrap=True)
     more = s["errors"] - min(len(res.problems), _SHOWN_PROBLEMS)
     if more > 0:
         con.print(f"... and {more} more: nnmark ledger export --status STATUS", markup=False, soft_wrap=True)
     for kid, text in s.get("warnings", {}).items():
-        con.print(f"warning (key {kid}): {text}", markup=False, style="yellow", soft_wrap=True)
+        con.print(f"warning (key {kid}): {inert(text)}", markup=False, style="yellow", soft_wrap=True)
     rate = f"{s['files_per_s']:,.0f} files/s, {s['mb_per_s']:,.1f} MB/s" if s["scanned"] else "nothing new to read"
     con.print(f"scanned {s['scanned']} files, skipped {s['skipped']} unchanged (ledger), read {_mb(s['bytes_read'])} "
-              f"in {s['seconds']:.2f} s ({rate}); ledger: {s['ledger']}", markup=False, soft_wrap=True)
+              f"in {s['seconds']:.2f} s ({rate}); ledger: {inert_line(s['ledger'])}", markup=False, soft_wrap=True)
 
 
 @click.group("ledger")
@@ -178,10 +180,10 @@ def ledger_export(ledger_file, ledger, output, fmt, status):
         else:
             n = export_ledger(path, output, fmt, status)
     except (ValueError, OSError) as exc:
-        _console(stderr=True).print(f"error: {exc}", markup=False, soft_wrap=True)
+        _console(stderr=True).print(f"error: {inert(exc)}", markup=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)
     if output != "-":
-        _console(stderr=True).print(f"wrote {n} rows to {output}", markup=False, soft_wrap=True)
+        _console(stderr=True).print(f"wrote {n} rows to {inert_line(output)}", markup=False, soft_wrap=True)
 
 
 @click.command("manifest")
@@ -217,7 +219,7 @@ def manifest_cmd(paths, output, exclude, no_progress):
         target = sys.stdout if output == "-" else output
         n, failed = write_manifest([str(p) for p in paths], target, exclude=exclude, progress=tick if bar else None)
     except OSError as exc:
-        err.print(f"error: {exc}", markup=False, soft_wrap=True)
+        err.print(f"error: {inert(exc)}", markup=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)
     finally:
         if bar is not None:
@@ -226,7 +228,7 @@ def manifest_cmd(paths, output, exclude, no_progress):
         err.print("no files found under the given paths", markup=False, soft_wrap=True)
         sys.exit(EXIT_NO_FILES)
     if output != "-":
-        err.print(f"wrote {n} sha256 lines to {output}", markup=False, soft_wrap=True)
+        err.print(f"wrote {n} sha256 lines to {inert_line(output)}", markup=False, soft_wrap=True)
     if failed:
         sys.exit(EXIT_ERROR)
 
