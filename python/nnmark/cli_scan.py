@@ -36,7 +36,8 @@ _LEFT_OUT = {
     "loop": ("links that loop back into a folder they are in", "not followed"),
     "outside": ("links to targets outside the folder given", "not followed; name a target itself to check it"),
     "too_long": ("paths longer than the system allows", "scan a folder nearer them"),
-    "duplicate": ("files or folders reached again through a link", "each checked once, under its first path"),
+    "duplicate": ("files or folders reached again through another path", "a link or a hard link: each checked "
+                  "once, under its first path"),
     "excluded": ("matched --exclude", None),
 }
 _SHOWN_LEFT_OUT = 3

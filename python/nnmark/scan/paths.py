@@ -167,7 +167,7 @@ class _Walker:
                 return None
             try:
                 if e.is_dir(follow_symlinks=False):
-                    self.leave("unlisted_folder", e.path)  # listed, but not even its type can be read
+                    self.leave("unlisted_folder", e.path)  # a folder that cannot be stat-ed cannot be listed
                     return None
             except OSError:
                 pass
@@ -227,9 +227,8 @@ class _Walker:
                 if found is None:
                     continue
                 kind, st = found
-                if kind == "dir":
-                    if st is not None:
-                        subdirs.append((e.path, _ident(st)))
+                if kind == "dir":  # (a folder's stat is always known: it was needed to tell it is one)
+                    subdirs.append((e.path, _ident(st)))
                 else:
                     files.append((e.name, e.path, st))
             shards = self.shards(files) if any(f[0].endswith(".index.json") for f in files) else ()
@@ -327,7 +326,7 @@ class _Walker:
             if not fnmatch.fnmatch(e.name, comp) or self.hidden(e.name, e.path, comp):
                 continue
             found = self.entry(e, root)
-            if found is not None and (found[0] == "file" or found[1] is not None):
+            if found is not None:
                 yield e.path, found[0], found[1]
 
     def folders(self, top: str, top_st: os.stat_result, above: tuple, root: str, done: dict[int, str]):
@@ -367,7 +366,7 @@ class _Walker:
                 if self.hidden(e.name, e.path):
                     continue
                 found = self.entry(e, root)
-                if found is not None and found[0] == "dir" and found[1] is not None:
+                if found is not None and found[0] == "dir":
                     subs.append((e.path, found[1], down))
             stack.extend(reversed(subs))
 
