@@ -15,8 +15,8 @@ PKG = Path(__file__).resolve().parents[1] / "python" / "nnmark"
 # Package-private modules that the package shares inside itself by design (DESIGN.md
 # layout): the extension loader, the array adapters, the float64 reference ops, and the
 # scoped torch thread count for small work.
-SHARED_PRIVATE_MODULES = {"nnmark._ext", "nnmark._arrays", "nnmark._reference", "nnmark._threads", "nnmark._C_cpu",
-                          "nnmark._C_cuda"}
+SHARED_PRIVATE_MODULES = {"nnmark._ext", "nnmark._arrays", "nnmark._reference", "nnmark._threads", "nnmark._display",
+                          "nnmark._C_cpu", "nnmark._C_cuda"}
 
 
 def _modules() -> dict[str, Path]:

@@ -256,14 +256,14 @@ def test_vanishing_and_missing_files(corpus, tmp_path, monkeypatch):
     d.mkdir()
     for i in range(3):
         save_file({CARRIER: torch.randn(SHAPE)}, str(d / f"m{i}.safetensors"))
-    real = scan_mod.expand_paths
+    real = scan_mod.walk_paths
 
-    def listing_then_delete(paths, exclude=()):
-        found = real(paths, exclude)
+    def listing_then_delete(paths, exclude=(), include_hidden=False):
+        found = real(paths, exclude, include_hidden)
         os.remove(d / "m1.safetensors")  # gone between listing and reading
         return found
 
-    monkeypatch.setattr(scan_mod, "expand_paths", listing_then_delete)
+    monkeypatch.setattr(scan_mod, "walk_paths", listing_then_delete)
     res = scan_fn(keys[0], [str(d), str(tmp_path / "never-existed.pt")], progress=False)
     by = {os.path.basename(r["path"]): r for r in res.rows}
     assert [by[f"m{i}.safetensors"]["status"] for i in range(3)] == ["ok", "io_error", "ok"]

@@ -704,13 +704,9 @@ def _parse_index(path, head: bytes | None = None) -> dict:
 
 
 def index_shards(path: str, raw: bytes | None = None) -> list[str]:
-    """The shard files (absolute paths) a shard index names, in first-use order."""
-    wm = _parse_index(path, raw)
-    base = os.path.dirname(os.path.abspath(path))
-    seen: dict[str, None] = {}
-    for shard in wm.values():
-        seen.setdefault(_shard_path(path, base, shard), None)
-    return list(seen)
+    """The shard files (absolute paths) a shard index names, in first-use order; raises
+    CheckpointError unless the index is valid (see :func:`_check_shards`)."""
+    return [p for p, _ in _check_shards(path, _parse_index(path, raw)).values()]
 
 
 def _shard_path(index: str, base: str, shard: str) -> str:
@@ -719,30 +715,69 @@ def _shard_path(index: str, base: str, shard: str) -> str:
     # send the scan to read arbitrary files).
     if os.path.dirname(p) != base or os.path.isabs(shard):
         raise CheckpointError("corrupt", "BadIndex", f"{index!r}: shard {shard!r} is not a file beside the index")
+    # An index that is its own shard (or names another index) would hide a file from a
+    # scan's walk while checking nothing of it.
+    if os.path.basename(p) == os.path.basename(index):
+        raise CheckpointError("corrupt", "BadIndex", f"{index!r} lists itself as a shard")
+    if shard.endswith(".index.json"):
+        raise CheckpointError("corrupt", "BadIndex", f"{index!r}: shard {shard!r} is another index")
     return p
+
+
+def _check_shards(index: str, wm: dict) -> dict[str, tuple[str, os.stat_result]]:
+    """{shard name: (absolute path, stat)} of a valid index: every shard a regular file
+    beside it, neither the index itself nor another index, and, when it is a link, one
+    whose target stays inside the index's folder (a shard linked elsewhere would make
+    this checkpoint verify with weights it does not hold). Else CheckpointError."""
+    index = os.fspath(index)
+    base = os.path.dirname(os.path.abspath(index))
+    out: dict[str, tuple[str, os.stat_result]] = {}
+    real_base = real_index = None
+    for s in wm.values():
+        if s in out:
+            continue
+        p = _shard_path(index, base, s)
+        try:
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                if real_base is None:
+                    real_base = os.path.realpath(base)
+                    real_index = os.path.realpath(index)
+                real = os.path.realpath(p)
+                if real == real_index:
+                    raise CheckpointError("corrupt", "BadIndex", f"{index!r} lists itself as a shard (through the "
+                                                                 f"link {s!r})")
+                if real.endswith(".index.json"):
+                    raise CheckpointError("corrupt", "BadIndex", f"{index!r}: shard {s!r} is a link to another index")
+                if not real.startswith(real_base.rstrip(os.sep) + os.sep):
+                    raise CheckpointError("corrupt", "BadIndex", f"{index!r}: shard {s!r} is a link to a file outside "
+                                                                 f"the index's folder")
+                st = os.stat(p)
+        except FileNotFoundError:
+            raise CheckpointError("corrupt", "MissingShard", f"{index!r}: shard {s!r} does not exist") from None
+        except OSError as exc:
+            raise _io_error(p, exc) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError("corrupt", "BadIndex", f"{index!r}: shard {s!r} is not a regular file")
+        out[s] = (p, st)
+    return out
 
 
 class ShardedCheckpoint(Checkpoint):
     """A Hugging Face sharded checkpoint: the index, and each shard opened only when it
-    holds a tensor that is asked for."""
+    holds a tensor that is asked for. An index is refused (``corrupt``, ``BadIndex``)
+    when a shard is the index itself or another index, not a regular file, or a link
+    leaving the index's folder."""
 
     format = "hf-sharded"
 
     def __init__(self, path: str, raw: bytes, st: os.stat_result):
         self._wm = _parse_index(path, raw)
         self._base = os.path.dirname(os.path.abspath(path))
-        shards = {}
-        for s in self._wm.values():
-            shards.setdefault(s, _shard_path(path, self._base, s))
+        shards = _check_shards(path, self._wm)
         size, mtime = st.st_size, st.st_mtime_ns
         self._stats: dict[str, os.stat_result] = {}
-        for s, p in shards.items():
-            try:
-                sst = os.stat(p)
-            except FileNotFoundError:
-                raise CheckpointError("corrupt", "MissingShard", f"{path!r}: shard {s!r} does not exist") from None
-            except OSError as exc:
-                raise _io_error(p, exc) from None
+        for s, (_, sst) in shards.items():
             self._stats[s] = sst
             size += sst.st_size
             mtime = max(mtime, sst.st_mtime_ns)

@@ -29,6 +29,32 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB" if n >= 1e5 else f"{n / 1e3:,.1f} kB"
 
 
+# What each reason a walk leaves a path out means, and what to do about it.
+_LEFT_OUT = {
+    "hidden": ("hidden (a name starting with '.')", "--include-hidden checks them"),
+    "unlisted_folder": ("folders that could not be listed", "check their permissions"),
+    "loop": ("links that loop back into a folder they are in", "not followed"),
+    "outside": ("links to targets outside the folder given", "not followed; name a target itself to check it"),
+    "too_long": ("paths longer than the system allows", "scan a folder nearer them"),
+    "duplicate": ("files or folders reached again through another path", "a link or a hard link: each checked "
+                  "once, under its first path"),
+    "excluded": ("matched --exclude", None),
+}
+_SHOWN_LEFT_OUT = 3
+
+
+def _left_out_lines(counts: dict, examples: dict) -> list[str]:
+    """One line per reason a walk left something out: the count, a few names (inert),
+    and how to include them."""
+    lines = []
+    for reason, n in counts.items():
+        what, hint = _LEFT_OUT.get(reason, (reason, None))
+        names = [inert_line(p) for p in examples.get(reason, [])[:_SHOWN_LEFT_OUT]]
+        shown = ", ".join(names) + (", ..." if n > len(names) else "")
+        lines.append(f"left out: {n} {what}: {shown}" + (f" ({hint})" if hint else ""))
+    return lines
+
+
 @click.command("scan")
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--key", "keys", multiple=True, required=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -53,6 +79,9 @@ def _mb(n: int) -> str:
                    "those that changed.")
 @click.option("--rescan", is_flag=True, help="Check every file again, even those the ledger has unchanged.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files whose name or path matches; repeatable.")
+@click.option("--include-hidden", is_flag=True,
+              help="Check files and folders whose name starts with '.' too (by default they are left out, "
+                   "and counted).")
 @click.option("--null-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Chance match rate under the null (default 1/2 per bit, 1/classes per trigger).")
 @click.option("--calibration", "calibrations", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -64,7 +93,7 @@ def _mb(n: int) -> str:
                    "ray://head:10001. Workers read the checkpoints and the key files at these same paths; "
                    "rows land in this ledger.")
 def scan_cmd(paths, keys, ledger, alpha, arch, device, workers, batch_size, as_json, manifest, rescan, exclude,
-             null_rate, calibrations, no_progress, ray_address):
+             include_hidden, null_rate, calibrations, no_progress, ray_address):
     """Verify KEYs in every checkpoint under PATHS (files, folders recursively, globs).
 
     Formats are sniffed from their first bytes: safetensors (only the carrier's
@@ -76,14 +105,23 @@ def scan_cmd(paths, keys, ledger, alpha, arch, device, workers, batch_size, as_j
     With --ray the same scan runs as Ray tasks on a cluster that sees the same
     paths (checkpoints and key files), and its rows land in the same ledger.
 
+    Every file under PATHS gets rows, or the summary says, by reason, what was
+    left out: hidden names (starting with '.'; --include-hidden checks them),
+    folders that could not be listed, links that loop, links inside a folder
+    to targets outside the folder given (not followed; a path named here is
+    followed as given), paths too long; and, without changing the exit code,
+    files reached twice (checked once) and --exclude matches.
+
     \b
     Exit codes (modelscan's convention):
       0  every checkpoint carries every key's mark
       1  the checks ran; some checkpoint does not carry a mark
          (or differs from --manifest)
       2  some checkpoint could not be checked (a status other than ok),
+         or some file or folder under PATHS was left out (hidden, unlisted,
+         a loop, a link leaving the folder, a path too long),
          or a key / the ledger / the manifest / the Ray cluster could not be used
-      3  no files found under PATHS
+      3  no files found under PATHS (and nothing left out)
       4  usage error (bad command line)
     """
     import nnmark
@@ -106,7 +144,7 @@ def scan_cmd(paths, keys, ledger, alpha, arch, device, workers, batch_size, as_j
         res = nnmark.scan(scan_keys, [str(p) for p in paths], ledger=ledger_path, alpha=alpha, arch=arch,
                           device=device, workers=workers, batch_size=batch_size, json_out=out,
                           progress=not no_progress, manifest=manifest, rescan=rescan, null_rate=null_rate,
-                          exclude=exclude, keep_rows=False, ray=ray_address,
+                          exclude=exclude, include_hidden=include_hidden, keep_rows=False, ray=ray_address,
                           calibration=[str(c) for c in calibrations] or None)
     except (ValueError, ImportError, ConnectionError) as exc:
         # a ledger of another schema, a malformed manifest, an --arch that fails to import,
@@ -121,8 +159,12 @@ def _summary(res, keys, con) -> None:
     from rich.table import Table
 
     s = res.summary
+    left_out = _left_out_lines(s.get("left_out", {}), s.get("left_out_examples", {}))
     if s["files"] == 0:
-        con.print("no files found under the given paths", markup=False, soft_wrap=True)
+        con.print("no files found under the given paths" if not left_out else "no files checked",
+                  markup=False, soft_wrap=True)
+        for line in left_out:
+            con.print(line, markup=False, style="yellow", soft_wrap=True)
         return
     t = Table(title=f"nnmark scan — {s['files']} files, alpha {s['alpha']:g}")
     for col in ("key", "verified", "not verified", "errors"):
@@ -136,6 +178,8 @@ def _summary(res, keys, con) -> None:
     if changed:
         counts += f"; {changed} file{'s' if changed > 1 else ''} changed against the manifest"
     con.print(f"rows by status: {counts}", markup=False, soft_wrap=True)
+    for line in left_out:
+        con.print(line, markup=False, style="yellow", soft_wrap=True)
     for r in res.problems[:_SHOWN_PROBLEMS]:
         con.print(f"{inert_line(r['path'])}: {r['status']} ({inert_line(r['error_class'])}): "
                   f"{inert_line(r['error_message'])}", markup=False, soft_wrap=True)
@@ -191,17 +235,23 @@ def ledger_export(ledger_file, ledger, output, fmt, status):
 @click.option("-o", "--output", default="-", show_default=True, type=click.Path(dir_okay=False, allow_dash=True),
               help="Manifest file to write, or - for stdout.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files whose name or path matches; repeatable.")
+@click.option("--include-hidden", is_flag=True,
+              help="List files and folders whose name starts with '.' too (by default they are left out, "
+                   "and counted).")
 @click.option("--no-progress", is_flag=True, help="No progress bar on stderr.")
-def manifest_cmd(paths, output, exclude, no_progress):
+def manifest_cmd(paths, output, exclude, include_hidden, no_progress):
     """Write the whole-file sha256 of every file under PATHS (sha256sum format).
 
     Neither safetensors nor torch files checksum their data; this reads every
     byte, on purpose, so that `nnmark scan --manifest FILE` (or `sha256sum -c`)
     can flag files that changed since. Shards of sharded checkpoints are listed
-    one by one. Exit codes: 0 written, 2 some file could not be read (it is left
-    out, with a warning), 3 no files found, 4 usage error.
+    one by one. Files are walked as `nnmark scan` walks them; names are written
+    as their bytes, as sha256sum does. Exit codes: 0 written, 2 some file could
+    not be read (it is left out, with a warning) or something under PATHS was
+    left out (hidden, unlisted, a loop, a link leaving the folder, a path too
+    long: each reason is said, with a count), 3 no files found, 4 usage error.
     """
-    from .scan import write_manifest
+    from .scan import walk_paths, write_manifest
 
     err = _console(stderr=True)
     bar = None
@@ -217,19 +267,22 @@ def manifest_cmd(paths, output, exclude, no_progress):
 
     try:
         target = sys.stdout if output == "-" else output
-        n, failed = write_manifest([str(p) for p in paths], target, exclude=exclude, progress=tick if bar else None)
+        expansion = walk_paths(list(paths), exclude, include_hidden)
+        n, failed = write_manifest(expansion, target, progress=tick if bar else None)
     except OSError as exc:
         err.print(f"error: {inert(exc)}", markup=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)
     finally:
         if bar is not None:
             bar.stop()
-    if n == 0 and not failed:
+    for line in _left_out_lines(expansion.counts(), expansion.examples()):
+        err.print(line, markup=False, style="yellow", soft_wrap=True)
+    if n == 0 and not failed and not expansion.not_checked:
         err.print("no files found under the given paths", markup=False, soft_wrap=True)
         sys.exit(EXIT_NO_FILES)
     if output != "-":
         err.print(f"wrote {n} sha256 lines to {inert_line(output)}", markup=False, soft_wrap=True)
-    if failed:
+    if failed or expansion.not_checked:
         sys.exit(EXIT_ERROR)
 
 

@@ -1,7 +1,8 @@
 """``nnmark.scan``: verify keys across thousands of checkpoint files.
 
 Paths (files, folders walked recursively, globs) expand to checkpoints
-(:mod:`.paths`); a folder with a shard index (``*.index.json``) holds a sharded
+(:mod:`.paths`: loops, links leaving the folder, hidden and unlistable entries are
+left out and counted, never silently); a folder with a shard index (``*.index.json``) holds a sharded
 checkpoint that counts once, as its index. Batches of files go to loader threads
 (:mod:`.local`) or Ray tasks (:mod:`.ray_backend`); each batch is read by the one
 checkpoint reader and checked by the batch engine (:mod:`.engine`) that
@@ -32,7 +33,7 @@ from ..ledger import FIELDS, Ledger
 from .engine import MAX_BATCH_BYTES, load_calibrations, make_checks, scan_batch
 from .local import local_batches
 from .manifest import load_manifest, write_manifest
-from .paths import expand_paths
+from .paths import LEFT_OUT_REASONS, NOT_CHECKED, Expansion, expand_paths, walk_paths
 from .tally import EXIT_ERROR, EXIT_FINDINGS, EXIT_NO_FILES, EXIT_OK, ScanResult, Tally, exit_code
 
 DEFAULT_BATCH = 256
@@ -58,13 +59,24 @@ def scan(keys, paths, *, ledger=None, alpha: float = 1e-6, arch=None, device=Non
          batch_size: int | None = None, json_out: IO[str] | None = None, progress: bool = True,
          manifest: str | os.PathLike | None = None, rescan: bool = False, null_rate: float | None = None,
          exclude: Iterable[str] = (), keep_rows: bool = True, max_problems: int = 50,
-         ray: str | None = None, calibration=None) -> ScanResult:
+         ray: str | None = None, calibration=None, include_hidden: bool = False) -> ScanResult:
     """Verifies ``keys`` in every checkpoint under ``paths``: one row per (file, key).
 
     Args:
         keys: key objects or key file paths (white-box and trigger keys), one or a list.
-        paths: files, folders (walked recursively; hidden entries skipped) and glob
-            patterns (see :func:`expand_paths`).
+        paths: files, folders (walked recursively) and glob patterns (``**``: any depth;
+            see :func:`walk_paths`). Every file under them gets rows, or the summary names
+            it under ``left_out``, by reason: ``hidden`` (a name starting with ``.``:
+            skipped unless ``include_hidden``), ``unlisted_folder`` (a folder that could
+            not be listed), ``loop`` (a link back into a folder it is in), ``outside`` (a
+            link inside a walked folder to a target outside the folder given: not
+            followed; a path named explicitly is followed as given), ``too_long`` (a path
+            longer than the system allows); any of these makes the exit code 2, even when
+            every file checked verified. ``duplicate`` (a file reached again through a
+            link or a hard link: checked once) and ``excluded`` are counted too, and
+            leave the exit code alone. A folder with a valid shard index stands for the
+            shards it names (an invalid one gets a ``BadIndex`` row, and its shards their
+            own rows).
         ledger: an SQLite file (created if missing; a re-run skips unchanged files), a
             :class:`~nnmark.ledger.Ledger`, or None (in memory).
         alpha: significance level: a (file, key) verifies iff its p-value <= alpha.
@@ -88,7 +100,10 @@ def scan(keys, paths, *, ledger=None, alpha: float = 1e-6, arch=None, device=Non
             or their files, one or a list; matched by key_id): their p-values come from the
             beta-binomial fitted on unmarked models. A calibration of none of the keys is an
             error.
-        exclude: glob patterns of files to leave out (matched on the name and the path).
+        exclude: glob patterns of files to leave out (matched on the name and the path);
+            they also silence what would be left out for another reason (a hidden or
+            unlistable folder, a link leaving the folder), counted as ``excluded``.
+        include_hidden: check files and folders whose name starts with ``.`` too.
         keep_rows: False keeps only the summary and the first ``max_problems`` rows that
             could not be checked (for scans of millions of files).
         max_problems: how many rows that could not be checked the result keeps.
@@ -104,7 +119,8 @@ def scan(keys, paths, *, ledger=None, alpha: float = 1e-6, arch=None, device=Non
 
     Returns:
         A :class:`ScanResult`: ``rows`` (one dict per (file, key), in scan order),
-        ``summary`` (counts by status and key, rates, ``exit_code``), ``problems``.
+        ``summary`` (counts by status and key, rates, ``left_out`` {reason: count},
+        ``left_out_examples`` {reason: the first few paths}, ``exit_code``), ``problems``.
 
     Raises:
         ValueError: a bad argument, an unusable ledger or manifest, an ``arch`` that
@@ -143,7 +159,8 @@ def scan(keys, paths, *, ledger=None, alpha: float = 1e-6, arch=None, device=Non
             lp = os.path.abspath(led.path)
             skip_files += [lp, lp + "-wal", lp + "-shm", lp + "-journal"]
         skip_set = set(skip_files)
-        targets = [t for t in expand_paths(paths, exclude) if t not in skip_set]
+        expansion = walk_paths(paths, exclude, include_hidden)
+        targets = [t for t in expansion.files if t not in skip_set]
         key_ids = [c.key_id for c in checks]
         known = None if rescan else led.identities(key_ids)
         settings = Settings(alpha, arch, device, null_rate, man, MAX_BATCH_BYTES, list(cals.values()))
@@ -161,12 +178,13 @@ def scan(keys, paths, *, ledger=None, alpha: float = 1e-6, arch=None, device=Non
                     tally.add(index, chunk, rows)
         finally:
             tally.close()
-        return tally.result(len(targets), alpha)
+        return tally.result(len(targets), alpha, expansion)
     finally:
         if own:
             led.close()
 
 
 
-__all__ = ["scan", "scan_batch", "expand_paths", "write_manifest", "load_manifest", "ScanResult", "exit_code",
+__all__ = ["scan", "scan_batch", "expand_paths", "walk_paths", "Expansion", "LEFT_OUT_REASONS", "NOT_CHECKED",
+           "write_manifest", "load_manifest", "ScanResult", "exit_code",
            "EXIT_OK", "EXIT_FINDINGS", "EXIT_ERROR", "EXIT_NO_FILES", "FIELDS"]

@@ -39,12 +39,16 @@ class ScanResult:
         return {"summary": self.summary, "rows": self.rows}
 
 
-def exit_code(n_files: int, status_counts: dict[str, int], not_verified: int, changed: int) -> int:
+def exit_code(n_files: int, status_counts: dict[str, int], not_verified: int, changed: int,
+              not_checked: int = 0) -> int:
     """0 every (file, key) verified; 1 some checkpoint does not carry a mark, or changed
-    against the manifest; 2 some checkpoint could not be checked; 3 no files found."""
+    against the manifest; 2 some checkpoint could not be checked, or ``not_checked``
+    files or folders under the paths were left out (hidden, unlisted, a loop, a link
+    leaving the folder, a path too long: :data:`nnmark.scan.paths.NOT_CHECKED`); 3 no
+    files found (and nothing left out but what was excluded or seen twice)."""
     if n_files == 0:
-        return EXIT_NO_FILES
-    if any(n for s, n in status_counts.items() if s != "ok"):
+        return EXIT_ERROR if not_checked else EXIT_NO_FILES
+    if not_checked or any(n for s, n in status_counts.items() if s != "ok"):
         return EXIT_ERROR
     if not_verified or changed:
         return EXIT_FINDINGS
@@ -167,7 +171,11 @@ class Tally:
     def close(self) -> None:
         self.bar.close()
 
-    def result(self, n_files: int, alpha: float) -> ScanResult:
+    def result(self, n_files: int, alpha: float, expansion=None) -> ScanResult:
+        """The result; ``expansion`` (an :class:`~nnmark.scan.paths.Expansion`) says what
+        the paths' walk left out: ``left_out`` {reason: count} and ``left_out_examples``
+        {reason: the first few paths} in the summary, and exit code 2 when it left out
+        something other than excluded files and duplicates."""
         elapsed = time.perf_counter() - self.start
         status = self.status
         rows = [r for i in sorted(self.kept) for r in self.kept[i]]  # scan order, however batches finished
@@ -181,8 +189,11 @@ class Tally:
             "mb_per_s": self.bytes_read / elapsed / 1e6 if elapsed > 0 else 0.0,
             "ledger": str(self.led.path) if self.led.path is not None else None,
             "warnings": dict(self.warnings),
+            "left_out": expansion.counts() if expansion is not None else {},
+            "left_out_examples": expansion.examples() if expansion is not None else {},
         }
-        summary["exit_code"] = exit_code(n_files, status, self.n_not, self.n_changed)
+        not_checked = expansion.not_checked if expansion is not None else 0
+        summary["exit_code"] = exit_code(n_files, status, self.n_not, self.n_changed, not_checked)
         return ScanResult(rows, summary, self.problems, summary["ledger"])
 
 
