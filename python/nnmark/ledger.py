@@ -86,9 +86,10 @@ _INSERT = f"INSERT OR REPLACE INTO results ({_QUOTED}) VALUES ({', '.join('?' * 
 _INT_COLS = tuple(i for i, (_, t, _) in enumerate(COLUMNS) if t.startswith("INTEGER"))
 _REAL_COLS = tuple(i for i, (_, t, _) in enumerate(COLUMNS) if t.startswith("REAL"))
 _TEXT_COLS = tuple(i for i, (_, t, _) in enumerate(COLUMNS) if t.startswith("TEXT"))
+_ALL_COLS = tuple(range(len(FIELDS)))
 _MAC = FIELDS.index("mac")
 _KEY_ID = FIELDS.index("key_id")
-# The fields a MAC covers, in sorted order (the canonical JSON object is built in this order).
+# The fields a MAC covers, sorted by name: the order of the canonical JSON array.
 _SIGNED = tuple(sorted((n, i) for i, n in enumerate(FIELDS) if n != "mac"))
 _IDENTITY_FIELDS = ("size", "mtime_ns", "inode", "ctime_ns", "alpha", "status", "integrity", "null")
 # Ledger.identities reads the columns in the MAC's order, then mac.
@@ -209,7 +210,7 @@ def _mac(v, sign: _Signer) -> str:
 
 def _verifies(v, sign: _Signer | None) -> bool:
     m = v[_MAC]
-    if sign is None or m.__class__ is not str:
+    if sign is None or m.__class__ is not str or not m.isascii():  # (compare_digest takes ASCII str only)
         return False
     try:
         mine = _mac(v, sign)
@@ -520,7 +521,7 @@ class Ledger:
                 if only is not None and path not in only:
                     continue
                 m = v[-1]
-                if m.__class__ is not str:
+                if m.__class__ is not str or not m.isascii():
                     continue
                 try:
                     msg = _encode(v[:-1])
@@ -574,7 +575,8 @@ class Ledger:
 
     @staticmethod
     def _row(values) -> dict:
-        d = dict(zip(FIELDS, _from_db(values)))
+        # (a BLOB in any column reads as text: a hand-made one must not break an export)
+        d = dict(zip(FIELDS, _from_db(values, _ALL_COLS) if bytes in map(type, values) else values))
         d["verified"] = bool(d["verified"])
         return d
 
