@@ -36,12 +36,15 @@ def test_schema_and_crash_safe_settings(tmp_path):
     assert db.execute("SELECT value FROM meta WHERE name='schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
 
 
+MACS = {"k1": b"1" * 32, "k2": b"2" * 32}  # MAC keys (a scan derives them from its keys' secrets)
+
+
 def test_write_upsert_and_read_back(tmp_path):
     path = tmp_path / "l.sqlite"
     with Ledger(path) as led:
-        assert led.write([_row(i) for i in range(10)] + [_row(0, key="k2")]) == 11
+        assert led.write([_row(i) for i in range(10)] + [_row(0, key="k2")], MACS) == 11
         led.write([_row(3, status="corrupt", verified=False, p_value=float("nan"), error_class="TruncatedFile",
-                        error_message="cut")])
+                        error_message="cut")], MACS)
         assert len(led) == 11  # (path, key_id) replaced, not added
     with Ledger(path) as led:  # reopened: the rows were committed
         rows = list(led.rows())
@@ -50,10 +53,14 @@ def test_write_upsert_and_read_back(tmp_path):
         assert r3["status"] == "corrupt" and r3["p_value"] is None and r3["verified"] is False
         assert r3["error_class"] == "TruncatedFile"
         assert rows[0]["verified"] is True and rows[0]["ber"] == 4 / 64
-        ident = led.identities()
-        assert ident["/m/0003.safetensors"]["k1"] == (103, 10**18 + 3, 1e-6, "corrupt", None, None)  # ..., null
+        ident = led.identities(macs=MACS)
+        # (size, mtime_ns, inode, ctime_ns, alpha, status, integrity, null)
+        assert ident["/m/0003.safetensors"]["k1"] == (103, 10**18 + 3, None, None, 1e-6, "corrupt", None, None)
         assert set(ident["/m/0000.safetensors"]) == {"k1", "k2"}
-        assert set(led.identities(["k2"])) == {"/m/0000.safetensors"}
+        assert set(led.identities(["k2"], macs=MACS)) == {"/m/0000.safetensors"}
+        assert set(led.identities(macs={"k2": MACS["k2"]})) == {"/m/0000.safetensors"}
+        assert led.identities(macs={"k1": b"another key" * 3}) == {}  # MACs of another key: nothing trusted
+        assert set(led.identities(macs=MACS, paths={"/m/0001.safetensors"})) == {"/m/0001.safetensors"}
         assert [r["key_id"] for r in led.rows(paths=["/m/0000.safetensors"], key_ids=["k2"])] == ["k2"]
         assert len(list(led.rows(status="corrupt"))) == 1
 

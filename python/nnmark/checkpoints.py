@@ -284,17 +284,26 @@ Validator = Callable[[str, tuple, "torch.dtype | None"], None]
 Allocator = Callable[[tuple, torch.dtype], "tuple | None"]
 
 
+def identity_of(st: os.stat_result) -> tuple[int, int, int, int]:
+    """(size, mtime_ns, inode, ctime_ns) of a file's stat: what a re-scan compares. The
+    inode as a signed 64-bit integer (what SQLite holds), however the file system numbers it."""
+    ino = st.st_ino
+    return st.st_size, st.st_mtime_ns, ino - (1 << 64) if ino >= 1 << 63 else ino, st.st_ctime_ns
+
+
 class Checkpoint:
     """An opened source. ``path``: the file, or a label such as ``<module>`` for a source
     in memory; ``format``: one of :data:`FORMATS` or :data:`MEMORY_FORMATS`;
-    ``size``/``mtime_ns``: a file's identity (for a sharded checkpoint: the index and
-    all shards, summed / latest; None in memory); ``bytes_read``: so far."""
+    ``size``/``mtime_ns``/``inode``/``ctime_ns``: a file's identity, from the descriptor's
+    fstat (for a sharded checkpoint: the index and all shards, summed / latest / the index's /
+    latest; None in memory); ``bytes_read``: so far."""
 
     format = ""
     module: torch.nn.Module | None = None  # a model that runs itself (trigger keys)
 
-    def __init__(self, path: str, size: int | None, mtime_ns: int | None):
-        self.path, self.size, self.mtime_ns = path, size, mtime_ns
+    def __init__(self, path: str, size: int | None, mtime_ns: int | None, inode: int | None = None,
+                 ctime_ns: int | None = None):
+        self.path, self.size, self.mtime_ns, self.inode, self.ctime_ns = path, size, mtime_ns, inode, ctime_ns
         self.bytes_read = 0
 
     def carrier(self, name: str, validate: Validator | None = None, out: Allocator | None = None) -> Carrier:
@@ -428,7 +437,7 @@ class SafetensorsFile(Checkpoint):
         try:
             if st is None:
                 st = os.fstat(fd)
-            super().__init__(path, st.st_size, st.st_mtime_ns)
+            super().__init__(path, *identity_of(st))
             if head is None:
                 head = self._pread(min(st.st_size, HEAD_BYTES), 0)
                 self.bytes_read += len(head)
@@ -644,7 +653,7 @@ class TorchFile(Checkpoint):
     """A torch checkpoint loaded with ``weights_only=True`` (mapped for the zip format)."""
 
     def __init__(self, path: str, fmt: str, st: os.stat_result, fd: int):
-        super().__init__(path, st.st_size, st.st_mtime_ns)
+        super().__init__(path, *identity_of(st))
         self.format = fmt
         obj = _torch_load(path, fd, fmt)
         if fmt == "torch-zip":
@@ -775,13 +784,14 @@ class ShardedCheckpoint(Checkpoint):
         self._wm = _parse_index(path, raw)
         self._base = os.path.dirname(os.path.abspath(path))
         shards = _check_shards(path, self._wm)
-        size, mtime = st.st_size, st.st_mtime_ns
+        size, mtime, inode, ctime = identity_of(st)
         self._stats: dict[str, os.stat_result] = {}
         for s, (_, sst) in shards.items():
             self._stats[s] = sst
             size += sst.st_size
             mtime = max(mtime, sst.st_mtime_ns)
-        super().__init__(path, size, mtime)
+            ctime = max(ctime, sst.st_ctime_ns)  # a rewritten shard changes the checkpoint
+        super().__init__(path, size, mtime, inode, ctime)
         self.bytes_read = len(raw)
         self._open: dict[str, Checkpoint] = {}
 

@@ -147,11 +147,13 @@ def scan_cmd(paths, keys, ledger, alpha, arch, device, workers, batch_size, as_j
                           exclude=exclude, include_hidden=include_hidden, keep_rows=False, ray=ray_address,
                           calibration=[str(c) for c in calibrations] or None)
     except (ValueError, ImportError, ConnectionError) as exc:
-        # a ledger of another schema, a malformed manifest, an --arch that fails to import,
-        # --ray without ray installed or without a cluster at the address
+        # a ledger of another schema, a hostile or read-only ledger, a malformed manifest, an
+        # --arch that fails to import, --ray without ray installed or without a cluster there
         err.print(f"error: {inert(exc)}", markup=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)
     _summary(res, loaded, _console(stderr=as_json))
+    if res.summary.get("fatal"):  # the ledger failed mid-scan (a full disk): the scan stopped
+        err.print(f"error: {inert(res.summary['fatal'])}", markup=False, soft_wrap=True)
     sys.exit(res.exit_code)
 
 
@@ -211,8 +213,13 @@ def ledger_export(ledger_file, ledger, output, fmt, status):
     """Export every ledger row as JSON Lines (one object per row) or CSV (one header line).
 
     The ledger is LEDGER_FILE, or --ledger (the same thing), else the default.
-    Exit codes: 0 exported, 2 the ledger is missing or not an nnmark ledger, 4 usage error.
+    The ledger is opened read-only. Rows are exported as the file holds them: their
+    ``mac`` column lets a scan with the key tell whether one was edited.
+    Exit codes: 0 exported, 2 the ledger is missing, unreadable or not an nnmark ledger,
+    4 usage error.
     """
+    import sqlite3
+
     from .ledger import default_ledger_path, export_ledger
 
     if ledger_file is not None and ledger is not None and ledger_file != ledger:
@@ -223,7 +230,7 @@ def ledger_export(ledger_file, ledger, output, fmt, status):
             n = export_ledger(path, sys.stdout, fmt or "jsonl", status)
         else:
             n = export_ledger(path, output, fmt, status)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, sqlite3.Error) as exc:
         _console(stderr=True).print(f"error: {inert(exc)}", markup=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)
     if output != "-":

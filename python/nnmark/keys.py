@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import os
 import secrets as _secrets
@@ -33,8 +34,15 @@ SECRET_BYTES = 32
 _PROJECTION_DOMAIN = b"nnmark:projection:v1:"
 _MESSAGE_DOMAIN = b"nnmark:message:v1:"
 _KEY_ID_DOMAIN = b"nnmark:key-id:v1:"
+_LEDGER_MAC_DOMAIN = b"nnmark:ledger-mac:v1:"
 # DenseKey's matrix_layout: unknown (refused when square), nnmark's [T, N], Uchida's [N, T].
 MATRIX_LAYOUTS = (None, "TN", "NT")
+
+
+def _derive_ledger_mac_key(secret: bytes) -> bytes:
+    """The key of ledger row MACs (:mod:`nnmark.ledger`): HMAC-SHA256 of a domain string under
+    the key's secret material. One-way: the MAC key reveals nothing of the secret."""
+    return hmac.new(secret, _LEDGER_MAC_DOMAIN, hashlib.sha256).digest()
 
 
 class KeyFileError(ValueError):
@@ -263,6 +271,9 @@ class WhiteBoxKey(WhiteBoxKeyBase):
     def project_vectors(self, v: torch.Tensor) -> torch.Tensor:
         return ops.keyed_projection(v, self.subkey(), self.num_bits)
 
+    def _ledger_mac_key(self) -> bytes:
+        return _derive_ledger_mac_key(self._secret)
+
     def _fields(self) -> dict[str, Any]:
         return {"secret": self._secret.hex(), **super()._fields()}
 
@@ -400,6 +411,9 @@ class DenseKey(WhiteBoxKeyBase):
     @property
     def key_id(self) -> str:
         return hashlib.sha256(_KEY_ID_DOMAIN + self._matrix.numpy().tobytes()).hexdigest()[:16]
+
+    def _ledger_mac_key(self) -> bytes:
+        return _derive_ledger_mac_key(self._matrix.numpy().tobytes())  # the matrix is this key's secret
 
     def project_vectors(self, v: torch.Tensor) -> torch.Tensor:
         if v.shape[-1] != self._matrix.shape[1]:

@@ -23,7 +23,10 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
                               "<module>, <state_dict 3>... for a source in memory"),
     ("key_id", "TEXT NOT NULL", "public fingerprint of the key (never the secret)"),
     ("size", "INTEGER", "file size in bytes (sharded: index + shards); NULL if it could not be stat'ed"),
-    ("mtime_ns", "INTEGER", "modification time in ns (sharded: the latest); with path and size, the identity"),
+    ("mtime_ns", "INTEGER", "modification time in ns (sharded: the latest)"),
+    ("inode", "INTEGER", "inode number (sharded: the index's), as a signed 64-bit integer; NULL in memory"),
+    ("ctime_ns", "INTEGER", "status-change time in ns (sharded: the latest), which no user can set back: with "
+                            "path, size, mtime_ns and inode, the identity a re-scan compares; NULL in memory"),
     ("format", "TEXT", "safetensors, hf-sharded, torch-zip or torch-legacy (module, state_dict or tensor in "
                        "memory); NULL if not recognised"),
     ("carrier", "TEXT", "tensor name of the carrier in the file (white-box keys)"),
@@ -51,10 +54,13 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("read_s", "REAL", "seconds spent reading the file"),
     ("verify_s", "REAL", "seconds of verification attributed to this row"),
     ("scanned_at", "REAL", "UNIX time the row was produced"),
+    ("mac", "TEXT", "HMAC-SHA256 of the row's other fields, keyed from the key's secret (see nnmark.ledger): "
+                    "a re-scan trusts only rows whose MAC verifies; NULL outside a ledger"),
 )
 FIELDS: tuple[str, ...] = tuple(c[0] for c in COLUMNS)
-# Columns that differ between two scans of the same files (everything else must not).
-TIMING_FIELDS = ("read_s", "verify_s", "scanned_at")
+# Columns that differ between two scans of the same files (the timings, and the MAC that
+# covers them; everything else must not).
+TIMING_FIELDS = ("read_s", "verify_s", "scanned_at", "mac")
 
 
 def row_json(row: dict[str, Any]) -> dict[str, Any]:

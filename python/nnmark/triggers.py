@@ -454,6 +454,9 @@ class TriggerKey:
         """A public fingerprint (16 hex digits of a domain-separated hash of the secret): safe to log."""
         return hashlib.sha256(_KEY_ID_DOMAIN + b"\x00" + self._secret).hexdigest()[:16]
 
+    def _ledger_mac_key(self) -> bytes:
+        return _keys._derive_ledger_mac_key(self._secret)
+
     @property
     def null_rate(self) -> float:
         """Chance that an unmarked model gives a trigger's label: 1 / num_classes."""

@@ -12,10 +12,11 @@ keys run their trigger set through each checkpoint (``arch``).
 
 Every (file, key) gets exactly one row (see :mod:`nnmark.ledger` for the fields);
 bad input gives a row with its status and never stops the scan. Rows go to the
-ledger one transaction per batch (:mod:`.tally`), so a killed scan loses no
-finished batch, and a re-run skips files whose identity (path, size, mtime) and
-alpha are unchanged (rows with an ``io_error`` are retried; against a manifest
-(:mod:`.manifest`) every file is read again).
+ledger one transaction per batch (:mod:`.tally`), each row signed with a MAC keyed
+from its key, so a killed scan loses no finished batch, and a re-run skips files
+whose identity (path, size, mtime, inode, ctime), alpha and null are unchanged and
+whose rows' MACs verify (rows with an ``io_error`` or ``error`` are retried; against
+a manifest (:mod:`.manifest`) every file is read again).
 
 ``nnmark.scan`` is this package's :func:`scan` function; its modules stay importable
 with ``from nnmark.scan import engine`` or ``from nnmark.scan.engine import scan_batch``
@@ -29,12 +30,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO, Any
 
-from ..ledger import FIELDS, Ledger
+from ..ledger import FIELDS, Ledger, mac_key
 from .engine import MAX_BATCH_BYTES, load_calibrations, make_checks, scan_batch
 from .local import local_batches
 from .manifest import load_manifest, write_manifest
 from .paths import LEFT_OUT_REASONS, NOT_CHECKED, Expansion, expand_paths, walk_paths
-from .tally import EXIT_ERROR, EXIT_FINDINGS, EXIT_NO_FILES, EXIT_OK, ScanResult, Tally, exit_code
+from .tally import EXIT_ERROR, EXIT_FINDINGS, EXIT_NO_FILES, EXIT_OK, LedgerFatal, ScanResult, Tally, exit_code
 
 DEFAULT_BATCH = 256
 # Files per Ray task: enough to amortise a task's start and its key loading.
@@ -124,7 +125,10 @@ def scan(keys, paths, *, ledger=None, alpha: float = 1e-6, arch=None, device=Non
 
     Raises:
         ValueError: a bad argument, an unusable ledger or manifest, an ``arch`` that
-            cannot be imported. A bad checkpoint never raises: it gets a row.
+            cannot be imported (:class:`~nnmark.ledger.LedgerError` for a ledger that cannot
+            be opened, read or written when the scan begins). A bad checkpoint never raises:
+            it gets a row. A ledger that fails during the scan (a full disk) stops it:
+            ``summary["fatal"]`` says why, the exit code is 2, finished batches are kept.
     """
     key_files = None
     if ray is not None:
@@ -162,9 +166,12 @@ def scan(keys, paths, *, ledger=None, alpha: float = 1e-6, arch=None, device=Non
         expansion = walk_paths(paths, exclude, include_hidden)
         targets = [t for t in expansion.files if t not in skip_set]
         key_ids = [c.key_id for c in checks]
-        known = None if rescan else led.identities(key_ids)
+        # Only rows whose MAC verifies under these keys are trusted (see nnmark.ledger).
+        verified_at = led.data_version()
+        known = None if rescan else led.identities(key_ids, macs={c.key_id: mac_key(c.key) for c in checks},
+                                                   paths=set(targets))
         settings = Settings(alpha, arch, device, null_rate, man, MAX_BATCH_BYTES, list(cals.values()))
-        tally = Tally(led, key_ids, json_out, progress, len(targets), keep_rows, max_problems)
+        tally = Tally(led, key_ids, json_out, progress, len(targets), keep_rows, max_problems, checks, verified_at)
         try:
             with contextlib.ExitStack() as stack:
                 if ray is None:
@@ -173,9 +180,13 @@ def scan(keys, paths, *, ledger=None, alpha: float = 1e-6, arch=None, device=Non
                     from .ray_backend import ray_batches
 
                     batches = ray_batches(ray, targets, checks, key_files, settings, known, batch_size)
-                stack.enter_context(contextlib.closing(batches))  # an interrupted scan stops its tasks
+                # Closed on the way out: an interrupted scan, or one whose ledger failed, stops
+                # its loader threads (batches not begun are dropped) or cancels its Ray tasks.
+                stack.enter_context(contextlib.closing(batches))
                 for index, chunk, rows in batches:
                     tally.add(index, chunk, rows)
+        except LedgerFatal:
+            pass  # tally.fatal says why; the result carries it, with exit code 2
         finally:
             tally.close()
         return tally.result(len(targets), alpha, expansion)

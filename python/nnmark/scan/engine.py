@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from ..blackbox import TriggerCheck, is_trigger_key
-from ..checkpoints import Carrier, Checkpoint, CheckpointError, error_of, open_checkpoint, open_file
+from ..checkpoints import (Carrier, Checkpoint, CheckpointError, error_of, identity_of, open_checkpoint,
+                           open_file)
 from ..keys import WhiteBoxKeyBase
 from ..rows import RETRY_STATUSES
 from ..whitebox import WhiteBoxCheck
@@ -162,6 +163,8 @@ class Loaded:
     path: str
     size: int | None = None
     mtime_ns: int | None = None
+    inode: int | None = None
+    ctime_ns: int | None = None
     format: str | None = None
     error: CheckpointError | None = None  # the whole source failed
     carriers: dict = field(default_factory=dict)  # key_id -> Carrier | CheckpointError
@@ -175,18 +178,19 @@ class Loaded:
     file_sha256: str | None = None
 
 
-def _skip(known: dict | None, path: str, size: int, mtime: int, checks, manifest) -> bool:
-    # Against a manifest every file is read again: size and mtime cannot vouch for
-    # unchanged bytes (bit rot, or an edit that restored the mtime), the hash can.
+def _skip(known: dict | None, path: str, ident: tuple, checks, manifest) -> bool:
+    # ident: (size, mtime_ns, inode, ctime_ns) now; the ledger's rows were trusted only if
+    # their MACs verified (Ledger.identities). Against a manifest every file is read again:
+    # its identity cannot vouch for unchanged bytes (bit rot), the hash can.
     if not known or manifest is not None:
         return False
     seen = known.get(path)
     if not seen:
         return False
     for c in checks:
-        ident = seen.get(c.key_id)
-        if ident is None or ident[0] != size or ident[1] != mtime or ident[2] != c.alpha or ident[3] in RETRY_STATUSES \
-                or (len(ident) > 5 and ident[5] != c.null):  # another null (a calibration): check again
+        old = seen.get(c.key_id)  # (size, mtime_ns, inode, ctime_ns, alpha, status, integrity, null)
+        if old is None or len(old) != 8 or old[:4] != ident or old[4] != c.alpha or old[5] in RETRY_STATUSES \
+                or old[7] != c.null:  # another null (a calibration): check again
             return False
     return True
 
@@ -200,14 +204,16 @@ def _load(source, label: str, wb: list, tk: list, known, manifest, allocators: d
     try:
         if is_file:
             st = os.stat(source)
-            f.size, f.mtime_ns = st.st_size, st.st_mtime_ns
+            ident = identity_of(st)
+            f.size, f.mtime_ns, f.inode, f.ctime_ns = ident
             if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open, a device never end
                 raise CheckpointError("unsupported", "NotARegularFile", f"{label!r} is not a regular file")
-            if known and _skip(known, label, f.size, f.mtime_ns, wb + tk, manifest):
+            if known and _skip(known, label, ident, wb + tk, manifest):
                 return None
             ck = open_file(source)
-            f.size, f.mtime_ns = ck.size, ck.mtime_ns
-            if known and ck.format == "hf-sharded" and _skip(known, label, f.size, f.mtime_ns, wb + tk, manifest):
+            ident = ck.size, ck.mtime_ns, ck.inode, ck.ctime_ns
+            f.size, f.mtime_ns, f.inode, f.ctime_ns = ident
+            if known and ck.format == "hf-sharded" and _skip(known, label, ident, wb + tk, manifest):
                 ck.close()
                 return None
         else:
@@ -243,12 +249,13 @@ def _load(source, label: str, wb: list, tk: list, known, manifest, allocators: d
 
 # ------------------------------------------------------------------ rows
 def new_row(f: Loaded, check, now: float) -> dict:
-    return {"path": f.path, "key_id": check.key_id, "size": f.size, "mtime_ns": f.mtime_ns, "format": f.format,
+    return {"path": f.path, "key_id": check.key_id, "size": f.size, "mtime_ns": f.mtime_ns, "inode": f.inode,
+            "ctime_ns": f.ctime_ns, "format": f.format,
             "carrier": None, "carrier_sha256": None, "bytes_read": f.bytes_read, "status": "ok", "verified": False,
             "matches": None, "bits": check.bits, "ber": None, "p_value": None, "threshold": check.threshold,
             "alpha": check.alpha, "null": check.null, "controls": check.num_controls, "control_matches": None,
             "control_p_value": None, "warning": check.warning, "error_class": None, "error_message": None, "integrity": f.integrity,
-            "file_sha256": f.file_sha256, "read_s": f.read_s, "verify_s": 0.0, "scanned_at": now}
+            "file_sha256": f.file_sha256, "read_s": f.read_s, "verify_s": 0.0, "scanned_at": now, "mac": None}
 
 
 def fail(row: dict, err: CheckpointError) -> dict:
@@ -406,8 +413,9 @@ def check_sources(sources: Sequence, checks: list, *, arch=None, device=None, la
     sources in the order given, checks in the order given. Never raises for a bad source.
 
     ``labels``: the ``path`` of each source's rows (default: the path itself, or
-    ``<module>``...). ``known``: ``{path: {key_id: (size, mtime_ns, alpha, status,
-    integrity)}}`` -- files whose identity matches for every key are skipped (no rows).
+    ``<module>``...). ``known``: ``{path: {key_id: (size, mtime_ns, inode, ctime_ns, alpha,
+    status, integrity, null)}}`` (:meth:`Ledger.identities`, which returns only rows whose
+    MAC verifies) -- files whose identity matches for every key are skipped (no rows).
     ``manifest``: ``{absolute path: sha256}``: files are hashed whole and compared.
     ``extras``: a list that gets, for each row, a dict of what its key kind reports
     beside the row (trigger keys: ``margin``, ``null_rate``)."""
@@ -458,9 +466,9 @@ def scan_batch(targets: Sequence[str | os.PathLike], keys, *, alpha: float = 1e-
 
     Pure: reads the files, writes nothing, keeps no state, never raises for a bad
     file; the unit of work of a scan's loader thread and of a Ray task. ``keys``: key
-    objects or key file paths. ``known``: ``{path: {key_id: (size, mtime_ns, alpha,
-    status, integrity)}}`` (:meth:`Ledger.identities`) -- files whose identity
-    matches for every key are skipped (no rows). ``manifest``: ``{absolute path:
+    objects or key file paths. ``known``: ``{path: {key_id: (size, mtime_ns, inode,
+    ctime_ns, alpha, status, integrity, null)}}`` (:meth:`Ledger.identities`) -- files whose
+    identity matches for every key are skipped (no rows). ``manifest``: ``{absolute path:
     sha256}`` (:func:`load_manifest`). ``targets`` are used as given (pass absolute
     paths, as :func:`expand_paths` makes them). ``calibration``: calibrations (objects or
     files) of some of the keys."""

@@ -3,10 +3,11 @@ progress bar) and the result it returns."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from dataclasses import dataclass
 
-from ..ledger import Ledger
+from ..ledger import Ledger, LedgerError, mac_key, row_verifies
 from ..rows import row_json
 
 # Exit codes of a scan (modelscan's convention, as in nnmark.cli).
@@ -18,7 +19,9 @@ class ScanResult:
     """What a scan found. ``rows``: one dict per (file, key) in scan order (rows of
     files skipped as unchanged come from the ledger, with ``skipped=True``; empty when
     ``keep_rows=False``); ``summary``: counts, rates and the exit code; ``problems``:
-    the first rows that could not be checked."""
+    the first rows that could not be checked. A scan stopped by a ledger it could no
+    longer write (a full disk, a read-only file) has ``summary["fatal"]``, the reason,
+    exit code 2, and the rows of the batches written before."""
 
     rows: list[dict]
     summary: dict
@@ -82,13 +85,26 @@ class Progress:
             self.bar.stop()
 
 
+class LedgerFatal(Exception):
+    """The ledger can no longer be written or read: the scan stops (``Tally.fatal`` says why)."""
+
+
 class Tally:
-    """Takes each finished batch: writes its rows to the ledger (one transaction), counts
-    them, streams JSON, keeps rows; batches may come in any order (Ray)."""
+    """Takes each finished batch: signs its rows and writes them to the ledger (one
+    transaction), counts them, streams JSON, keeps rows; batches may come in any order
+    (Ray). ``checks``: the scan's key checks; their keys sign the rows (in this process:
+    keys never travel) and vouch for the ledger rows of skipped files. ``verified_at``:
+    the ledger's :meth:`~nnmark.ledger.Ledger.data_version` before the scan verified the
+    rows it skips: while no other connection has changed the ledger since, those rows
+    are not verified a second time when they are read back."""
 
     def __init__(self, led: Ledger, key_ids: list[str], json_out, progress: bool, total: int, keep_rows: bool,
-                 max_problems: int):
+                 max_problems: int, checks=None, verified_at: int | None = None):
         self.led, self.key_ids, self.json_out = led, key_ids, json_out
+        self.verified_at = verified_at
+        self.checks = {c.key_id: c for c in checks or ()}
+        self.macs = {c.key_id: mac_key(c.key) for c in checks} if checks else None
+        self.fatal: str | None = None
         self.keep_rows, self.max_problems = keep_rows, max_problems
         self.order = {k: i for i, k in enumerate(key_ids)}
         self.status: dict[str, int] = {}
@@ -99,10 +115,23 @@ class Tally:
         self.warnings: dict[str, str] = {}  # key_id -> the warning its rows carry (one per key)
         self.bytes_read = self.done = 0
         self.start = time.perf_counter()
+        self.total = total
         self.bar = Progress(total, progress)
 
     def add(self, index: int, chunk: list[str], rows: list[dict]) -> None:
-        self.led.write(rows)  # first: a killed scan keeps every finished batch
+        """Writes, counts and streams one batch; raises :class:`LedgerFatal` (``fatal`` set)
+        when the ledger cannot be written or read: the caller stops the scan."""
+        try:
+            self._add(index, chunk, rows)
+        except (sqlite3.Error, LedgerError) as exc:
+            where = repr(str(self.led.path) if self.led.path is not None else ":memory:")
+            why = str(exc) if isinstance(exc, LedgerError) else f"cannot write the ledger {where}: {exc}"
+            self.fatal = (f"{why}; the scan stopped after {self.done} of {self.total} files (the rows of "
+                          f"those were kept)")
+            raise LedgerFatal(self.fatal) from None
+
+    def _add(self, index: int, chunk: list[str], rows: list[dict]) -> None:
+        self.led.write(rows, self.macs)  # first: a killed scan keeps every finished batch
         K = len(self.key_ids)
         # Rows come in file order, K per file (keys in the order given); files without
         # rows were skipped as unchanged, and their rows come from the ledger.
@@ -117,10 +146,7 @@ class Tally:
                 files.append((path, [], False))
                 skipped.append(path)
         if skipped:
-            old: dict[str, list[dict]] = {}
-            for r in self.led.rows(paths=skipped, key_ids=self.key_ids):
-                r["skipped"] = True
-                old.setdefault(r["path"], []).append(r)
+            old = self._ledger_rows(skipped)
             order = self.order
             files = [(p, fr if new else sorted(old.get(p, []), key=lambda r: order[r["key_id"]]), new)
                      for p, fr, new in files]
@@ -168,6 +194,42 @@ class Tally:
         self.done += len(chunk)
         self.bar.update(self.done, self.bytes_read)
 
+    def _ledger_rows(self, paths: list[str]) -> dict[str, list[dict]]:
+        """The ledger's rows of files skipped as unchanged, each verified again: one that no
+        longer verifies (rewritten since the scan began, by hand or by another scan of other
+        keys) is not shown as a verdict but replaced by an ``error`` row, which the next scan
+        checks again."""
+        old: dict[str, list[dict]] = {}
+        rows = list(self.led.rows(paths=paths, key_ids=self.key_ids))
+        # After the read: a change committed by anyone else up to now shows.
+        check = self.macs is not None and (self.verified_at is None or self.led.data_version() != self.verified_at)
+        for r in rows:
+            if check and not row_verifies(r, self.macs.get(r["key_id"])):
+                continue
+            r["skipped"] = True
+            old.setdefault(r["path"], []).append(r)
+        if self.macs is None:
+            return old
+        from ..checkpoints import CheckpointError
+        from .engine import Loaded, fail, new_row
+
+        lost, now = [], time.time()
+        for p in paths:
+            have = {r["key_id"] for r in old.get(p, ())}
+            for kid in self.key_ids:
+                if kid not in have:
+                    err = CheckpointError("error", "UntrustedLedgerRow", (
+                        f"the ledger's row of {p!r} for key {kid} changed or vanished after this scan chose to "
+                        f"skip the file, and its MAC does not verify: it is not reported; the next scan checks "
+                        f"the file again"))
+                    r = fail(new_row(Loaded(p), self.checks[kid], now), err)
+                    r["skipped"] = False
+                    lost.append(r)
+                    old.setdefault(p, []).append(r)
+        if lost:
+            self.led.write(lost, self.macs)  # in place of the rows that do not verify
+        return old
+
     def close(self) -> None:
         self.bar.close()
 
@@ -193,9 +255,12 @@ class Tally:
             "left_out_examples": expansion.examples() if expansion is not None else {},
         }
         not_checked = expansion.not_checked if expansion is not None else 0
-        summary["exit_code"] = exit_code(n_files, status, self.n_not, self.n_changed, not_checked)
+        if self.fatal is not None:
+            summary["fatal"] = self.fatal
+        summary["exit_code"] = EXIT_ERROR if self.fatal is not None else exit_code(n_files, status, self.n_not,
+                                                                                      self.n_changed, not_checked)
         return ScanResult(rows, summary, self.problems, summary["ledger"])
 
 
-__all__ = ["Tally", "ScanResult", "Progress", "exit_code", "EXIT_OK", "EXIT_FINDINGS", "EXIT_ERROR",
+__all__ = ["Tally", "LedgerFatal", "ScanResult", "Progress", "exit_code", "EXIT_OK", "EXIT_FINDINGS", "EXIT_ERROR",
            "EXIT_NO_FILES"]
