@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._keyfile import is_int, parse_json, read_regular, show, write_atomic
+
 FORMAT = "nnmark-calibration"
 VERSION = 1
 # Fewer null models than this cannot tell a dispersion from noise.
@@ -140,16 +142,13 @@ class Calibration:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the calibration as JSON (no secret in it: the key appears as its key_id)."""
-        from ._keyfile import write_atomic  # a fresh temporary file, never a planted link
-
         body = {"format": FORMAT, "version": VERSION, **self.to_dict()}
+        # through a fresh temporary file renamed into place, never through a planted link
         return write_atomic(path, (json.dumps(body, indent=1, allow_nan=False) + "\n").encode("utf-8"))
 
 
 def load_calibration(path: str | os.PathLike) -> Calibration:
     """A calibration written by :meth:`Calibration.save`; CalibrationError on any defect."""
-    from ._keyfile import is_int, parse_json, read_regular, show
-
     path = Path(path)
     p = str(path)
     # Opened without blocking and read only when a regular file of a calibration's size.
@@ -184,7 +183,7 @@ def _from_body(body: dict) -> Calibration:
 
     key_id = body["key_id"]
     if not (isinstance(key_id, str) and len(key_id) == 16 and all(c in "0123456789abcdef" for c in key_id)):
-        raise ValueError(f"key_id must be 16 hex digits, got {key_id!r}")
+        raise ValueError(f"key_id must be 16 hex digits, got {show(key_id)}")
     n = num("n", int, 1, MAX_N)
     counts = body["counts"]
     n_models = num("n_models", int, MIN_MODELS, MAX_MODELS)

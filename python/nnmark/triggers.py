@@ -65,7 +65,9 @@ DEFAULT_N = 100
 MAX_TRIGGERS = 1 << 20  # triggers n (and stored controls k)
 MAX_CLASSES = 1 << 20  # num_classes: ImageNet-21k has 21,841; a large vocabulary ~250k
 MAX_INPUT_ELEMENTS = 1 << 24  # elements of one input: 3 x 2048 x 2048 fits
-MAX_TRIGGER_ELEMENTS = 1 << 26  # elements of all n triggers (or all controls): 256 MiB as float32
+# Elements of all n triggers (or all controls): 128 MiB as float32, 200 ImageNet-sized inputs.
+# Building that many abstract triggers takes seconds and a few GB (float64 temporaries).
+MAX_TRIGGER_ELEMENTS = 1 << 25
 
 # --------------------------------------------------------------------------- keyed streams
 
