@@ -5,7 +5,7 @@ never stored (key spec v1), native C++/CUDA kernels, safe checkpoint reading.
 """
 from ._ext import build_info, get_num_threads, set_num_threads
 from .checkpoints import CheckpointError, open_checkpoint
-from .keys import DenseKey, KeyFileError, WhiteBoxKey, load_key, message_bits
+from .keys import DenseKey, KeyFileError, KeyPermissionWarning, WhiteBoxKey, load_key, message_bits
 from .ops import dense_projection, keyed_projection, philox4x32_10
 from .stats import Verdict, binomial_p_value, binomial_threshold
 from .whitebox import Uchida, extract
@@ -18,7 +18,7 @@ from .integrations import PenaltyHook
 
 __all__ = [
     "build_info", "get_num_threads", "set_num_threads",
-    "WhiteBoxKey", "DenseKey", "load_key", "KeyFileError", "message_bits",
+    "WhiteBoxKey", "DenseKey", "load_key", "KeyFileError", "KeyPermissionWarning", "message_bits",
     "Uchida", "extract", "verify", "calibrate", "Calibration", "CalibrationError", "load_calibration", "Verdict",
     "binomial_p_value", "binomial_threshold",
     "keyed_projection", "dense_projection", "philox4x32_10", "CheckpointError", "open_checkpoint",

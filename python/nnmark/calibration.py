@@ -32,12 +32,20 @@ from pathlib import Path
 
 import numpy as np
 
+from ._keyfile import is_int, parse_json, read_regular, show, write_atomic
+
 FORMAT = "nnmark-calibration"
 VERSION = 1
 # Fewer null models than this cannot tell a dispersion from noise.
 MIN_MODELS = 10
 # a + b above this is a binomial for every practical purpose (and keeps the fit finite).
 _MAX_PRECISION = 1e7
+# Limits on what a calibration file claims: n as many as a key has (bits or triggers, at most
+# 2^20 either way); M null models, each one a model run, so a million is beyond any calibration.
+MAX_N = 1 << 20
+MAX_MODELS = 1 << 20
+# A calibration holds M counts and M p-values: a few MB at most.
+MAX_FILE_BYTES = 64 << 20
 
 
 class CalibrationError(ValueError):
@@ -134,34 +142,34 @@ class Calibration:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the calibration as JSON (no secret in it: the key appears as its key_id)."""
-        path = Path(path)
         body = {"format": FORMAT, "version": VERSION, **self.to_dict()}
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(body, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        # through a fresh temporary file renamed into place, never through a planted link
+        return write_atomic(path, (json.dumps(body, indent=1, allow_nan=False) + "\n").encode("utf-8"))
 
 
 def load_calibration(path: str | os.PathLike) -> Calibration:
     """A calibration written by :meth:`Calibration.save`; CalibrationError on any defect."""
     path = Path(path)
+    p = str(path)
+    # Opened without blocking and read only when a regular file of a calibration's size.
+    raw, _ = read_regular(path, MAX_FILE_BYTES, "calibration", CalibrationError)
     try:
-        with open(path, "rb") as f:  # a calibration is small: refuse to read much
-            raw = f.read(64 << 20)
-        body = json.loads(raw.decode("utf-8"))
-    except OSError as exc:
-        raise CalibrationError(f"cannot read calibration {str(path)!r}: {exc.strerror or exc}") from None
-    except (UnicodeDecodeError, ValueError):
-        raise CalibrationError(f"calibration {str(path)!r} is not valid JSON") from None
+        body = parse_json(raw)  # strict: no NaN/Infinity, no 1e999, no absurdly long integers
+    except (UnicodeDecodeError, ValueError, RecursionError, MemoryError):
+        raise CalibrationError(f"calibration {p!r} is not valid JSON (or holds numbers a calibration never "
+                               f"holds, or is nested too deeply)") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT:
-        raise CalibrationError(f"{str(path)!r} is not an nnmark calibration file")
-    if body.get("version") != VERSION or isinstance(body.get("version"), bool):
-        raise CalibrationError(f"calibration {str(path)!r} has version {body.get('version')!r}; this nnmark reads "
+        raise CalibrationError(f"{p!r} is not an nnmark calibration file")
+    if not is_int(body.get("version")) or body.get("version") != VERSION:
+        raise CalibrationError(f"calibration {p!r} has version {show(body.get('version'))}; this nnmark reads "
                                f"version {VERSION}")
     try:
         return _from_body(body)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CalibrationError(f"calibration {str(path)!r} is malformed: {exc}") from None
+    except KeyError as exc:
+        raise CalibrationError(f"calibration {p!r} is malformed: field {show(exc.args[0] if exc.args else None)} "
+                               f"is missing") from None
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError, MemoryError, RecursionError) as exc:
+        raise CalibrationError(f"calibration {p!r} is malformed: {exc}") from None
 
 
 def _from_body(body: dict) -> Calibration:
@@ -175,17 +183,20 @@ def _from_body(body: dict) -> Calibration:
 
     key_id = body["key_id"]
     if not (isinstance(key_id, str) and len(key_id) == 16 and all(c in "0123456789abcdef" for c in key_id)):
-        raise ValueError(f"key_id must be 16 hex digits, got {key_id!r}")
-    n = num("n", int, 1)
+        raise ValueError(f"key_id must be 16 hex digits, got {show(key_id)}")
+    n = num("n", int, 1, MAX_N)
     counts = body["counts"]
-    if not isinstance(counts, list) or any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= n
-                                           for c in counts):
+    n_models = num("n_models", int, MIN_MODELS, MAX_MODELS)
+    if not isinstance(counts, list) or len(counts) != n_models:
+        raise ValueError(f"counts must be a list of n_models = {n_models} ints")
+    if any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c <= n for c in counts):
         raise ValueError(f"counts must be a list of ints in [0, {n}]")
-    if len(counts) != num("n_models", int, MIN_MODELS) or len(counts) < MIN_MODELS:
-        raise ValueError(f"counts has {len(counts)} entries, n_models says {body['n_models']}")
     kind = body["kind"]
-    if not isinstance(kind, str):
-        raise TypeError("kind must be a string")
+    if not isinstance(kind, str) or len(kind) > 200:
+        raise TypeError("kind must be a short string")
+    for name in ("created", "nnmark_version"):
+        if not isinstance(body.get(name, ""), str) or len(body.get(name, "")) > 200:
+            raise TypeError(f"{name} must be a short string")
     a, b = num("a", lo=1e-12, hi=_MAX_PRECISION * 2), num("b", lo=1e-12, hi=_MAX_PRECISION * 2)
     p0 = num("null_rate_used", lo=0.0, hi=1.0)
     alpha = num("alpha", lo=0.0, hi=1.0)

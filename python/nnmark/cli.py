@@ -41,6 +41,13 @@ def markup_safe_lines(text) -> str:
     return escape(inert(text))
 
 
+def _load_keys(paths) -> list:
+    """The key files, a permission warning printed as one ``warning:`` line on stderr."""
+    from .keys import load_keys_for_cli
+
+    return load_keys_for_cli(paths, lambda line: click.echo(line, err=True))
+
+
 def _fmt_p(p: float) -> str:
     return "—" if p != p else f"{p:.3g}"
 
@@ -95,8 +102,12 @@ def keygen(carrier, bits, reduction, message, shape, output, force):
             shp = tuple(int(s) for s in shape.replace("x", ",").split(",") if s.strip())
         except ValueError:
             raise click.BadParameter(f"expected sizes like 64,64,3,3, got {shape!r}", param_hint="--shape") from None
-    key = nnmark.WhiteBoxKey.generate(carrier=carrier, bits=bits, reduction=reduction, message=message, shape=shp)
-    key.save(output)
+    try:
+        key = nnmark.WhiteBoxKey.generate(carrier=carrier, bits=bits, reduction=reduction, message=message, shape=shp)
+        key.save(output)  # refuses to overwrite a file that is not a key file, even with --force
+    except (ValueError, OSError) as exc:
+        _error(exc)
+        sys.exit(EXIT_ERROR)
     click.echo(f"wrote {output} (key_id {key.key_id}, carrier {carrier}, {bits} bits, {reduction}); keep it secret")
 
 
@@ -125,7 +136,7 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, calibration, devic
     import nnmark
 
     try:
-        k = nnmark.load_key(key)
+        k = _load_keys([key])[0]
     except nnmark.KeyFileError as exc:
         _error(exc)
         sys.exit(EXIT_ERROR)
@@ -204,7 +215,7 @@ def calibrate(key, null_checkpoints, alpha, arch, null_rate, device, output, as_
     import nnmark
 
     try:
-        k = nnmark.load_key(key)
+        k = _load_keys([key])[0]
         cal = nnmark.calibrate(k, [str(p) for p in null_checkpoints], alpha=alpha, arch=arch, null_rate=null_rate,
                                device=device)
         if output is not None:
@@ -308,7 +319,7 @@ def robustness(checkpoint, arch, keys, data_spec, attack_specs, out_dir, alpha, 
         con_err.print(f"[red]error:[/red] {markup_safe(msg)}", soft_wrap=True)
 
     try:
-        marks = [nnmark.load_key(k) for k in keys]
+        marks = _load_keys(keys)
     except nnmark.KeyFileError as exc:
         err(str(exc))
         sys.exit(EXIT_ERROR)

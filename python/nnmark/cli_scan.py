@@ -130,7 +130,9 @@ def scan_cmd(paths, keys, ledger, alpha, arch, device, workers, batch_size, as_j
 
     err = _console(stderr=True)
     try:
-        loaded = [nnmark.load_key(k) for k in keys]
+        from .keys import load_keys_for_cli  # a permission warning: one "warning:" line on stderr
+
+        loaded = load_keys_for_cli(keys, lambda line: click.echo(line, err=True))
     except nnmark.KeyFileError as exc:
         err.print(f"error: {inert(exc)}", markup=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)

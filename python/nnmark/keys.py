@@ -6,8 +6,16 @@ to be pickled, so they never end up inside a checkpoint.
 
 Key file: UTF-8 JSON with ``format="nnmark-key"``, ``version=1``, the key's
 fields and ``checksum`` = SHA-256 over the canonical JSON of all other fields.
-``load_key`` rejects unknown formats and versions, truncated files and files
-whose checksum does not match (edited or corrupted).
+``load_key`` rejects unknown formats and versions, truncated files, files whose
+checksum does not match (the file changed since it was written: a corrupted copy
+or an edit that did not update the checksum) and fields of the wrong type or
+beyond the limits below. The checksum is unkeyed: it catches accidents, not
+deliberate edits (whoever can edit the file can recompute it; docs/spec.md §2.2).
+
+Key files are written through a fresh, randomly named temporary file created
+exclusively in the target's folder (never following a link), then renamed over the
+target; a key file that users other than its owner can read or write loads with a
+:class:`KeyPermissionWarning` (or is refused: ``permissions="refuse"``), like ssh.
 """
 from __future__ import annotations
 
@@ -15,8 +23,10 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets as _secrets
+import stat
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +36,8 @@ import numpy as np
 import torch
 
 from . import ops
+from ._keyfile import (NumberError, f32_field, file_type, int_field, int_list, is_int, open_regular, parse_json,
+                       read_fd, read_regular, secret_field, show, write_atomic)
 from .carriers import REDUCTIONS, carrier_length, reduce_carrier
 
 FORMAT = "nnmark-key"
@@ -38,6 +50,19 @@ _LEDGER_MAC_DOMAIN = b"nnmark:ledger-mac:v1:"
 # DenseKey's matrix_layout: unknown (refused when square), nnmark's [T, N], Uchida's [N, T].
 MATRIX_LAYOUTS = (None, "TN", "NT")
 
+# Limits on what a key claims. Generous for real use, and small enough that a hostile or
+# broken key file fails at load with a clear error instead of allocating gigabytes later.
+MAX_BITS = 1 << 20  # owner bits T: published marks use 32 to a few thousand
+MAX_NAME_CHARS = 4096  # a carrier's state-dict name: real ones are well under 200 characters
+MAX_SHAPE_DIMS = 16  # a recorded carrier shape: weights have 1 to 5 dims
+MAX_SHAPE_ELEMENTS = 1 << 40  # elements of a recorded shape: 4 TiB of float32, beyond any one weight
+# A key file holds a secret and some parameters; trigger keys may hold samples too.
+MAX_KEY_FILE_BYTES = 256 << 20
+
+# How load_key treats a key file that others can read or write: ssh's rule, with an override.
+PERMISSIONS = ("warn", "refuse", "ignore")
+PERMISSIONS_ENV = "NNMARK_KEY_PERMISSIONS"
+
 
 def _derive_ledger_mac_key(secret: bytes) -> bytes:
     """The key of ledger row MACs (:mod:`nnmark.ledger`): HMAC-SHA256 of a domain string under
@@ -46,7 +71,15 @@ def _derive_ledger_mac_key(secret: bytes) -> bytes:
 
 
 class KeyFileError(ValueError):
-    """A key file that cannot be used: unreadable, truncated, edited, or of an unknown version."""
+    """A key file that cannot be used: unreadable, truncated, changed since it was written,
+    malformed, of an unknown version, or (``permissions="refuse"``) readable by others."""
+
+
+class KeyPermissionWarning(UserWarning):
+    """A key file that users other than its owner can read or write (group/other mode bits set).
+
+    The secret in it lets anyone who reads it verify and remove the mark. The fix the
+    message names: ``chmod 600 FILE``."""
 
 
 def message_bits(message: str | bytes, n: int) -> np.ndarray:
@@ -71,6 +104,8 @@ def _as_bits(bits: Any) -> np.ndarray:
     arr = np.asarray(bits.cpu() if isinstance(bits, torch.Tensor) else bits)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"bits must be a non-empty 1-D sequence of 0/1, got shape {arr.shape}")
+    if arr.size > MAX_BITS:
+        raise ValueError(f"{arr.size} bits: a key holds at most {MAX_BITS}")
     if not np.all((arr == 0) | (arr == 1)):
         bad = arr[(arr != 0) & (arr != 1)][:3].tolist()
         raise ValueError(f"bits must contain only 0 and 1, found {bad}")
@@ -93,7 +128,11 @@ def _read_npy(path: str | os.PathLike, what: str) -> np.ndarray:
     """One array from a .npy file, never unpickling anything (a pickle could run code)."""
     p = str(path)
     try:
-        with open(path, "rb") as f:
+        fd, st = open_regular(path)  # never blocks on a FIFO
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise KeyFileError(f"{what} file {p!r} is not a regular file ({file_type(st)})")
+        with os.fdopen(fd, "rb") as f:
             magic = f.read(6)
             f.seek(0)
             if magic != b"\x93NUMPY":
@@ -116,24 +155,37 @@ def _read_npy(path: str | os.PathLike, what: str) -> np.ndarray:
 
 
 def _check_carrier(carrier: Any) -> str:
-    if not isinstance(carrier, str) or not carrier:
-        raise ValueError(f"carrier must be a non-empty state-dict name such as 'features.3.weight', got {carrier!r}")
+    if not isinstance(carrier, str) or not carrier or len(carrier) > MAX_NAME_CHARS:
+        raise ValueError(f"carrier must be a non-empty state-dict name such as 'features.3.weight' (at most "
+                         f"{MAX_NAME_CHARS} characters), got {show(carrier)}")
+    try:
+        carrier.encode("utf-8")  # its UTF-8 bytes enter the subkey; a lone surrogate has none
+    except UnicodeEncodeError:
+        raise ValueError(f"carrier {show(carrier)} is not valid Unicode text") from None
     return carrier
 
 
 def _check_reduction(reduction: Any) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {show(reduction)}")
     return reduction
 
 
 def _check_shape(shape: Any) -> tuple[int, ...] | None:
     if shape is None:
         return None
-    shape = tuple(int(s) for s in shape)
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"shape must be a non-empty tuple of positive sizes, got {shape}")
-    return shape
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        dims = None
+    if (isinstance(shape, (str, bytes)) or dims is None or not 1 <= len(dims) <= MAX_SHAPE_DIMS
+            or not all(is_int(s) and s >= 1 for s in dims)):
+        raise ValueError(f"shape must be a non-empty tuple of positive sizes (ints, at most {MAX_SHAPE_DIMS} dims), "
+                         f"got {show(shape)}")
+    dims = tuple(int(s) for s in dims)
+    if math.prod(dims) > MAX_SHAPE_ELEMENTS:
+        raise ValueError(f"shape {list(dims)} has more than {MAX_SHAPE_ELEMENTS} elements")
+    return dims
 
 
 def _min_bits_warning(n: int) -> None:
@@ -152,7 +204,7 @@ class WhiteBoxKeyBase:
         self._bits = _as_bits(bits)
         self.shape = _check_shape(shape)
         if order not in ("torch", "keras"):
-            raise ValueError(f"order must be 'torch' or 'keras', got {order!r}")
+            raise ValueError(f"order must be 'torch' or 'keras', got {show(order)}")
         self.order = order
 
     # -- the owner's bits ------------------------------------------------------------
@@ -252,8 +304,8 @@ class WhiteBoxKey(WhiteBoxKeyBase):
         from ``message`` (see :func:`message_bits`). ``shape`` (optional) records
         the carrier's weight shape so a wrong-shaped carrier is reported.
         """
-        if isinstance(bits, bool) or not isinstance(bits, int) or bits < 1:
-            raise ValueError(f"bits must be a positive int (the number of bits), got {bits!r}")
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+            raise ValueError(f"bits must be a positive int (the number of bits) up to {MAX_BITS}, got {show(bits)}")
         owner = (message_bits(message, bits) if message is not None
                  else np.unpackbits(np.frombuffer(os.urandom((bits + 7) // 8), dtype=np.uint8))[:bits])
         return cls(os.urandom(SECRET_BYTES), carrier, owner, reduction, shape)
@@ -436,10 +488,11 @@ class DenseKey(WhiteBoxKeyBase):
 def write_key_file(path: str | os.PathLike, kind: str, key_id: str, fields: dict[str, Any]) -> Path:
     """Writes a versioned, checksummed key file with mode 0600 (every key kind uses this).
 
-    Refuses to overwrite an existing file that is not an nnmark key file."""
+    Refuses to overwrite an existing file that is not an nnmark key file, or is not a
+    regular file (a FIFO or device there is refused, never waited on). A symbolic link
+    at ``path`` is replaced by the key file; what it pointed to is left as it was."""
     path = Path(path)
-    if path.exists() and not _is_key_file(path):
-        raise FileExistsError(f"{str(path)!r} exists and is not an nnmark key file; refusing to overwrite it")
+    _check_overwritable(path)
     body = {"format": FORMAT, "version": VERSION, "kind": kind, "key_id": key_id,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "warning": "SECRET: whoever holds this file can verify and remove this watermark. Keep it private.",
@@ -449,20 +502,43 @@ def write_key_file(path: str | os.PathLike, kind: str, key_id: str, fields: dict
 
 
 def write_private(path: str | os.PathLike, data: bytes) -> Path:
-    """Writes ``data`` atomically to ``path`` with mode 0600 (for secrets and trigger sets)."""
-    path = Path(path)
-    # Create with 0600 from the start: the secret is never readable by others, not even briefly.
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Writes ``data`` atomically to ``path`` with mode 0600 (for secrets and trigger sets);
+    see :func:`write_atomic`."""
+    return write_atomic(path, data, private=True)
+
+
+def _check_overwritable(path: Path) -> None:
+    """FileExistsError unless ``path`` is free (or a dangling link) or holds an nnmark key
+    file. Read without blocking and only when regular and no larger than a key file."""
+    p = str(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        fd, st = open_regular(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise FileExistsError(f"{p!r} exists and cannot be read ({exc.strerror or exc}); refusing to overwrite "
+                              f"it with a key file") from None
+    try:
+        if not stat.S_ISREG(st.st_mode):
+            raise FileExistsError(f"{p!r} exists and is not a regular file ({file_type(st)}); refusing to "
+                                  f"overwrite it with a key file")
+        if st.st_size > MAX_KEY_FILE_BYTES or not _is_key_body(read_fd(fd, st.st_size)):
+            raise FileExistsError(f"{p!r} exists and is not an nnmark key file; refusing to overwrite it")
+    except FileExistsError:
         raise
-    return path
+    except OSError as exc:
+        raise FileExistsError(f"{p!r} exists and cannot be read ({exc.strerror or exc}); refusing to overwrite "
+                              f"it with a key file") from None
+    finally:
+        os.close(fd)
+
+
+def _is_key_body(raw: bytes) -> bool:
+    try:
+        body = parse_json(raw)
+    except (ValueError, RecursionError, MemoryError):
+        return False
+    return isinstance(body, dict) and body.get("format") == FORMAT
 
 
 # kind -> function(body) -> key, for key kinds defined in other modules (trigger keys).
@@ -471,17 +547,9 @@ _LOADERS: dict[str, Any] = {}
 
 def register_key_kind(kind: str, loader) -> None:
     """Lets ``load_key`` read files of ``kind``: ``loader(body)`` builds the key from the
-    verified JSON body (raise KeyError/TypeError/ValueError on malformed fields)."""
+    verified JSON body (raise KeyError/TypeError/ValueError on malformed fields, naming the
+    field and never showing the secret)."""
     _LOADERS[kind] = loader
-
-
-def _is_key_file(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(1 << 16)
-        return isinstance(b := json.loads(head), dict) and b.get("format") == FORMAT
-    except (OSError, ValueError):
-        return False
 
 
 def _checksum(body: dict[str, Any]) -> str:
@@ -490,89 +558,181 @@ def _checksum(body: dict[str, Any]) -> str:
     return hashlib.sha256(canon).hexdigest()
 
 
-def _owner_bits(body: dict[str, Any]) -> list[int]:
-    bits = [int(c) for c in body["bits"]]
-    if len(bits) != body["num_bits"]:
-        raise ValueError(f"num_bits={body['num_bits']} but {len(bits)} bits stored")
-    return bits
+# -- strict fields (TypeError/ValueError naming the field; load_key adds the file) --------------
+
+
+def _bits_field(body: dict[str, Any]) -> np.ndarray:
+    t = int_field(body, "num_bits", 1, MAX_BITS)
+    bits = body["bits"]
+    if not isinstance(bits, str):
+        raise TypeError(f"field 'bits' must be a string of '0' and '1', got {type(bits).__name__}")
+    if len(bits) != t:
+        raise ValueError(f"num_bits={t} but {len(bits)} bits stored")
+    if bits.strip("01"):  # only ASCII '0'/'1': int() would also read other scripts' digits
+        raise ValueError("field 'bits' must hold only the characters '0' and '1'")
+    return np.frombuffer(bits.encode("ascii"), dtype=np.uint8) - ord("0")
+
+
+def _shape_field(body: dict[str, Any], name: str = "shape") -> tuple[int, ...] | None:
+    v = body[name]
+    if v is not None and not isinstance(v, list):
+        raise TypeError(f"field {name!r} must be an array of positive integers or null, got {type(v).__name__}")
+    return _check_shape(v)
 
 
 def _load_whitebox(body: dict[str, Any]) -> WhiteBoxKey:
-    return WhiteBoxKey(bytes.fromhex(body["secret"]), body["carrier"], _owner_bits(body), body["reduction"], body["shape"])
+    return WhiteBoxKey(secret_field(body, nbytes=SECRET_BYTES), _check_carrier(body["carrier"]), _bits_field(body),
+                       _check_reduction(body["reduction"]), _shape_field(body))
 
 
 def _load_dense(body: dict[str, Any]) -> DenseKey:
-    m = np.frombuffer(base64.b64decode(body["matrix"]), dtype="<f4").reshape(tuple(body["matrix_shape"]))
+    bits = _bits_field(body)
+    rows, cols = int_list(body, "matrix_shape", 2, 2)
+    if rows != bits.size:
+        raise ValueError(f"field 'matrix_shape' says {rows} rows, num_bits says {bits.size}")
+    m = f32_field(body, "matrix", (rows, cols))
     # nnmark stores [T, N]: say so, or a square matrix (N == T) would be refused
-    return DenseKey(m, body["carrier"], _owner_bits(body), body["reduction"], body["order"], body["shape"],
-                    matrix_layout="TN")
+    return DenseKey(m, _check_carrier(body["carrier"]), bits, _check_reduction(body["reduction"]), body["order"],
+                    _shape_field(body), matrix_layout="TN")
 
 
-# A key file holds a secret and some parameters; trigger keys may hold samples too.
-MAX_KEY_FILE_BYTES = 256 << 20
+# -- reading ------------------------------------------------------------------------------
 
 
-def _read_key_bytes(path: Path) -> bytes:
-    """The bytes of a key file: opened without blocking (a FIFO would wait for a writer
-    forever) and read only if it is a regular file of a sane size."""
-    import stat
-
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise KeyFileError(f"cannot read key file {str(path)!r}: {exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise KeyFileError(f"cannot read key file {str(path)!r}: it is a directory")
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"key file {str(path)!r} is not a regular file")
-        if st.st_size > MAX_KEY_FILE_BYTES:
-            raise KeyFileError(f"key file {str(path)!r} has {st.st_size} bytes, more than a key file holds "
-                               f"({MAX_KEY_FILE_BYTES})")
-        chunks, left = [], st.st_size
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    except OSError as exc:
-        raise KeyFileError(f"cannot read key file {str(path)!r}: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
+def _permission_policy(permissions: str | None) -> str:
+    if permissions is not None:
+        if not isinstance(permissions, str) or permissions not in PERMISSIONS:
+            raise ValueError(f"permissions must be one of {list(PERMISSIONS)}, got {show(permissions)}")
+        return permissions
+    env = os.environ.get(PERMISSIONS_ENV, "").strip().lower()
+    if env and env not in PERMISSIONS:
+        raise KeyFileError(f"{PERMISSIONS_ENV}={show(env)} is not one of {', '.join(PERMISSIONS)}")
+    return env or "warn"
 
 
-def load_key(path: str | os.PathLike):
-    """Read a key file written by ``key.save``; raises :class:`KeyFileError` on any defect."""
+def _exposure(path: Path, mode: int) -> str | None:
+    """Why a key file's mode exposes it, or None (ssh's rule: no group or other bits)."""
+    if os.name == "nt" or not mode & 0o077:  # Windows has no such mode bits
+        return None
+    import shlex
+
+    can = " or ".join(v for v, bits in (("read", 0o044), ("change", 0o022)) if mode & bits) or "open"
+    return (f"key file {str(path)!r} has mode {stat.S_IMODE(mode):04o}: users other than its owner can {can} it, "
+            f"and whoever reads it can verify and remove the mark. Fix: chmod 600 {shlex.quote(str(path))}")
+
+
+class _as_key_file_error:
+    """Turns every exception a bad file can raise into a KeyFileError naming the file."""
+
+    def __init__(self, path: Path):
+        self.p = str(path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if kind is None or issubclass(kind, KeyFileError) or not issubclass(kind, Exception):
+            return False
+        p = self.p
+        if issubclass(kind, RecursionError):
+            raise KeyFileError(f"key file {p!r} is nested too deeply to be a key file") from None
+        if issubclass(kind, MemoryError):
+            raise KeyFileError(f"key file {p!r} needs more memory than a key file can") from None
+        if issubclass(kind, KeyError):
+            raise KeyFileError(f"key file {p!r} is malformed: field {show(exc.args[0] if exc.args else None)} "
+                               f"is missing") from None
+        if issubclass(kind, (TypeError, ValueError, OverflowError, IndexError)):
+            raise KeyFileError(f"key file {p!r} is malformed: {exc}") from None
+        # Anything else is nnmark's bug, but still a file it cannot use: say which, show no value.
+        raise KeyFileError(f"key file {p!r} could not be read ({kind.__name__})") from None
+
+
+def load_key(path: str | os.PathLike, permissions: str | None = None):
+    """Read a key file written by ``key.save``; raises :class:`KeyFileError` on any defect.
+
+    ``permissions``: what to do when users other than the file's owner can read or write
+    it (mode & 0o077, the rule ssh applies to private keys): ``"warn"`` (the default) loads
+    it with a :class:`KeyPermissionWarning` naming the file, its mode and the fix
+    (``chmod 600 FILE``); ``"refuse"`` raises KeyFileError; ``"ignore"`` loads it silently.
+    When not given, the environment variable ``NNMARK_KEY_PERMISSIONS`` (warn, refuse or
+    ignore) sets it. Not checked on Windows.
+
+    Whatever is wrong with the file -- unreadable, not a regular file, too large, not
+    JSON, nested too deeply, a number beyond float64, a field missing, of the wrong type or
+    beyond the limits (``MAX_BITS``, ``triggers.MAX_TRIGGERS``, ...), a checksum or key_id
+    that does not match -- the error is a KeyFileError naming the file and the field, and
+    no message shows the secret.
+    """
+    policy = _permission_policy(permissions)
     path = Path(path)
-    raw = _read_key_bytes(path)
+    p = str(path)
+    raw, st = read_regular(path, MAX_KEY_FILE_BYTES, "key file", KeyFileError)
+    with _as_key_file_error(path):
+        body = _key_body(p, raw)
+    why = _exposure(path, st.st_mode) if policy != "ignore" else None
+    if why is not None:
+        if policy == "refuse":
+            raise KeyFileError(f"{why} (refused: permissions='refuse' or {PERMISSIONS_ENV}=refuse)")
+        warnings.warn(KeyPermissionWarning(why), stacklevel=2)
+    with _as_key_file_error(path):
+        return _key_from_body(p, body)
+
+
+def _key_body(p: str, raw: bytes) -> dict[str, Any]:
+    """Steps 1 and 2 of reading (docs/spec.md §2.3): a JSON object of this format and version."""
     if not raw.strip():
-        raise KeyFileError(f"key file {str(path)!r} is empty")
+        raise KeyFileError(f"key file {p!r} is empty")
     try:
-        body = json.loads(raw.decode("utf-8"))
+        body = parse_json(raw)
+    except NumberError as exc:
+        raise KeyFileError(f"key file {p!r} is not a key file nnmark can read: {exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise KeyFileError(f"key file {str(path)!r} is not valid key JSON (truncated or not a key file)") from None
+        raise KeyFileError(f"key file {p!r} is not valid key JSON (truncated or not a key file)") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT:
-        raise KeyFileError(f"{str(path)!r} is not an nnmark key file (format is {body.get('format') if isinstance(body, dict) else None!r})")
+        fmt = body.get("format") if isinstance(body, dict) else None
+        raise KeyFileError(f"{p!r} is not an nnmark key file (format is {show(fmt)})")
     version = body.get("version")
-    if version != VERSION:
-        raise KeyFileError(f"key file {str(path)!r} has version {version!r}; this nnmark reads version {VERSION}")
+    if not is_int(version) or version != VERSION:  # no bool: True == 1 in Python
+        raise KeyFileError(f"key file {p!r} has version {show(version)}; this nnmark reads version {VERSION}")
+    return body
+
+
+def _key_from_body(p: str, body: dict[str, Any]):
+    """Steps 3 to 5 of reading: checksum, the kind's fields, key_id."""
     if body.get("checksum") != _checksum(body):
-        raise KeyFileError(f"key file {str(path)!r} failed its checksum: it was edited or corrupted")
+        raise KeyFileError(f"key file {p!r} failed its checksum: the file changed since it was written (a "
+                           f"corrupted copy, or an edit that did not update the checksum)")
     kind = body.get("kind")
-    loader = {WhiteBoxKey.kind: _load_whitebox, DenseKey.kind: _load_dense, **_LOADERS}.get(kind)
+    loaders = {WhiteBoxKey.kind: _load_whitebox, DenseKey.kind: _load_dense, **_LOADERS}
+    loader = loaders.get(kind) if isinstance(kind, str) else None
     if loader is None:
-        raise KeyFileError(f"key file {str(path)!r} has unknown kind {kind!r}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            key = loader(body)
-    except KeyFileError:
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise KeyFileError(f"key file {str(path)!r} is malformed: {exc}") from None
+        raise KeyFileError(f"key file {p!r} has unknown kind {show(kind)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        key = loader(body)
     if key.key_id != body.get("key_id"):
-        raise KeyFileError(f"key file {str(path)!r}: key_id does not match its secret")
+        raise KeyFileError(f"key file {p!r}: key_id does not match its secret")
     return key
+
+
+def load_keys_for_cli(paths, note) -> list:
+    """``load_key`` of each path for a command line: a :class:`KeyPermissionWarning` becomes
+    one ``warning: ...`` line given to ``note`` (shown inert, once per file) instead of
+    Python's warning text; the key still loads (``NNMARK_KEY_PERMISSIONS=refuse`` refuses)."""
+    from ._display import inert_line
+
+    keys, shown = [], set()
+    for path in paths:
+        caught: list = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", KeyPermissionWarning)
+                keys.append(load_key(path))
+        finally:
+            for w in caught:
+                if not issubclass(w.category, KeyPermissionWarning):
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+                elif str(w.message) not in shown:
+                    shown.add(str(w.message))
+                    note(f"warning: {inert_line(str(w.message))}")
+    return keys

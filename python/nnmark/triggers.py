@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from . import keys as _keys
+from ._keyfile import f32_field, int_field, int_list, secret_field, show
 from .keys import SECRET_BYTES, write_key_file
 
 KINDS = ("abstract", "content", "noise", "unrelated")
@@ -57,6 +58,16 @@ _DOMAIN = b"nnmark:trigger:v1:"
 _KEY_ID_DOMAIN = b"nnmark:trigger:v1:key-id"
 _FILE_KIND = "trigger"
 DEFAULT_N = 100
+
+# Limits on what a trigger key claims. Generous for real use (trigger sets hold tens to a
+# few thousand inputs), and small enough that a hostile key file or argument fails at once
+# with a clear error instead of a MemoryError when the set is built.
+MAX_TRIGGERS = 1 << 20  # triggers n (and stored controls k)
+MAX_CLASSES = 1 << 20  # num_classes: ImageNet-21k has 21,841; a large vocabulary ~250k
+MAX_INPUT_ELEMENTS = 1 << 24  # elements of one input: 3 x 2048 x 2048 fits
+# Elements of all n triggers (or all controls): 128 MiB as float32, 200 ImageNet-sized inputs.
+# Building that many abstract triggers takes seconds and a few GB (float64 temporaries).
+MAX_TRIGGER_ELEMENTS = 1 << 25
 
 # --------------------------------------------------------------------------- keyed streams
 
@@ -143,11 +154,13 @@ def _gaussian(secret: bytes, name: str, count: int) -> np.ndarray:
 # ------------------------------------------------------------------------ validation
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {show(value)}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
 
 
@@ -155,13 +168,24 @@ def _check_shape(input_shape: Any) -> tuple[int, ...]:
     try:
         shape = tuple(input_shape)
     except TypeError:
-        raise TypeError(f"input_shape must be a tuple such as (1, 8, 8), got {input_shape!r}") from None
+        raise TypeError(f"input_shape must be a tuple such as (1, 8, 8), got {show(input_shape)}") from None
     if not 1 <= len(shape) <= 3:
-        raise ValueError(f"input_shape must have 1 to 3 dims ((D,), (H, W) or (C, H, W)), got {shape}")
+        raise ValueError(f"input_shape must have 1 to 3 dims ((D,), (H, W) or (C, H, W)), got {show(shape)}")
     for s in shape:
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
-            raise ValueError(f"input_shape must hold positive ints, got {shape}")
-    return tuple(int(s) for s in shape)
+            raise ValueError(f"input_shape must hold positive ints, got {show(shape)}")
+    shape = tuple(int(s) for s in shape)
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise ValueError(f"input_shape {list(shape)} has {math.prod(shape)} elements per input, more than "
+                         f"{MAX_INPUT_ELEMENTS}")
+    return shape
+
+
+def _check_total(what: str, count: int, shape: tuple[int, ...]) -> None:
+    """Refuses a set whose inputs together exceed MAX_TRIGGER_ELEMENTS (before anything is built)."""
+    if count * math.prod(shape) > MAX_TRIGGER_ELEMENTS:
+        raise ValueError(f"{count} {what} of shape {list(shape)} hold {count * math.prod(shape)} values, more than "
+                         f"{MAX_TRIGGER_ELEMENTS}")
 
 
 def _chw(shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -284,14 +308,15 @@ class TriggerKey:
             raise ValueError(f"unknown trigger kind {kind!r}; expected one of {list(KINDS)}")
         self._secret = bytes(secret)
         self.kind = kind
-        self.num_classes = _check_int("num_classes", num_classes, 2)
+        self.num_classes = _check_int("num_classes", num_classes, 2, MAX_CLASSES)
         self.value_range = _check_range(value_range)
         shape = _check_shape(input_shape) if input_shape is not None else None
         if kind == "abstract":
             if samples is not None:
                 raise ValueError("kind='abstract' builds its own images; samples must be None")
             self.input_shape = shape if shape is not None else (1, 8, 8)
-            self.n = _check_int("n", DEFAULT_N if n is None else n, 1)
+            self.n = _check_int("n", DEFAULT_N if n is None else n, 1, MAX_TRIGGERS)
+            _check_total("triggers", self.n, self.input_shape)
             self.target = None
             self._samples = None
             self._labels = None
@@ -304,7 +329,8 @@ class TriggerKey:
             self.input_shape = tuple(int(s) for s in arr.shape[1:])
             _check_shape(self.input_shape)
             m = arr.shape[0]
-            self.n = _check_int("n", m if n is None else n, 1)
+            self.n = _check_int("n", m if n is None else n, 1, MAX_TRIGGERS)
+            _check_total("triggers", self.n, self.input_shape)
             if self.n > m:
                 raise ValueError(f"n={self.n} triggers need at least n samples, got {m}")
             self._samples = arr[: self.n].copy()
@@ -334,6 +360,8 @@ class TriggerKey:
                              f"{'stamp' if kind == 'content' else 'noise'}); controls must be None")
         if controls is not None:
             ctrl = _as_samples(controls, self.input_shape)
+            _check_int("the number of controls", len(ctrl), 1, MAX_TRIGGERS)
+            _check_total("controls", len(ctrl), self.input_shape)
             self._controls = ctrl.copy()
             ct = self.target if control_target is None else control_target
             if ct is None:
@@ -800,25 +828,29 @@ def _strict_labels(name: str, value: Any, count: int) -> None:
 
 
 def _load_trigger(body: dict[str, Any]) -> TriggerKey:
+    """A TriggerKey from a key file's body: every field strictly typed and within the
+    limits, and every stored array's size checked before it is decoded."""
     def typed(name, types):
         v = body[name]
         if not isinstance(v, types) or isinstance(v, bool):
             raise TypeError(f"field {name!r} has type {type(v).__name__}")
         return v
 
-    secret = bytes.fromhex(typed("secret", str))
+    secret = secret_field(body, nbytes=SECRET_BYTES)
     kind = typed("trigger_kind", str)
-    n = typed("n", int)
-    input_shape = typed("input_shape", list)
+    if kind not in KINDS:
+        raise ValueError(f"field 'trigger_kind' must be one of {list(KINDS)}, got {show(kind)}")
+    n = int_field(body, "n", 1, MAX_TRIGGERS)
+    num_classes = int_field(body, "num_classes", 2, MAX_CLASSES)
+    input_shape = int_list(body, "input_shape", 1, 3)
+    _check_shape(input_shape)
+    _check_total("triggers", n, tuple(input_shape))
     samples = None
     if body["samples"] is not None:
-        shape = [int(s) for s in typed("samples_shape", list)]
+        shape = int_list(body, "samples_shape", 2, 4)
         if shape != [n, *input_shape]:
             raise ValueError(f"samples_shape {shape} does not match n={n}, input_shape={input_shape}")
-        blob = base64.b64decode(typed("samples", str), validate=True)
-        if len(blob) != 4 * int(np.prod(shape)):
-            raise ValueError(f"samples hold {len(blob)} bytes, expected {4 * int(np.prod(shape))}")
-        samples = np.frombuffer(blob, dtype="<f4").reshape(shape)
+        samples = f32_field(body, "samples", shape)
     elif kind in _SAMPLE_KINDS:
         raise ValueError(f"kind {kind!r} needs stored samples")
     target = body["target"]
@@ -828,13 +860,12 @@ def _load_trigger(body: dict[str, Any]) -> TriggerKey:
         _strict_labels("target", target, n)
     controls = control_target = None
     if body.get("controls") is not None:
-        cshape = [int(s) for s in typed("controls_shape", list)]
-        if len(cshape) != 1 + len(input_shape) or cshape[1:] != input_shape or cshape[0] < 1:
+        cshape = int_list(body, "controls_shape", 2, 4)
+        if len(cshape) != 1 + len(input_shape) or cshape[1:] != input_shape:
             raise ValueError(f"controls_shape {cshape} does not match input_shape={input_shape}")
-        blob = base64.b64decode(typed("controls", str), validate=True)
-        if len(blob) != 4 * int(np.prod(cshape)):
-            raise ValueError(f"controls hold {len(blob)} bytes, expected {4 * int(np.prod(cshape))}")
-        controls = np.frombuffer(blob, dtype="<f4").reshape(cshape)
+        _check_int("the number of controls", cshape[0], 1, MAX_TRIGGERS)
+        _check_total("controls", cshape[0], tuple(input_shape))
+        controls = f32_field(body, "controls", cshape)
         control_target = body["control_target"]
         _strict_labels("control_target", control_target, cshape[0])
         controls_from = typed("controls_from", str)
@@ -843,9 +874,17 @@ def _load_trigger(body: dict[str, Any]) -> TriggerKey:
         if not isinstance(true, list):
             raise TypeError("field 'sample_labels' must be a list of ints")
         _strict_labels("sample_labels", true, n)
-    return TriggerKey(secret, kind, n, typed("num_classes", int), tuple(input_shape), samples,
-                      target if target is not None else 0, tuple(typed("value_range", list)),
-                      body["mean"], body["std"], typed("noise_std", (int, float)), controls, control_target,
+    value_range = typed("value_range", list)
+    if len(value_range) != 2:
+        raise ValueError(f"field 'value_range' must be [lo, hi], got {len(value_range)} values")
+    mean, std = body["mean"], body["std"]
+    for name, v in (("mean", mean), ("std", std)):
+        if v is not None and not (isinstance(v, list) and 1 <= len(v) <= MAX_INPUT_ELEMENTS):
+            raise TypeError(f"field {name!r} must be an array of numbers (one per channel) or null, got "
+                            f"{type(v).__name__}")
+    return TriggerKey(secret, kind, n, num_classes, tuple(input_shape), samples,
+                      target if target is not None else 0, tuple(value_range),
+                      mean, std, typed("noise_std", (int, float)), controls, control_target,
                       controls_from if controls is not None else None, true)
 
 
