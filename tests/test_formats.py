@@ -352,3 +352,146 @@ def test_the_reader_refuses_what_safetensors_refuses_and_reads_what_it_reads(tmp
             assert exc.status in ("corrupt", "unsupported"), (name, exc.status, str(exc))
         assert ours == library, f"{name}: safetensors {'reads' if library else 'refuses'} it, nnmark " \
                                 f"{'reads' if ours else 'refuses'} it"
+
+
+# ------------------------------------------------------------------ bounded memory (issue 13)
+def _st_with_entries(path, n: int, meta: bool = False) -> str:
+    hdr = {f"t{i}": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]} for i in range(n)}
+    if meta:
+        hdr["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(hdr).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + bytes(4 * n))
+    return str(path)
+
+
+def test_safetensors_header_over_the_byte_limit_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "HEADER_LIMIT_BYTES", 4096)
+    monkeypatch.setattr(checkpoints, "_LAYOUTS", {})
+    p = _st_with_entries(tmp_path / "big.safetensors", 100)  # a ~6 kB header
+    reads = []
+    real = os.pread
+    monkeypatch.setattr(checkpoints.os, "pread", lambda fd, n, off: reads.append(n) or real(fd, n, off))
+    with pytest.raises(CheckpointError) as e:
+        open_file(p)
+    assert (e.value.status, e.value.error_class) == ("unsupported", "HeaderTooLarge")
+    n = struct.unpack("<Q", open(p, "rb").read(8))[0]
+    assert f"{n} bytes" in str(e.value) and "4096" in str(e.value)
+    assert sum(reads) <= checkpoints.HEAD_BYTES  # the first read only: the rest of the header is not read
+    with open_file(_st_with_entries(tmp_path / "small.safetensors", 10)) as ck:
+        assert len(ck.names()) == 10
+
+
+def test_safetensors_header_with_too_many_entries_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(checkpoints, "MAX_HEADER_ENTRIES", 5)
+    monkeypatch.setattr(checkpoints, "_LAYOUTS", {})
+    with pytest.raises(CheckpointError) as e:
+        open_file(_st_with_entries(tmp_path / "six.safetensors", 6))
+    assert (e.value.status, e.value.error_class) == ("unsupported", "HeaderTooLarge")
+    assert "6 entries" in str(e.value) and "limit of 5" in str(e.value)
+    with open_file(_st_with_entries(tmp_path / "five.safetensors", 5, meta=True)) as ck:  # __metadata__ is no tensor
+        assert ck.names() == [f"t{i}" for i in range(5)]
+        assert ck.carrier("t4").nbytes == 4
+
+
+def _torch_zip(path, pickle_bytes: bytes | None = None, deflate: bool = False, extra: int = 0) -> str:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(4)}, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as z:
+        members = [(i.filename, z.read(i)) for i in z.infolist()]
+    prefix = members[0][0].split("/")[0]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, data in members:
+            if pickle_bytes is not None and name.endswith("data.pkl"):
+                z.writestr(name, pickle_bytes, zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED)
+            else:
+                z.writestr(name, data)
+        for i in range(extra):
+            z.writestr(f"{prefix}/extra/{i}", b"")
+    return str(path)
+
+
+def test_torch_zip_pickle_over_the_limit_is_refused_before_it_is_unpickled(tmp_path, monkeypatch):
+    # a deflated pickle of a few kB that would unpack to 4 MB of empty lists (~256 MB unpickled)
+    bomb = b"\x80\x02]" + (b"(" + b"]" * 1000 + b"e") * 4000 + b"."
+    p = _torch_zip(tmp_path / "bomb.pt", bomb, deflate=True)
+    assert os.path.getsize(p) < 100_000
+    monkeypatch.setattr(checkpoints, "MAX_PICKLE_BYTES", 1 << 20)
+    monkeypatch.setattr(checkpoints.torch, "load", lambda *a, **k: pytest.fail("unpickled"))
+    with pytest.raises(CheckpointError) as e:
+        open_file(p)
+    assert (e.value.status, e.value.error_class) == ("unsupported", "PickleTooLarge")
+    assert f"{len(bomb)} bytes" in str(e.value) and str(1 << 20) in str(e.value)
+
+
+def test_torch_zip_with_too_many_members_is_refused(tmp_path, monkeypatch):
+    p = _torch_zip(tmp_path / "many.pt", extra=40)
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        import zipfile
+
+        assert checkpoints._zip_entries(fd, os.path.getsize(p)) == len(zipfile.ZipFile(p).infolist())
+    finally:
+        os.close(fd)
+    with open_file(p) as ck:  # under the limit: read as usual
+        assert ck.carrier("w").tensor.tolist() == [1.0] * 4
+    monkeypatch.setattr(checkpoints, "MAX_ZIP_MEMBERS", 20)
+    with pytest.raises(CheckpointError) as e:
+        open_file(p)
+    assert (e.value.status, e.value.error_class) == ("unsupported", "TooManyMembers")
+    assert "limit of 20" in str(e.value)
+
+
+def test_hostile_files_stay_far_below_the_memory_they_used_to_take(tmp_path):
+    """Peak RSS of a fresh process that scans and verifies a zero-stride view (4.5 / 7.6 GB
+    before issue 13) and a deflated pickle bomb (2.4 GB): both refused, under 1 GB."""
+    import subprocess
+    import sys
+
+    import nnmark
+
+    view = tmp_path / "view.pt"
+    torch.save({"w": torch.zeros(1).expand(1 << 30)}, view)
+    bomb = _torch_zip(tmp_path / "bomb.pt", b"\x80\x02]" + (b"(" + b"]" * 1000 + b"e") * 30_000 + b".", deflate=True)
+    key = nnmark.WhiteBoxKey.generate(carrier="w", bits=32, reduction="flat")
+    kp = key.save(tmp_path / "k.key")
+    code = ("import sys, json, nnmark\n"
+            "k = nnmark.load_key(sys.argv[1])\n"
+            "rows = nnmark.scan(k, sys.argv[2:], progress=False, workers=1).rows\n"
+            "v = [nnmark.verify(k, p) for p in sys.argv[2:]]\n"
+            "hwm = int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])\n"
+            "print(json.dumps([[r['status'], r['error_class']] for r in rows] + [[x.status, x.error_class] for x in v]"
+            " + [hwm]))\n")
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc/self/status (VmHWM)")
+    cp = subprocess.run([sys.executable, "-c", code, str(kp), str(view), bomb], capture_output=True, text=True,
+                        timeout=300)
+    assert cp.returncode == 0, cp.stderr
+    *rows, hwm_kb = json.loads(cp.stdout.strip().splitlines()[-1])
+    assert rows == [["invalid", "ExpandedTensor"], ["unsupported", "PickleTooLarge"]] * 2
+    assert hwm_kb < 1 << 20, f"peak RSS {hwm_kb / 1024:.0f} MB"
+
+
+def test_legacy_pickle_with_too_many_opcodes_is_refused_before_it_is_unpickled(tmp_path, monkeypatch):
+    import pickle
+
+    bomb = b"\x80\x02]" + (b"(" + b"]" * 1000 + b"e") * 20 + b"."
+    sys_info = {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    p = tmp_path / "bomb.pt"
+    p.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2)
+                  + pickle.dumps(sys_info, protocol=2) + bomb + pickle.dumps([], protocol=2))
+    monkeypatch.setattr(checkpoints, "MAX_PICKLE_OPS", 10_000)
+    real_load = checkpoints.torch.load
+    monkeypatch.setattr(checkpoints.torch, "load", lambda *a, **k: pytest.fail("unpickled"))
+    with pytest.raises(CheckpointError) as e:
+        open_file(p)
+    assert (e.value.status, e.value.error_class) == ("unsupported", "PickleTooLarge")
+    assert "10000" in str(e.value)
+    monkeypatch.setattr(checkpoints.torch, "load", real_load)
+    legit = tmp_path / "legit.pt"
+    torch.save({f"l{i}.weight": torch.ones(2) for i in range(100)}, legit, _use_new_zipfile_serialization=False)
+    with open_file(legit) as ck:  # ~31 opcodes per tensor: far under the limit
+        assert ck.carrier("l99.weight").tensor.tolist() == [1.0, 1.0]

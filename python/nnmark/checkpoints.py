@@ -55,19 +55,36 @@ from .stats import STATUSES
 # First read of a file: enough for the header of a small safetensors file in one
 # syscall, far below the "header + 64 KiB" a lazy read may cost.
 HEAD_BYTES = 8192
-# safetensors' own cap on its JSON header (the library refuses longer ones).
+# safetensors' own cap on its JSON header (the library refuses longer ones): beyond it a
+# file is corrupt.
 MAX_HEADER_BYTES = 100_000_000
+# nnmark's own, lower caps (issue 13: memory per file must stay bounded; parsed JSON takes up
+# to ~26x its bytes, a header entry ~1 kB while it is checked). Real single-file headers hold
+# a few thousand tensors in a few hundred kB (SDXL: ~2,500 tensors, ~200 kB; Flux: ~780);
+# even all of DeepSeek-V3 (~92,000 tensors with its FP8 scales, ~14 MB of header, shipped as
+# 163 shards of ~560 each) would fit two of these caps. Beyond either: unsupported/HeaderTooLarge.
+HEADER_LIMIT_BYTES = 16 << 20
+MAX_HEADER_ENTRIES = 200_000
 # A shard index is a small JSON file; anything far larger is not one.
 MAX_INDEX_BYTES = 100 << 20
 # Files above this are read without kernel readahead: a cold read then costs the
 # header and the carrier, not a readahead window around each.
 NO_READAHEAD_BYTES = 4 << 20
 HASH_CHUNK = 1 << 20
+# A torch zip's pickle (data.pkl) takes up to ~80x its bytes once unpickled (a pickle of empty
+# lists); real ones hold ~130 bytes per tensor (~350 with Adam's state): 16 MiB is ~125,000
+# tensors. Its size is the directory's (uncompressed: a deflated pickle of a few kB can
+# declare gigabytes). Members: one per storage plus ~6; 250,000 is far beyond real files.
+MAX_PICKLE_BYTES = 16 << 20
+MAX_ZIP_MEMBERS = 250_000
+# A legacy torch file has no directory that sizes its pickle: its opcodes are counted before
+# it is loaded (~31 per tensor; a pickle of empty lists builds an object per opcode).
+MAX_PICKLE_OPS = 4_000_000
 _FADVISE = hasattr(os, "posix_fadvise")
 # Checked safetensors layouts by their raw header bytes: the thousands of checkpoints
 # of one training run share a few headers, so a scan parses and checks each once.
 # Headers above _LAYOUT_CACHE_BYTES (rare, and parsing is then not the cost) are not kept.
-_LAYOUTS: dict[bytes, tuple[dict, dict, int]] = {}
+_LAYOUTS: dict[bytes, tuple[dict, int]] = {}
 _LAYOUT_CACHE_SIZE = 256
 _LAYOUT_CACHE_BYTES = 1 << 16
 
@@ -462,6 +479,10 @@ class SafetensorsFile(Checkpoint):
         if 8 + n > size:
             raise CheckpointError("corrupt", "TruncatedFile", f"{self.path!r}: the safetensors header needs {8 + n} bytes, "
                                                           f"the file has {size} (truncated)")
+        if n > HEADER_LIMIT_BYTES:
+            raise CheckpointError("unsupported", "HeaderTooLarge", f"{self.path!r}: its safetensors header is {n} bytes, "
+                                                                   f"over nnmark's limit of {HEADER_LIMIT_BYTES} "
+                                                                   f"(real checkpoints' headers are at most a few MB)")
         raw = head[8:8 + n]
         if len(raw) < n:
             rest = self._pread(8 + n - len(head), len(head))
@@ -485,6 +506,10 @@ class SafetensorsFile(Checkpoint):
                 raise CheckpointError("corrupt", "BadHeader", f"{self.path!r}: the safetensors header has two "
                                                               f"__metadata__")
             meta = header.pop("__metadata__", None)
+            if len(header) > MAX_HEADER_ENTRIES:
+                raise CheckpointError("unsupported", "HeaderTooLarge", f"{self.path!r}: its safetensors header has "
+                                                                       f"{len(header)} entries, over nnmark's limit of "
+                                                                       f"{MAX_HEADER_ENTRIES} tensors per file")
             if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
                 raise CheckpointError("corrupt", "BadHeader", f"{self.path!r}: the safetensors __metadata__ must map "
                                                               f"names to strings")
@@ -493,7 +518,7 @@ class SafetensorsFile(Checkpoint):
                 if len(_LAYOUTS) >= _LAYOUT_CACHE_SIZE:
                     _LAYOUTS.clear()
                 _LAYOUTS[raw] = layout
-        self._header, self._entries, described = layout
+        self._entries, described = layout
         self._data_start = 8 + n
         self._head = head  # small files: the carrier may be in it already
         data_bytes = size - 8 - n
@@ -504,12 +529,13 @@ class SafetensorsFile(Checkpoint):
             raise CheckpointError("corrupt", "TrailingBytes", f"{self.path!r}: {data_bytes - described} bytes follow the "
                                                           f"last tensor (safetensors refuses such files)")
 
-    def _layout(self, header: dict) -> tuple[dict, dict, int]:
+    def _layout(self, header: dict) -> tuple[dict, int]:
         """The checks safetensors makes before it loads anything, from the header alone:
         every tensor's span fits its dtype and shape, the spans tile the data exactly
         (the caller compares their end with the file: a file cut short or padded
-        anywhere is corrupt, even if the carrier is intact). Returns (header, {name:
-        (dtype code, shape, torch dtype, begin, end)}, bytes of tensor data described)."""
+        anywhere is corrupt, even if the carrier is intact). Returns ({name: (dtype code,
+        shape, torch dtype, begin, end)}, bytes of tensor data described): the parsed header
+        itself is dropped (its dicts cost several times these tuples)."""
         spans = []
         entries = {}
         for name, entry in header.items():
@@ -542,13 +568,13 @@ class SafetensorsFile(Checkpoint):
                 raise CheckpointError("corrupt", "BadHeader", f"{self.path!r}: tensor data overlaps or leaves a gap at "
                                                           f"byte {min(begin, pos)} of the data")
             pos = end
-        return header, entries, pos
+        return entries, pos
 
     def names(self) -> list[str]:
-        return list(self._header)
+        return list(self._entries)
 
     def carrier(self, name: str, validate: Validator | None = None, out: Allocator | None = None) -> Carrier:
-        real = name if name in self._header else self._resolve(self._header, name)
+        real = name if name in self._entries else self._resolve(self._entries, name)
         return self._read(real, validate, hash_it=True, out=out)
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -617,8 +643,9 @@ def _fd_path(fd: int, path: str) -> str:
     return p if os.path.exists(p) else path
 
 
-def _torch_load(path: str, fd: int, fmt: str):
-    """torch.load(weights_only=True) of a sniffed torch file; mapped when the format allows."""
+def _torch_load(path: str, fd: int, fmt: str, members: dict[str, tuple[int, int]] | None = None):
+    """torch.load(weights_only=True) of a sniffed torch file; mapped when the format allows.
+    ``members``: the zip's, from :func:`_zip_members` (None: a damaged or legacy file)."""
     try:
         return torch.load(_fd_path(fd, path), map_location="cpu", weights_only=True, mmap=(fmt == "torch-zip"))
     except pickle.UnpicklingError as exc:
@@ -631,8 +658,7 @@ def _torch_load(path: str, fd: int, fmt: str):
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         raise _io_error(path, exc) from None
     except Exception as exc:  # zip reader, truncated pickles, storages of the wrong size
-        if fmt == "torch-zip" and _zip_members(fd) is not None and \
-                not any(n.endswith("data.pkl") for n in _zip_members(fd)):
+        if members is not None and not any(n.endswith("data.pkl") for n in members):
             raise CheckpointError("unsupported", "NotTorchZip", f"{path!r} is a zip archive but not a torch "
                                                                 f"checkpoint (no data.pkl)") from None
         msg = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc)
@@ -640,13 +666,73 @@ def _torch_load(path: str, fd: int, fmt: str):
                                                              f"{msg}") from None
 
 
-def _zip_members(fd: int) -> dict[str, int] | None:
-    """{member name: stored bytes} of the zip archive open as ``fd``; None if it is damaged."""
+def _check_legacy(path: str, fd: int) -> None:
+    """Counts the opcodes of a legacy torch file's pickles (magic, protocol, system info, the
+    objects) without running any, and refuses one of more than MAX_PICKLE_OPS."""
+    import pickletools
+
+    ops = 0
+    with os.fdopen(os.dup(fd), "rb") as f:
+        try:
+            for _ in range(4):
+                for _op in pickletools.genops(f):
+                    ops += 1
+                    if ops > MAX_PICKLE_OPS:
+                        raise CheckpointError("unsupported", "PickleTooLarge", f"{path!r}: its pickle has more than "
+                                                                               f"{MAX_PICKLE_OPS} opcodes, over "
+                                                                               f"nnmark's limit")
+        except CheckpointError:
+            raise
+        except Exception:  # noqa: BLE001 - damage: torch.load says what it is
+            return
+
+
+def _zip_entries(fd: int, size: int) -> int | None:
+    """How many members the zip open as ``fd`` declares in its end record (read from the
+    file's last 64 kB, before any directory is loaded); None if there is none."""
+    tail_len = min(size, 65_557)  # end record (22) + the longest comment
+    try:
+        tail = os.pread(fd, tail_len, size - tail_len)
+    except OSError:
+        return None
+    i = tail.rfind(b"PK\x05\x06")
+    if i < 0 or i + 22 > len(tail):
+        return None
+    count = struct.unpack_from("<H", tail, i + 10)[0]
+    if count == 0xFFFF and i >= 20 and tail[i - 20:i - 16] == b"PK\x06\x07":  # zip64: its own end record
+        (off,) = struct.unpack_from("<Q", tail, i - 12)
+        try:
+            rec = os.pread(fd, 40, off)
+        except OSError:
+            return None
+        if len(rec) == 40 and rec[:4] == b"PK\x06\x06":
+            count = struct.unpack_from("<Q", rec, 32)[0]
+    return count
+
+
+def _zip_members(fd: int) -> dict[str, tuple[int, int]] | None:
+    """{member name: (stored bytes, uncompressed bytes)} of the zip archive open as ``fd``;
+    None if it is damaged."""
     try:
         with zipfile.ZipFile(os.fdopen(os.dup(fd), "rb")) as z:
-            return {i.filename: i.compress_size for i in z.infolist()}
+            return {i.filename: (i.compress_size, i.file_size) for i in z.infolist()}
     except Exception:  # noqa: BLE001 - a damaged zip is corrupt, not foreign
         return None
+
+
+def _check_zip(path: str, fd: int, size: int) -> dict[str, tuple[int, int]] | None:
+    """The members of a torch zip, after the checks that bound what loading it costs:
+    at most MAX_ZIP_MEMBERS members, a data.pkl of at most MAX_PICKLE_BYTES."""
+    n = _zip_entries(fd, size)
+    if n is not None and n > MAX_ZIP_MEMBERS:
+        raise CheckpointError("unsupported", "TooManyMembers", f"{path!r}: its zip holds {n} members, over nnmark's "
+                                                               f"limit of {MAX_ZIP_MEMBERS}")
+    members = _zip_members(fd)
+    for name, (_, unpacked) in (members or {}).items():
+        if name.endswith("data.pkl") and unpacked > MAX_PICKLE_BYTES:
+            raise CheckpointError("unsupported", "PickleTooLarge", f"{path!r}: its pickle {name!r} is {unpacked} bytes "
+                                                                   f"unpacked, over nnmark's limit of {MAX_PICKLE_BYTES}")
+    return members
 
 
 class TorchFile(Checkpoint):
@@ -655,13 +741,14 @@ class TorchFile(Checkpoint):
     def __init__(self, path: str, fmt: str, st: os.stat_result, fd: int):
         super().__init__(path, *identity_of(st))
         self.format = fmt
-        obj = _torch_load(path, fd, fmt)
+        members = _check_zip(path, fd, st.st_size) if fmt == "torch-zip" else _check_legacy(path, fd)
+        obj = _torch_load(path, fd, fmt, members)
         if fmt == "torch-zip":
             # Mapped: the zip directory and the pickle are read; tensor pages are counted as
             # they are used. (From the archive's layout, not a system counter: the same file
             # reports the same bytes whoever reads it.)
-            members = _zip_members(fd) or {}
-            tensor_bytes = sum(n for name, n in members.items() if "/data/" in name and not name.endswith(".pkl"))
+            tensor_bytes = sum(n for name, (n, _) in (members or {}).items()
+                               if "/data/" in name and not name.endswith(".pkl"))
             self.bytes_read = max(0, min(st.st_size - tensor_bytes, st.st_size))
         else:
             self.bytes_read = st.st_size  # the legacy format is read whole
