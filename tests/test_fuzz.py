@@ -542,4 +542,10 @@ def test_cli_in_a_subprocess_prints_names_inert(tmp_path):
     assert cp.returncode == 2, text  # the evil file, the FIFO and the junk are rows that could not be checked
     assert_clean_output(text)
     assert not (tmp_path.parent / "pwned-sub").exists()
-    assert re.search(r"\\x1b\[31mred", text), text  # the name is shown, escaped
+    # verify's table lists every file: the name is shown, escaped
+    cp = subprocess.run([sys.executable, "-m", "nnmark", "verify", WB_PATH, str(tmp_path / "\x1b[31mred.safetensors"),
+                         str(tmp_path / "[/x].pt")], capture_output=True, env=env, timeout=120)
+    text = cp.stdout.decode("utf-8", "replace") + cp.stderr.decode("utf-8", "replace")
+    assert cp.returncode == 1, text  # checked, not marked
+    assert_clean_output(text)
+    assert re.search(r"\\x1b\[31mred", text) and "[/x].pt" in text, text
