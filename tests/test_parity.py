@@ -51,7 +51,9 @@ def test_the_corpus_covers_every_status_and_the_two_old_disagreements(corpus):
     root, keys, _, _, what, files, rows, _ = corpus
     assert {os.path.relpath(f, root) for f in files} == set(what) - {"bad/missing.pt"}
     statuses = {r["status"] for r in rows.values()}
-    assert statuses == set(nnmark.rows.STATUSES)
+    # every status a file can earn ("error" is nnmark's own failure: no file may cause it;
+    # tests/test_hostile.py forces one)
+    assert statuses == set(nnmark.rows.STATUSES) - {"error"}
     wb = keys[0].key_id
     hf = rows[(str(root / "hf" / "model.safetensors.index.json"), wb)]
     assert (hf["status"], hf["format"], hf["verified"]) == ("ok", "hf-sharded", True)

@@ -64,7 +64,7 @@ PERMISSIONS = ("warn", "refuse", "ignore")
 PERMISSIONS_ENV = "NNMARK_KEY_PERMISSIONS"
 
 
-def _derive_ledger_mac_key(secret: bytes) -> bytes:
+def derive_ledger_mac_key(secret: bytes) -> bytes:
     """The key of ledger row MACs (:mod:`nnmark.ledger`): HMAC-SHA256 of a domain string under
     the key's secret material. One-way: the MAC key reveals nothing of the secret."""
     return hmac.new(secret, _LEDGER_MAC_DOMAIN, hashlib.sha256).digest()
@@ -324,7 +324,7 @@ class WhiteBoxKey(WhiteBoxKeyBase):
         return ops.keyed_projection(v, self.subkey(), self.num_bits)
 
     def _ledger_mac_key(self) -> bytes:
-        return _derive_ledger_mac_key(self._secret)
+        return derive_ledger_mac_key(self._secret)
 
     def _fields(self) -> dict[str, Any]:
         return {"secret": self._secret.hex(), **super()._fields()}
@@ -465,7 +465,7 @@ class DenseKey(WhiteBoxKeyBase):
         return hashlib.sha256(_KEY_ID_DOMAIN + self._matrix.numpy().tobytes()).hexdigest()[:16]
 
     def _ledger_mac_key(self) -> bytes:
-        return _derive_ledger_mac_key(self._matrix.numpy().tobytes())  # the matrix is this key's secret
+        return derive_ledger_mac_key(self._matrix.numpy().tobytes())  # the matrix is this key's secret
 
     def project_vectors(self, v: torch.Tensor) -> torch.Tensor:
         if v.shape[-1] != self._matrix.shape[1]:

@@ -483,7 +483,7 @@ class TriggerKey:
         return hashlib.sha256(_KEY_ID_DOMAIN + b"\x00" + self._secret).hexdigest()[:16]
 
     def _ledger_mac_key(self) -> bytes:
-        return _keys._derive_ledger_mac_key(self._secret)
+        return _keys.derive_ledger_mac_key(self._secret)
 
     @property
     def null_rate(self) -> float:
