@@ -143,3 +143,29 @@ def test_cli_verify_and_scan_show_hostile_names_inert(tmp_path):
     _assert_inert(r.stdout + r.stderr)
     assert r.returncode == 2
     assert b"junk\\x1b[2J.pt" in r.stdout + r.stderr
+
+
+def test_legacy_pickle_that_torch_refuses_unnamed_is_unsafe_and_named(tmp_path):
+    """A plain pickle (protocol 4: FRAME, STACK_GLOBAL) that would run os.system: torch's
+    weights-only loader stops at the FRAME opcode without naming the global; nnmark's own
+    opcode walk names it. Nothing runs."""
+    import os
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    p = tmp_path / "evil.pt"
+    p.write_bytes(pickle.dumps({"conv.weight": Evil()}, protocol=4))
+    v = nnmark.verify(_key(), str(p))
+    assert (v.status, v.error_class) == ("unsafe", "UnsafePickle")
+    assert "os.system" in v.error_message and not marker.exists()
+    # a damaged pickle torch refuses for its opcodes alone says why, without torch's advice to load unsafely
+    q = tmp_path / "p4.pt"
+    torch.save({"conv.weight": torch.ones(8, 3, 3, 3)}, q, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    v = nnmark.verify(_key(), str(q))
+    assert (v.status, v.error_class) == ("corrupt", "UnpicklingError")
+    assert "weights_only` set to `False`" not in v.error_message and "refused" in v.error_message

@@ -643,18 +643,20 @@ def _fd_path(fd: int, path: str) -> str:
     return p if os.path.exists(p) else path
 
 
-def _torch_load(path: str, fd: int, fmt: str, members: dict[str, tuple[int, int]] | None = None):
+def _torch_load(path: str, fd: int, fmt: str, members: dict[str, tuple[int, int]] | None = None,
+                imports: list[str] | None = None):
     """torch.load(weights_only=True) of a sniffed torch file; mapped when the format allows.
-    ``members``: the zip's, from :func:`_zip_members` (None: a damaged or legacy file)."""
+    ``members``: the zip's, from :func:`_zip_members` (None: a damaged or legacy file);
+    ``imports``: a legacy file's globals, from :func:`_check_legacy`."""
     try:
         return torch.load(_fd_path(fd, path), map_location="cpu", weights_only=True, mmap=(fmt == "torch-zip"))
     except pickle.UnpicklingError as exc:
-        names = _unsafe_globals(str(exc))
+        names = _unsafe_globals(str(exc)) or _refused_imports(imports or [])
         if names:
             raise CheckpointError("unsafe", "UnsafePickle", f"{path!r} would import {', '.join(names)} to load; "
                                                             f"refused (nothing in it was run)") from None
         raise CheckpointError("corrupt", "UnpicklingError", f"{path!r} is not a readable torch checkpoint: "
-                                                            f"{first_line(exc)}") from None
+                                                            f"{_weights_only_reason(exc)}") from None
     except (FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         raise _io_error(path, exc) from None
     except Exception as exc:  # zip reader, truncated pickles, storages of the wrong size
@@ -666,25 +668,55 @@ def _torch_load(path: str, fd: int, fmt: str, members: dict[str, tuple[int, int]
                                                              f"{msg}") from None
 
 
-def _check_legacy(path: str, fd: int) -> None:
-    """Counts the opcodes of a legacy torch file's pickles (magic, protocol, system info, the
-    objects) without running any, and refuses one of more than MAX_PICKLE_OPS."""
+def _check_legacy(path: str, fd: int) -> list[str]:
+    """Walks the opcodes of a legacy torch file's pickles (magic, protocol, system info, the
+    objects) without running any: refuses one of more than MAX_PICKLE_OPS, and returns the
+    globals they would import ("module.name"), so a refusal can name them."""
     import pickletools
 
-    ops = 0
+    ops, imports, strings = 0, [], []
     with os.fdopen(os.dup(fd), "rb") as f:
         try:
             for _ in range(4):
-                for _op in pickletools.genops(f):
+                for op, arg, _pos in pickletools.genops(f):
                     ops += 1
                     if ops > MAX_PICKLE_OPS:
                         raise CheckpointError("unsupported", "PickleTooLarge", f"{path!r}: its pickle has more than "
                                                                                f"{MAX_PICKLE_OPS} opcodes, over "
                                                                                f"nnmark's limit")
+                    if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                        imports.append(arg.replace(" ", ".", 1))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:  # module, name: the last two strings
+                        imports.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str) and "UNICODE" in op.name:
+                        strings = (strings + [arg])[-2:]
         except CheckpointError:
             raise
         except Exception:  # noqa: BLE001 - damage: torch.load says what it is
-            return
+            pass
+    return imports
+
+
+def _refused_imports(imports: list[str]) -> list[str]:
+    """The globals among ``imports`` that torch's weights-only loader does not allow."""
+    try:
+        from torch import _weights_only_unpickler as wo
+
+        allowed = set(wo._get_allowed_globals()) | set(wo._get_user_allowed_globals())
+    except Exception:  # noqa: BLE001 - a torch without these: torch's own message is all we have
+        return []
+    return sorted({re.sub(r"^(posix|nt)\.", "os.", n) for n in imports if n not in allowed})
+
+
+def _weights_only_reason(exc: BaseException) -> str:
+    """What torch's weights-only loader refused, without its advice to load unsafely."""
+    text = str(exc)
+    i = text.find("WeightsUnpickler error:")
+    if i >= 0:
+        rest = [ln.strip() for ln in text[i + len("WeightsUnpickler error:"):].splitlines() if ln.strip()]
+        if rest:
+            return f"the weights-only loader refused it: {rest[0][:300]}"
+    return first_line(exc)
 
 
 def _zip_entries(fd: int, size: int) -> int | None:
@@ -741,8 +773,9 @@ class TorchFile(Checkpoint):
     def __init__(self, path: str, fmt: str, st: os.stat_result, fd: int):
         super().__init__(path, *identity_of(st))
         self.format = fmt
-        members = _check_zip(path, fd, st.st_size) if fmt == "torch-zip" else _check_legacy(path, fd)
-        obj = _torch_load(path, fd, fmt, members)
+        members = _check_zip(path, fd, st.st_size) if fmt == "torch-zip" else None
+        imports = _check_legacy(path, fd) if fmt != "torch-zip" else None
+        obj = _torch_load(path, fd, fmt, members, imports)
         if fmt == "torch-zip":
             # Mapped: the zip directory and the pickle are read; tensor pages are counted as
             # they are used. (From the archive's layout, not a system counter: the same file
