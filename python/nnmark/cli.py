@@ -428,6 +428,11 @@ def demo(out_dir, unmarked, epochs, bits, seed, robustness, as_json):
 
 def main(argv=None):
     """Entry point: click's usage errors exit with 4 (not click's default 2)."""
+    import warnings
+
+    # torch's own advice while it reads a suspect file ("Detected pickle protocol 4", "sparse
+    # CSR is in beta") is about the file, not for the user: each file's row says what matters.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(\.|$)")
     try:
         rv = cli.main(args=argv, prog_name="nnmark", standalone_mode=False)
     except click.exceptions.UsageError as exc:  # includes BadParameter, NoSuchOption
@@ -444,8 +449,8 @@ def main(argv=None):
     except Exception as exc:  # noqa: BLE001 - a crash must not exit 1 ("checked, not marked")
         import traceback
 
-        traceback.print_exc()
-        click.echo(f"error: nnmark failed unexpectedly: {type(exc).__name__}: {exc}", err=True)
+        click.echo(inert(traceback.format_exc()), err=True, nl=False)
+        click.echo(inert_line(f"error: nnmark failed unexpectedly: {type(exc).__name__}: {exc}"), err=True)
         sys.exit(EXIT_ERROR)
     sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 

@@ -43,13 +43,19 @@ _LEFT_OUT = {
 _SHOWN_LEFT_OUT = 3
 
 
+def _short(name: str, keep: int = 80) -> str:
+    """A name of at most about 2 * keep characters: a path longer than the system allows
+    would fill the screen."""
+    return name if len(name) <= 2 * keep + 5 else f"{name[:keep]}[...]{name[-keep:]}"
+
+
 def _left_out_lines(counts: dict, examples: dict) -> list[str]:
     """One line per reason a walk left something out: the count, a few names (inert),
     and how to include them."""
     lines = []
     for reason, n in counts.items():
         what, hint = _LEFT_OUT.get(reason, (reason, None))
-        names = [inert_line(p) for p in examples.get(reason, [])[:_SHOWN_LEFT_OUT]]
+        names = [_short(inert_line(p)) for p in examples.get(reason, [])[:_SHOWN_LEFT_OUT]]
         shown = ", ".join(names) + (", ..." if n > len(names) else "")
         lines.append(f"left out: {n} {what}: {shown}" + (f" ({hint})" if hint else ""))
     return lines
