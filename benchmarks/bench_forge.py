@@ -99,7 +99,7 @@ def rate_case(model_vec, T: int, n_keys: int, n_loop: int, carrier: str, seed: i
 
     from nnmark import ops
     from nnmark._threads import torch_threads
-    from nnmark.attacks.forge import subkeys_of
+    from nnmark.keys import projection_subkeys
 
     rng = np.random.default_rng(seed)
     target = rng.integers(0, 2, T).astype(bool)
@@ -109,7 +109,7 @@ def rate_case(model_vec, T: int, n_keys: int, n_loop: int, carrier: str, seed: i
     def run(project, n):
         secrets = rng.bytes(32 * n)
         t0, c0 = time.perf_counter(), time.process_time()
-        sk = subkeys_of(secrets, carrier)
+        sk = projection_subkeys(secrets, carrier)
         p = project(sk)
         m = np.count_nonzero((p > 0) == target, axis=1)
         return m, time.perf_counter() - t0, time.process_time() - c0, secrets
@@ -129,7 +129,7 @@ def rate_case(model_vec, T: int, n_keys: int, n_loop: int, carrier: str, seed: i
         skt = torch.from_numpy(sk.astype(np.int64))
         return np.stack([torch_projection(torch, w64, skt[j:j + 1], T)[0].numpy() for j in range(len(sk))])
 
-    nnmark_proj(subkeys_of(rng.bytes(32 * 64), carrier))  # warm up
+    nnmark_proj(projection_subkeys(rng.bytes(32 * 64), carrier))  # warm up
     m, wall, cpu, _ = run(nnmark_proj, n_keys)
     res["nnmark"] = {"tries": n_keys, "wall_s": wall, "cpu_s": cpu, "tries_per_s": n_keys / wall,
                      "cpu_s_per_try": cpu / n_keys}
@@ -139,14 +139,14 @@ def rate_case(model_vec, T: int, n_keys: int, n_loop: int, carrier: str, seed: i
         tried = {}
         for threads in sorted({torch.get_num_threads(), 1}):
             with torch_threads(threads):
-                fn(subkeys_of(rng.bytes(32 * 64), carrier))  # warm up
+                fn(projection_subkeys(rng.bytes(32 * 64), carrier))  # warm up
                 m, wall, cpu, _ = run(fn, n)
             tried[threads] = {"tries": n, "wall_s": wall, "cpu_s": cpu, "tries_per_s": n / wall,
                               "cpu_s_per_try": cpu / n, "torch_threads": threads}
         res[name] = {**max(tried.values(), key=lambda d: d["tries_per_s"]), "by_threads": tried}
     # the same secrets through all three: equal match counts
     secrets = rng.bytes(32 * min(n_loop, 512))
-    sk = subkeys_of(secrets, carrier)
+    sk = projection_subkeys(secrets, carrier)
     a, b, c = (np.count_nonzero((f(sk) > 0) == target, axis=1) for f in (nnmark_proj, torch_batch, torch_loop))
     res["check_keys"] = len(sk)
     res["check"] = bool((a == b).all() and (a == c).all())

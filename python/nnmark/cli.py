@@ -188,6 +188,12 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, calibration, devic
                   f"{v0.null}{tested}) in {elapsed:.2f} s", markup=False)
         if v0.warning:
             con.print(f"warning: {inert(v0.warning)}", markup=False, style="yellow", soft_wrap=True)
+        if not isinstance(k, nnmark.TriggerKey):  # white-box: could a key search reach this verdict?
+            from .stats import forge_warning
+
+            forged = forge_warning(n, alpha, threshold=v0.threshold)
+            if forged:
+                con.print(f"warning: {inert(forged)}", markup=False, style="yellow", soft_wrap=True)
     if any(v.status != "ok" for v in verdicts):
         sys.exit(EXIT_ERROR)
     sys.exit(EXIT_OK if all(v.verified for v in verdicts) else EXIT_FINDINGS)

@@ -54,26 +54,30 @@ def binomial_threshold(n: int, alpha: float, p0: float = 0.5) -> int:
 FORGE_BUDGET_TRIES = 2 ** 50
 
 
-def forge_tries(bits: int, alpha: float) -> float:
+def forge_tries(bits: int, alpha: float, threshold: int | None = None) -> float:
     """Expected number of random keys a forger tries before one verifies at ``alpha``.
 
     A key whose owner bits are fixed in advance (derived from a message, or given) and
     whose secret is random matches a model it was never embedded in like ``bits`` fair
-    coins, so each try verifies with probability q = P[Binomial(bits, 1/2) >= threshold]
-    (the threshold :func:`binomial_threshold` gives at ``alpha``, q <= alpha). Returns 1/q,
-    or ``inf`` when even ``bits`` matches cannot reach ``alpha``. An adversary who tries
-    2^k keys succeeds with probability about min(1, 2^k q): demand alpha far below 2^-k.
-    (With free owner bits a forger needs one try whatever bits and alpha are: only a
-    commitment made before the dispute defends.)
+    coins (for a fixed carrier, X and -X are equally likely), so each try verifies with
+    probability q = P[Binomial(bits, 1/2) >= threshold], the threshold
+    :func:`binomial_threshold` gives at ``alpha`` (q <= alpha), or ``threshold`` when a
+    verdict used another one (a calibrated null). Returns 1/q, or ``inf`` when even
+    ``bits`` matches cannot verify. An adversary who tries 2^k keys succeeds with
+    probability about min(1, 2^k q): demand alpha far below 2^-k. (With free owner bits a
+    forger needs one try whatever bits and alpha are: only a commitment made before the
+    dispute defends.)
     """
-    m = binomial_threshold(bits, alpha)
-    return math.inf if m > bits else 1.0 / binomial_p_value(m, bits)
+    m = binomial_threshold(bits, alpha) if threshold is None else int(threshold)
+    return math.inf if m > bits else 1.0 / binomial_p_value(max(m, 0), bits)
 
 
-def forge_warning(bits: int, alpha: float, budget: float = FORGE_BUDGET_TRIES) -> str | None:
-    """The warning `nnmark verify` prints when a forging search would reach ``alpha`` with
-    ``bits`` owner bits in fewer than ``budget`` expected tries (None otherwise)."""
-    tries = forge_tries(bits, alpha)
+def forge_warning(bits: int, alpha: float, budget: float = FORGE_BUDGET_TRIES,
+                  threshold: int | None = None) -> str | None:
+    """The warning `nnmark verify` prints when a forging search would reach ``alpha`` (or
+    ``threshold`` matches) with ``bits`` owner bits in fewer than ``budget`` expected tries;
+    None otherwise."""
+    tries = forge_tries(bits, alpha, threshold)
     if not tries < budget:
         return None
     return (f"{bits} bits at alpha {alpha:g} are within reach of a forging search: a key made for this model "

@@ -21,7 +21,6 @@ the same carrier), so it verifies with ``nnmark.verify(record.key, model, alpha=
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -34,7 +33,7 @@ import torch
 
 from .. import ops
 from ..checkpoints import CheckpointError, label_of, open_checkpoint
-from ..keys import _PROJECTION_DOMAIN, MAX_BITS, SECRET_BYTES, WhiteBoxKey, _check_carrier, _check_reduction, message_bits
+from ..keys import MAX_BITS, SECRET_BYTES, WhiteBoxKey, message_bits, projection_subkeys
 from ..stats import binomial_p_value, binomial_threshold, check_alpha
 from ..whitebox import WhiteBoxCheck, reduce_cpu
 from .finetune import check_int, check_positive
@@ -81,20 +80,6 @@ class ForgeRecord:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "key"}
         out["tries_per_second"] = self.tries_per_second
         return out
-
-
-def subkeys_of(secrets: bytes, carrier: str) -> np.ndarray:
-    """Philox subkeys ``[K, 2]`` (uint32) of K concatenated 32-byte secrets for one carrier:
-    spec v1 step 1, ``SHA-256(secret || b"nnmark:projection:v1:" || carrier)``, its first
-    two little-endian words -- what ``WhiteBoxKey(secret, carrier, ...).subkey()`` gives."""
-    if len(secrets) % SECRET_BYTES:
-        raise ValueError(f"secrets must be a multiple of {SECRET_BYTES} bytes, got {len(secrets)}")
-    suffix = _PROJECTION_DOMAIN + carrier.encode("utf-8")
-    sha = hashlib.sha256
-    mv = memoryview(secrets)
-    digests = b"".join([sha(mv[i:i + SECRET_BYTES].tobytes() + suffix).digest()[:8]
-                        for i in range(0, len(secrets), SECRET_BYTES)])
-    return np.frombuffer(digests, dtype="<u4").reshape(-1, 2).astype(np.uint32)
 
 
 def _target(bits: int, message, target_bits) -> tuple[str, np.ndarray | None]:
@@ -158,11 +143,10 @@ def forge_key(model, carrier: str, bits: int = 64, alpha: float = 1e-6, message:
         ValueError: bad arguments; ``bits`` too few to ever verify at ``alpha``; a model
             whose carrier cannot be read or checked (missing, wrong shape, NaN/Inf).
     """
-    carrier = _check_carrier(carrier)
-    reduction = _check_reduction(reduction)
     bits = check_int("bits", bits, 1)
     if bits > MAX_BITS:
         raise ValueError(f"bits must be at most {MAX_BITS}, got {bits}")
+    probe = _make_key(os.urandom(SECRET_BYTES), carrier, np.zeros(bits), reduction, None)  # checks the names
     alpha = check_alpha(alpha)
     mode, target = _target(bits, message, target_bits)
     if max_tries is None and seconds is None:
@@ -183,7 +167,6 @@ def forge_key(model, carrier: str, bits: int = 64, alpha: float = 1e-6, message:
 
     t0, c0 = time.perf_counter(), time.process_time()
     label = label_of(model)
-    probe = _make_key(draw(SECRET_BYTES), carrier, np.zeros(bits), reduction, None)
     try:
         with open_checkpoint(model, label) as ck:
             c = ck.carrier(carrier, WhiteBoxCheck(probe, alpha).validate)
@@ -216,7 +199,7 @@ def forge_key(model, carrier: str, bits: int = 64, alpha: float = 1e-6, message:
     while True:
         k = batch if max_tries is None else min(batch, max_tries - tries)
         secrets = draw(SECRET_BYTES * k)
-        p = ops.keyed_projection_many_keys(v, subkeys_of(secrets, carrier), bits).numpy()  # [k, T]
+        p = ops.keyed_projection_many_keys(v, projection_subkeys(secrets, carrier), bits).numpy()  # [k, T]
         matches = np.count_nonzero((p > 0) == target, axis=1)  # [k]
         best = max(best, int(matches.max()))
         for j in np.flatnonzero(matches >= threshold).tolist():
@@ -231,4 +214,4 @@ def forge_key(model, carrier: str, bits: int = 64, alpha: float = 1e-6, message:
             return record(False, None, tries, best)
 
 
-__all__ = ["forge_key", "ForgeRecord", "subkeys_of", "MODES"]
+__all__ = ["forge_key", "ForgeRecord", "MODES"]
