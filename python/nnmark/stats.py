@@ -48,9 +48,9 @@ def binomial_threshold(n: int, alpha: float, p0: float = 0.5) -> int:
 
 
 # Below this many expected key tries, `nnmark verify` warns that a verdict's bits and alpha are
-# within reach of a forging search (nnmark.attacks.forge_key). 2^50 ~ 1.1e15 tries: about a
-# thousand CPU cores for a month at the rate benchmarks/bench_forge.py measures (~5e5 tries
-# per core-second), a rented-cloud budget; see benchmarks/RESULTS.md.
+# within reach of a forging search (nnmark.attacks.forge_key). 2^50 ~ 1.1e15 tries: at the
+# ~1.3 CPU-microseconds a try costs in benchmarks/bench_forge.py, about 46 core-years, a
+# thousand rented cores for two to three weeks; see benchmarks/RESULTS.md.
 FORGE_BUDGET_TRIES = 2 ** 50
 
 
