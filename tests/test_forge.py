@@ -40,8 +40,8 @@ def test_many_keys_equals_single_key_calls(isa_name, N, T, K, rng):
             single = torch.stack([nnmark.keyed_projection(w, (int(a), int(b)), T) for a, b in sk])
     assert many.dtype == torch.float64 and many.shape == (K, T)
     assert torch.equal(many, single)
-    ref = _reference.projection_forward(w.numpy(), sk[0], T)  # the spec, in numpy
-    np.testing.assert_allclose(many[0].numpy(), ref, rtol=0, atol=1e-9 * math.sqrt(N))
+    ref = _reference.projection_many_keys(w.numpy(), sk[:3], T)  # the spec, in numpy
+    np.testing.assert_allclose(many[:3].numpy(), ref, rtol=0, atol=1e-9 * math.sqrt(N))
 
 
 def test_many_keys_on_a_carrier_the_single_key_op_splits(rng):

@@ -626,7 +626,8 @@ void fwd_rows_avx512(const double* w /* [len] */, const uint32_t* bits /* [4, kC
 }
 #endif
 
-void fwd_rows(Isa isa, const double* w, const uint32_t* bits, int64_t len, int64_t rows, double* out /* [128] */) {
+void fwd_rows(Isa isa, const double* w /* [len] */, const uint32_t* bits /* [4, kChunk] */, int64_t len, int64_t rows,
+              double* out /* [128] */) {
 #if NNMARK_X86
   if (isa == Isa::kAvx512) {
     if (rows <= 16) return fwd_rows_avx512<2>(w, bits, len, out);

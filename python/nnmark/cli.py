@@ -132,6 +132,8 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, calibration, devic
     Checkpoints are read with safetensors or torch.load(weights_only=True) only:
     nothing in them is ever executed. White-box keys check all carriers in one
     batched call; trigger keys (--arch) run the trigger set through each checkpoint.
+    For white-box keys a warning says when the bits and alpha are within reach of a
+    search for a forged key (fewer than 2^50 expected tries; README: Which alpha to demand).
     """
     import nnmark
 
