@@ -50,6 +50,14 @@ PYBIND11_MODULE(_C_cpu, m) {
         py::arg("gp"), py::arg("gp_dtype"), py::arg("C"), py::arg("N"), py::arg("T"), py::arg("k0"),
         py::arg("k1"), py::arg("gw"), py::call_guard<py::gil_scoped_release>());
 
+  // One float64 carrier w [N] under K subkeys [K, 2] (uint32) -> p [K, T] float64.
+  m.def("projection_many_keys",
+        [](uintptr_t w, uintptr_t subkeys, int64_t K, int64_t N, int64_t T, uintptr_t p) {
+          projection_many_keys_cpu({ptr<const double>(w), ptr<const uint32_t>(subkeys), K, N, T, ptr<double>(p)});
+        },
+        py::arg("w"), py::arg("subkeys"), py::arg("K"), py::arg("N"), py::arg("T"), py::arg("p"),
+        py::call_guard<py::gil_scoped_release>());
+
   m.def("dense_forward",
         [](uintptr_t x, int x_dtype, uintptr_t w, int w_dtype, int64_t C, int64_t N, int64_t T,
            uintptr_t p) {

@@ -605,6 +605,78 @@ void backward_impl(const ProjectionBackwardArgs& a) {
   });
 }
 
+// fwd_block for float64 limited to the first `rows` rows (out[r] valid for r < rows): a key
+// search at T <= 64 needs half the masked adds or fewer. Each row's sum is the one the full
+// block computes (rows are independent lanes), so results stay equal to projection_forward.
+#if NNMARK_X86
+template <int G>  // G groups of 8 rows
+__attribute__((target("avx512f")))
+void fwd_rows_avx512(const double* w /* [len] */, const uint32_t* bits /* [4, kChunk] */, int64_t len,
+                     double* out /* [8 G] */) {
+  __m512d a[G];
+  for (int g = 0; g < G; ++g) a[g] = _mm512_setzero_pd();
+  for (int64_t l = 0; l < len; ++l) {
+    const __m512d v = _mm512_set1_pd(w[l]);
+    const uint32_t q[4] = {bits[l], bits[kChunk + l], bits[2 * kChunk + l], bits[3 * kChunk + l]};
+#pragma GCC unroll 16
+    for (int g = 0; g < G; ++g)  // lane k of a[g] is row 8g + k
+      a[g] = _mm512_mask_add_pd(a[g], static_cast<__mmask8>(q[g >> 2] >> (8 * (g & 3))), a[g], v);
+  }
+  for (int g = 0; g < G; ++g) _mm512_storeu_pd(out + 8 * g, a[g]);
+}
+#endif
+
+void fwd_rows(Isa isa, const double* w /* [len] */, const uint32_t* bits /* [4, kChunk] */, int64_t len, int64_t rows,
+              double* out /* [128] */) {
+#if NNMARK_X86
+  if (isa == Isa::kAvx512) {
+    if (rows <= 16) return fwd_rows_avx512<2>(w, bits, len, out);
+    if (rows <= 32) return fwd_rows_avx512<4>(w, bits, len, out);
+    if (rows <= 64) return fwd_rows_avx512<8>(w, bits, len, out);
+  }
+#endif
+  (void)rows;
+  fwd_block<double>(isa, w, bits, len, out);
+}
+
+// One carrier under K subkeys: keys are split over threads, and each key runs the column
+// loop forward_run<double, false> runs on one thread (same chunks, same blocks, same sums),
+// so p[k] equals projection_forward of a float64 carrier under subkeys[k] on one thread.
+void many_keys_run(const ProjectionManyKeysArgs& a) {
+  const int64_t K = a.K, N = a.N, T = a.T;
+  const int64_t nblk = (T + kBlock - 1) / kBlock, Tpad = nblk * kBlock;
+  const Isa isa = active_isa();
+  double S = 0;  // sum of w, chunk by chunk as forward_run adds it
+  {
+    std::vector<double> scratch(kChunk);
+    for (int64_t i0 = 0; i0 < N; i0 += kChunk)
+      S += load_row<double>(a.w, kFloat64, i0, std::min(kChunk, N - i0), scratch.data());
+  }
+  // Keys per range: enough masked adds that a thread start pays off.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 21) / std::max<int64_t>(1, Tpad * N));
+  parallel_ranges(K, grain, [&](int64_t kb, int64_t ke, int) {
+    std::vector<uint32_t> bits(4 * kChunk);  // [4, kChunk] one chunk's Philox words
+    std::vector<double> A(static_cast<size_t>(Tpad));  // [Tpad] masked sums of one key
+    alignas(64) double out[kBlock];  // [128] one block's masked sums of one chunk
+    for (int64_t k = kb; k < ke; ++k) {
+      const uint32_t k0 = a.subkeys[2 * k], k1 = a.subkeys[2 * k + 1];
+      std::fill(A.begin(), A.end(), 0.0);
+      for (int64_t i0 = 0; i0 < N; i0 += kChunk) {
+        const int64_t len = std::min(kChunk, N - i0);
+        for (int64_t b = 0; b < nblk; ++b) {
+          philox_fill(isa, static_cast<uint64_t>(i0), len, static_cast<uint32_t>(b), k0, k1, bits.data());
+          const int64_t rows = std::min(kBlock, T - b * kBlock);
+          fwd_rows(isa, a.w + i0, bits.data(), len, rows, out);
+          double* Ab = A.data() + b * kBlock;
+          for (int64_t r = 0; r < rows; ++r) Ab[r] += out[r];
+        }
+      }
+      double* pk = a.p + k * T;  // [T] row k of the output
+      for (int64_t t = 0; t < T; ++t) pk[t] = 2.0 * A[t] - S;
+    }
+  });
+}
+
 }  // namespace
 
 void projection_forward_cpu(const ProjectionForwardArgs& a) {
@@ -620,6 +692,11 @@ void projection_backward_cpu(const ProjectionBackwardArgs& a) {
   check_projection_args(a);
   if (a.gp_dtype == kFloat64) backward_impl<double>(a);
   else backward_impl<float>(a);
+}
+
+void projection_many_keys_cpu(const ProjectionManyKeysArgs& a) {
+  check_projection_args(a);
+  many_keys_run(a);
 }
 
 }  // namespace nnmark

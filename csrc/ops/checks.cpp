@@ -23,6 +23,13 @@ void check_projection_args(const ProjectionBackwardArgs& a) {
   NNMARK_CHECK_ARG(a.gp != nullptr && a.gw != nullptr, "null data pointer");
 }
 
+void check_projection_args(const ProjectionManyKeysArgs& a) {
+  NNMARK_CHECK_ARG(a.K >= 1, "number of keys K must be >= 1, got ", a.K);
+  NNMARK_CHECK_ARG(a.N >= 1, "carrier length N must be >= 1, got ", a.N);
+  NNMARK_CHECK_ARG(a.T >= 1 && a.T <= (int64_t{1} << 37), "bit count T must be in [1, 2^37], got ", a.T);
+  NNMARK_CHECK_ARG(a.w != nullptr && a.subkeys != nullptr && a.p != nullptr, "null data pointer");
+}
+
 void check_dense_args(const DenseForwardArgs& a) {
   NNMARK_CHECK_ARG(a.x_dtype == kFloat32 || a.x_dtype == kFloat64,
                    "projection matrix X must be float32 or float64, got ", dtype_name(a.x_dtype));

@@ -25,8 +25,20 @@ struct ProjectionBackwardArgs {
   void* gw;        // [C, N] gradient of the carriers, same dtype as gp
 };
 
+// One carrier under many subkeys (a key search, e.g. nnmark.attacks.forge_key):
+//   p[k, t] = X_k . w, X_k drawn under subkeys[k] exactly as projection_forward draws it.
+// float64 throughout, summed in the order projection_forward sums a float64 carrier on one
+// thread, so each row equals that op's output for the same subkey.
+struct ProjectionManyKeysArgs {
+  const double* w;          // [N] the carrier, float64
+  const uint32_t* subkeys;  // [K, 2] (k0, k1) of each key
+  int64_t K, N, T;
+  double* p;                // [K, T] projections, float64
+};
+
 void projection_forward_cpu(const ProjectionForwardArgs& a);
 void projection_backward_cpu(const ProjectionBackwardArgs& a);
+void projection_many_keys_cpu(const ProjectionManyKeysArgs& a);  // no CUDA twin (yet)
 
 // CUDA twins: device pointers, launched on `stream` (a cudaStream_t as an integer).
 void projection_forward_cuda(const ProjectionForwardArgs& a, uintptr_t stream);
@@ -35,5 +47,6 @@ void projection_backward_cuda(const ProjectionBackwardArgs& a, uintptr_t stream)
 // Check the shared argument rules (sizes, dtypes); throws std::invalid_argument.
 void check_projection_args(const ProjectionForwardArgs& a);
 void check_projection_args(const ProjectionBackwardArgs& a);
+void check_projection_args(const ProjectionManyKeysArgs& a);
 
 }  // namespace nnmark

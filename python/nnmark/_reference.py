@@ -49,6 +49,11 @@ def projection_forward(w, subkey, T: int) -> np.ndarray:
     return w @ X.T
 
 
+def projection_many_keys(w, subkeys, T: int) -> np.ndarray:
+    """p[k] = X_k . w in float64 for one carrier w [N] and subkeys [K, 2]: [K, T]."""
+    return np.stack([projection_forward(w, sk, T) for sk in np.asarray(subkeys)])
+
+
 def projection_backward(gp, subkey, N: int) -> np.ndarray:
     """gw = X^T . gp in float64; gp is [T] or [C, T]."""
     gp = np.asarray(gp, dtype=np.float64)

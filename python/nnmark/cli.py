@@ -132,6 +132,8 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, calibration, devic
     Checkpoints are read with safetensors or torch.load(weights_only=True) only:
     nothing in them is ever executed. White-box keys check all carriers in one
     batched call; trigger keys (--arch) run the trigger set through each checkpoint.
+    For white-box keys a warning says when the bits and alpha are within reach of a
+    search for a forged key (fewer than 2^50 expected tries; README: Which alpha to demand).
     """
     import nnmark
 
@@ -188,6 +190,12 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, calibration, devic
                   f"{v0.null}{tested}) in {elapsed:.2f} s", markup=False)
         if v0.warning:
             con.print(f"warning: {inert(v0.warning)}", markup=False, style="yellow", soft_wrap=True)
+        if not isinstance(k, nnmark.TriggerKey):  # white-box: could a key search reach this verdict?
+            from .stats import forge_warning
+
+            forged = forge_warning(n, alpha, threshold=v0.threshold)
+            if forged:
+                con.print(f"warning: {inert(forged)}", markup=False, style="yellow", soft_wrap=True)
     if any(v.status != "ok" for v in verdicts):
         sys.exit(EXIT_ERROR)
     sys.exit(EXIT_OK if all(v.verified for v in verdicts) else EXIT_FINDINGS)

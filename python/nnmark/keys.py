@@ -98,6 +98,21 @@ def message_bits(message: str | bytes, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(digest, dtype=np.uint8))[:n].astype(np.uint8)
 
 
+def projection_subkeys(secrets: bytes, carrier: str) -> np.ndarray:
+    """Philox subkeys ``[K, 2]`` (uint32) of K concatenated 32-byte secrets for one carrier
+    (spec v1 step 1): the first two little-endian words of SHA-256(secret ||
+    b"nnmark:projection:v1:" || carrier as UTF-8). Batched for key searches
+    (:func:`nnmark.attacks.forge_key`); ``WhiteBoxKey.subkey`` is the one-secret case."""
+    if not isinstance(secrets, (bytes, bytearray)) or len(secrets) == 0 or len(secrets) % SECRET_BYTES:
+        got = f"{len(secrets)} bytes" if isinstance(secrets, (bytes, bytearray)) else type(secrets).__name__
+        raise ValueError(f"secrets must be a non-empty multiple of {SECRET_BYTES} bytes, got {got}")
+    suffix = _PROJECTION_DOMAIN + carrier.encode("utf-8")
+    sha, mv = hashlib.sha256, memoryview(secrets)
+    digests = b"".join([sha(mv[i:i + SECRET_BYTES].tobytes() + suffix).digest()[:8]
+                        for i in range(0, len(secrets), SECRET_BYTES)])
+    return np.frombuffer(digests, dtype="<u4").reshape(-1, 2).astype(np.uint32)
+
+
 def _as_bits(bits: Any) -> np.ndarray:
     if isinstance(bits, (str, bytes)):
         raise TypeError("bits must be a sequence of 0/1 values (use message=... to derive bits from text)")
@@ -317,8 +332,8 @@ class WhiteBoxKey(WhiteBoxKeyBase):
 
     def subkey(self) -> tuple[int, int]:
         """Philox key (k0, k1) of this carrier (spec v1 step 1). Secret: do not log."""
-        d = hashlib.sha256(self._secret + _PROJECTION_DOMAIN + self.carrier.encode("utf-8")).digest()
-        return int.from_bytes(d[0:4], "little"), int.from_bytes(d[4:8], "little")
+        k0, k1 = projection_subkeys(self._secret, self.carrier)[0].tolist()
+        return k0, k1
 
     def project_vectors(self, v: torch.Tensor) -> torch.Tensor:
         return ops.keyed_projection(v, self.subkey(), self.num_bits)

@@ -7,6 +7,7 @@ float64 for float64 ones; results come back in that accumulation dtype.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import _ext
@@ -134,6 +135,57 @@ def keyed_projection_transpose(gp, subkey, n: int) -> torch.Tensor:
     single = gp.dim() == 1
     g = _KeyedProjectionT.apply(gp.unsqueeze(0) if single else gp, int(n), k0, k1)
     return g.squeeze(0) if single else g
+
+
+def _subkey_array(subkeys) -> np.ndarray:
+    """``subkeys`` as a C-contiguous uint32 numpy ``[K, 2]``, each word checked to be in [0, 2^32)."""
+    if isinstance(subkeys, torch.Tensor):
+        if subkeys.device.type != "cpu":
+            raise ValueError(f"subkeys are on {subkeys.device}; keyed_projection_many_keys runs on the CPU")
+        subkeys = subkeys.detach().numpy()
+    arr = np.asarray(subkeys)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise TypeError(f"subkeys must be integers (uint32 words), got dtype {arr.dtype}")
+    if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] < 1:
+        raise ValueError(f"subkeys must be [K, 2] (k0, k1 per key) with K >= 1, got shape {list(arr.shape)}")
+    if arr.dtype != np.uint32:
+        wide = arr.astype(np.int64) if arr.dtype != np.uint64 else arr
+        if (wide < 0).any() or (wide >= _UINT32).any():
+            raise ValueError("subkey words must be in [0, 2^32)")
+        arr = wide.astype(np.uint32)
+    return np.ascontiguousarray(arr)
+
+
+def keyed_projection_many_keys(w, subkeys, bits: int) -> torch.Tensor:
+    """``p[k] = X_k . w`` for one carrier ``w`` under many subkeys, in one native call.
+
+    ``w``: one carrier ``[N]`` (float32, float64, float16 or bfloat16; torch or numpy, on
+    the CPU), widened exactly to float64. ``subkeys``: ``[K, 2]`` uint32 words (k0, k1) per
+    key (torch, numpy or a list of pairs; integer dtypes are checked to fit uint32).
+    Returns float64 ``[K, bits]``: row k equals ``keyed_projection(w.double(), subkeys[k],
+    bits)`` (the same sums in the same order as that op on one thread; a carrier it splits
+    over threads sums in another order, so rows then agree to rounding). Keys are split over
+    the CPU threads (:func:`nnmark.set_num_threads`). Not differentiable. For key searches
+    (:func:`nnmark.attacks.forge_key`). CPU only: a CUDA ``w`` raises ValueError (move it
+    with ``w.cpu()``); there is no CUDA kernel yet.
+    """
+    w = as_tensor(w, "carrier")
+    if w.device.type != "cpu":
+        raise ValueError(f"carrier is on {w.device}; keyed_projection_many_keys runs on the CPU only "
+                         f"(pass w.cpu())")
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"carrier must be float32, float64, float16 or bfloat16, got {w.dtype}")
+    if w.dim() != 1 or w.numel() == 0:
+        raise ValueError(f"carrier must be one non-empty vector [N], got shape {list(w.shape)}")
+    if isinstance(bits, bool) or int(bits) != bits or int(bits) < 1:
+        raise ValueError(f"bits must be an integer >= 1, got {bits!r}")
+    T = int(bits)
+    sk = _subkey_array(subkeys)
+    w64 = w.detach().to(torch.float64).contiguous()
+    K, N = sk.shape[0], w64.shape[0]
+    p = torch.empty((K, T), dtype=torch.float64)
+    _ext.cpu.projection_many_keys(w64.data_ptr(), sk.ctypes.data, K, N, T, p.data_ptr())
+    return p
 
 
 # ---------------------------------------------------------------- dense (imported keys)

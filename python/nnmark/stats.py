@@ -47,6 +47,46 @@ def binomial_threshold(n: int, alpha: float, p0: float = 0.5) -> int:
     return m
 
 
+# Below this many expected key tries, `nnmark verify` warns that a verdict's bits and alpha are
+# within reach of a forging search (nnmark.attacks.forge_key). 2^50 ~ 1.1e15 tries: at the
+# ~1.3 CPU-microseconds a try costs in benchmarks/bench_forge.py, about 46 core-years, a
+# thousand rented cores for two to three weeks; see benchmarks/RESULTS.md.
+FORGE_BUDGET_TRIES = 2 ** 50
+
+
+def forge_tries(bits: int, alpha: float, threshold: int | None = None) -> float:
+    """Expected number of random keys a forger tries before one verifies at ``alpha``.
+
+    A key whose owner bits are fixed in advance (derived from a message, or given) and
+    whose secret is random matches a model it was never embedded in like ``bits`` fair
+    coins (for a fixed carrier, X and -X are equally likely), so each try verifies with
+    probability q = P[Binomial(bits, 1/2) >= threshold], the threshold
+    :func:`binomial_threshold` gives at ``alpha`` (q <= alpha), or ``threshold`` when a
+    verdict used another one (a calibrated null). Returns 1/q, or ``inf`` when even
+    ``bits`` matches cannot verify. An adversary who tries 2^k keys succeeds with
+    probability about min(1, 2^k q): demand alpha far below 2^-k. (With free owner bits a
+    forger needs one try whatever bits and alpha are: only a commitment made before the
+    dispute defends.)
+    """
+    m = binomial_threshold(bits, alpha) if threshold is None else int(threshold)
+    return math.inf if m > bits else 1.0 / binomial_p_value(max(m, 0), bits)
+
+
+def forge_warning(bits: int, alpha: float, budget: float = FORGE_BUDGET_TRIES,
+                  threshold: int | None = None) -> str | None:
+    """The warning `nnmark verify` prints when a forging search would reach ``alpha`` (or
+    ``threshold`` matches) with ``bits`` owner bits in fewer than ``budget`` expected tries;
+    None otherwise."""
+    tries = forge_tries(bits, alpha, threshold)
+    if not tries < budget:
+        return None
+    return (f"{bits} bits at alpha {alpha:g} are within reach of a forging search: a key made for this model "
+            f"after the fact (random secrets, bits from a message) verifies after about 2^{math.log2(tries):.1f} "
+            f"tries (forging budget 2^{math.log2(budget):g}); against an adversary who can try 2^k keys demand "
+            f"alpha far below 2^-k, and with free owner bits only a commitment made before release counts "
+            f"(see 'Which alpha to demand' in the README)")
+
+
 def _open_unit(name: str, value) -> float:
     try:
         v = float(value)

@@ -21,3 +21,7 @@ __all__ += ["permute_units", "ObfuscationRecord", "realign", "RealignRecord"]
 from .activations import ChannelActivations, ChannelStats, channel_activations
 
 __all__ += ["ChannelStats", "channel_activations", "ChannelActivations"]
+
+from .forge import ForgeRecord, forge_key
+
+__all__ += ["forge_key", "ForgeRecord"]
