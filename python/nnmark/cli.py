@@ -456,7 +456,9 @@ def main(argv=None):
 
 
 from .cli_scan import register as _register_scan  # noqa: E402 - scan, ledger, manifest (issue 5)
+from .cli_claims import register as _register_claims  # noqa: E402 - commit, stamp, certify, check (issue 14)
 _register_scan(cli)
+_register_claims(cli)
 
 
 if __name__ == "__main__":
