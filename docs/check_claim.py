@@ -32,10 +32,21 @@ import numpy as np
 DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}  # BF16: the high half of a float32
 PREFIXES = ("module.", "model.", "_orig_mod.")  # wrapper prefixes (§4.2 carrier names)
 REL_TOLERANCE = 1e-9  # p-values: float64 of an exact value (§6.2)
+MEMBERS = ("format", "version", "spec", "nnmark_version", "note", "commitment", "revealed_key", "checkpoint", "arch",
+           "calibration", "verdict")
+COMMITMENT = ("format", "version", "spec", "commitment", "kind", "carrier", "bits", "created", "statement")
+VERDICT = ("status", "verified", "matches", "bits", "ber", "p_value", "threshold", "alpha", "null_rate", "null",
+           "carrier", "carrier_sha256", "controls", "control_matches", "control_p_value", "warning")
+NOTE = ("This key is revealed for the check: whoever holds this certificate can verify and remove the watermark. "
+        "Publish it only to settle a claim.")
 
 
 class CannotCheck(Exception):
     pass
+
+
+def same(a, b):  # JSON values equal as JSON: true is not 1, 1.0 is not 1
+    return a == b and type(a) is type(b)
 
 
 def canonical(obj):  # §2.2
@@ -108,9 +119,13 @@ def main(argv):
             failures.append(f"FAIL  field {field!r}: {why}")
 
     cert = strict_json(open(cert_path, "rb").read())
-    if (cert.get("format"), cert.get("version"), cert.get("spec")) != ("nnmark-certificate", 1, 1):
+    if not all(same(cert.get(k), want) for k, want in (("format", "nnmark-certificate"), ("version", 1), ("spec", 1))):
         raise CannotCheck("not an nnmark certificate of version 1, spec 1")
     key, com, ck, v = cert["revealed_key"], cert["commitment"], cert["checkpoint"], cert["verdict"]
+    for obj, names in ((cert, MEMBERS), (com, COMMITMENT), (ck, ("name", "size", "sha256")), (v, VERDICT)):
+        if set(obj) != set(names):  # exactly the members of §8.2 and §8.4
+            raise CannotCheck(f"unknown or missing members: {sorted(set(obj) ^ set(names))}")
+    check("note", cert["note"] == NOTE, "is not the note of §8.4")
     kind = key["kind"]
     if kind not in ("whitebox", "whitebox-dense"):
         raise CannotCheck(f"a {kind!r} certificate: this script checks white-box ones (use nnmark check)")
@@ -124,11 +139,13 @@ def main(argv):
     check("commitment.commitment", h == com["commitment"], f"the revealed key hashes to {h[:16]}...")
     check("commitment.kind", com["kind"] == kind, "not the revealed key's kind")
     check("commitment.carrier", com["carrier"] == key["carrier"], "not the revealed key's carrier")
-    check("commitment.bits", com["bits"] == key["num_bits"], "not the revealed key's number of bits")
+    check("commitment.bits", same(com["bits"], key["num_bits"]), "not the revealed key's number of bits")
+    for name, want in (("format", "nnmark-commitment"), ("version", 1), ("spec", 1)):
+        check(f"commitment.{name}", same(com[name], want), f"must be {want!r}")
     if trusted is not None:
         mine = strict_json(open(trusted, "rb").read())
-        for name in ("format", "version", "spec", "commitment", "kind", "carrier", "bits", "created", "statement"):
-            check(f"commitment.{name}", com.get(name) == mine.get(name), "differs from the commitment you trust",
+        for name in COMMITMENT:
+            check(f"commitment.{name}", same(com.get(name), mine.get(name)), "differs from the commitment you trust",
                   " (= the commitment you trust)")
     # 2. the key (§2.4, §2.5, §3)
     bits = key["bits"]
@@ -146,7 +163,7 @@ def main(argv):
     # 3. the checkpoint (§8.4): the whole file, then its safetensors header
     data = open(ck_path, "rb").read()
     check("checkpoint.name", ck["name"] == os.path.basename(ck_path), f"the file is {os.path.basename(ck_path)!r}")
-    check("checkpoint.size", ck["size"] == len(data), f"the file has {len(data)} bytes")
+    check("checkpoint.size", same(ck["size"], len(data)), f"the file has {len(data)} bytes")
     digest = hashlib.sha256(data).hexdigest()
     check("checkpoint.sha256", ck["sha256"] == digest, f"the file's sha256 is {digest[:16]}...")
     (n,) = struct.unpack("<Q", data[:8])
@@ -154,8 +171,8 @@ def main(argv):
     meta = header.pop("__metadata__", None) or {}
     if "nnmark.commitment" in meta:
         stamped = strict_json(meta["nnmark.commitment"].encode("utf-8"))
-        same = "the certificate's" if stamped == com else "another (a stamp is the file's own claim)"
-        out.append(f"note  the file is stamped with commitment {str(stamped.get('commitment'))[:16]}: {same}")
+        which = "the certificate's" if stamped == com else "another (a stamp is the file's own claim)"
+        out.append(f"note  the file is stamped with commitment {str(stamped.get('commitment'))[:16]}: {which}")
     name = key["carrier"]
     if name not in header:  # a wrapper prefix on either side
         hits = [h for h in header if _strip(h) == _strip(name)]
@@ -203,7 +220,7 @@ def main(argv):
         if field_name in ("ber", "p_value") and isinstance(have, (int, float)) and not isinstance(have, bool):
             ok = math.isclose(have, want, rel_tol=REL_TOLERANCE, abs_tol=0.0)
         else:
-            ok = have == want and type(have) is type(want)
+            ok = same(have, want)
         check(f"verdict.{field_name}", ok, f"the certificate says {have!r}, re-derived: {want!r}")
     check("verdict.verified", v["verified"] is True and got["verified"], "the mark does not verify")
     for line in out:
@@ -233,6 +250,6 @@ if __name__ == "__main__":
     except CannotCheck as exc:
         print(f"cannot check: {exc}", file=sys.stderr)
         sys.exit(2)
-    except (OSError, KeyError, TypeError, ValueError, IndexError, AttributeError, struct.error, RecursionError) as exc:
+    except Exception as exc:  # noqa: BLE001 - malformed or unreadable input: never a pass, never "does not hold"
         print(f"cannot check: malformed or unreadable input ({type(exc).__name__}: {exc})", file=sys.stderr)
         sys.exit(2)

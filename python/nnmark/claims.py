@@ -403,20 +403,20 @@ def check_claim(certificate, checkpoint: str | os.PathLike, *, commitment=None, 
     com = cert.commitment
     mine = commitment_hash(key)
     if mine != com.commitment:
-        fail("commitment.commitment", f"the revealed key (revealed_key, key_id {key.key_id}) hashes to "
-                                      f"{mine[:16]}..., not to the certificate's commitment {com.id}...: the key "
-                                      f"is not the one committed to")
+        fail("commitment.commitment", f"the revealed key (revealed_key, key_id {key.key_id}) hashes to {mine}, "
+                                      f"not to the certificate's commitment {com.commitment}: the key is not the "
+                                      f"one committed to")
     kind = key.file_kind
     carrier = None if kind == "trigger" else key.carrier
     for name, want in (("kind", kind), ("carrier", carrier), ("bits", len(key))):
         if getattr(com, name) != want:
-            fail(f"commitment.{name}", f"the certificate says {show(getattr(com, name))}, the revealed key has "
-                                       f"{show(want)}")
+            fail(f"commitment.{name}", f"the certificate says {_val(getattr(com, name))}, the revealed key has "
+                                       f"{_val(want)}")
     if trusted is not None:
         for name in ("commitment", "kind", "carrier", "bits", "created", "statement", "spec"):
             if getattr(com, name) != getattr(trusted, name):
-                fail(f"commitment.{name}", f"the certificate says {show(getattr(com, name))}, the commitment you "
-                                           f"trust says {show(getattr(trusted, name))}")
+                fail(f"commitment.{name}", f"the certificate says {_val(getattr(com, name))}, the commitment you "
+                                           f"trust says {_val(getattr(trusted, name))}")
     else:
         notes.append(f"the commitment was taken from the certificate itself ({com.describe()}); pass the commitment "
                      f"published before the dispute (commitment=, --commitment) to check that it is that one")
@@ -430,8 +430,8 @@ def check_claim(certificate, checkpoint: str | os.PathLike, *, commitment=None, 
     if ck["size"] != size:
         fail("checkpoint.size", f"the certificate says {ck['size']} bytes, the file has {size}")
     if ck["sha256"] != digest:
-        fail("checkpoint.sha256", f"the certificate says {ck['sha256'][:16]}..., the file's sha256 is "
-                                  f"{digest[:16]}...: not the file certified")
+        fail("checkpoint.sha256", f"the certificate says {ck['sha256']}, the file's sha256 is {digest}: not the "
+                                  f"file certified")
     stamped = None
     try:
         stamped = read_stamp(path)
@@ -476,7 +476,7 @@ def check_claim(certificate, checkpoint: str | os.PathLike, *, commitment=None, 
                 continue
             a, b = v[name], got[name]
             if not _same(name, a, b):
-                fail(f"verdict.{name}", f"the certificate says {show(a)}, re-deriving it {inputs} gives {show(b)}")
+                fail(f"verdict.{name}", f"the certificate says {_val(a)}, re-deriving it {inputs} gives {_val(b)}")
         if not redo.verified:
             fail("verdict.verified", f"the mark does not verify in this file ({redo.status}, p-value "
                                      f"{redo.p_value:.3g} {inputs})")
@@ -491,6 +491,12 @@ def check_claim(certificate, checkpoint: str | os.PathLike, *, commitment=None, 
             seen.add(msg)
             unique.append((name, msg))
     return ClaimCheck(not unique, unique, notes, com, stamped, redo)
+
+
+def _val(v) -> str:
+    """A value in a message: whole when short enough to compare by eye (a sha256), else cut."""
+    r = repr(v)
+    return r if len(r) <= 100 else show(v)
 
 
 def _same(name: str, a, b) -> bool:
