@@ -64,10 +64,8 @@ def _nnmark_version() -> str:
 
     try:
         return version("nnmark")
-    except PackageNotFoundError:  # pragma: no cover - run from a source tree
-        from . import __version__
-
-        return __version__
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree that was never installed
+        return ""
 
 
 @dataclass(frozen=True)
