@@ -135,24 +135,26 @@ def main(argv):
         raise CannotCheck("a white-box certificate has no arch")
 
     # 1. the commitment (§8.1, §8.2)
-    h = hashlib.sha256(b"nnmark:commitment:v1:" + canonical(key)).hexdigest()
-    check("commitment.commitment", h == com["commitment"], f"the revealed key hashes to {h[:16]}...")
+    mine = hashlib.sha256(b"nnmark:commitment:v1:" + canonical(key)).hexdigest()
+    check("commitment.commitment", mine == com["commitment"], f"the revealed key hashes to {mine}")
     check("commitment.kind", com["kind"] == kind, "not the revealed key's kind")
     check("commitment.carrier", com["carrier"] == key["carrier"], "not the revealed key's carrier")
     check("commitment.bits", same(com["bits"], key["num_bits"]), "not the revealed key's number of bits")
     for name, want in (("format", "nnmark-commitment"), ("version", 1), ("spec", 1)):
         check(f"commitment.{name}", same(com[name], want), f"must be {want!r}")
     if trusted is not None:
-        mine = strict_json(open(trusted, "rb").read())
+        published = strict_json(open(trusted, "rb").read())
         for name in COMMITMENT:
-            check(f"commitment.{name}", same(com.get(name), mine.get(name)), "differs from the commitment you trust",
-                  " (= the commitment you trust)")
+            check(f"commitment.{name}", same(com.get(name), published.get(name)),
+                  "differs from the commitment you trust", " (= the commitment you trust)")
     # 2. the key (§2.4, §2.5, §3)
     bits = key["bits"]
     if not (isinstance(bits, str) and bits and set(bits) <= {"0", "1"} and len(bits) == key["num_bits"]):
         raise CannotCheck("revealed_key.bits is not a bit string of num_bits characters")
     t = len(bits)
     if kind == "whitebox":
+        if key["order"] != "torch":
+            raise CannotCheck("a whitebox key's order is 'torch' (§2.4)")
         secret = bytes.fromhex(key["secret"])
         key_id = hashlib.sha256(b"nnmark:key-id:v1:" + secret).hexdigest()[:16]
     else:
@@ -161,13 +163,20 @@ def main(argv):
         key_id = hashlib.sha256(b"nnmark:key-id:v1:" + matrix.tobytes()).hexdigest()[:16]
     check("revealed_key.key_id", key_id == key["key_id"], "does not match the key's secret")
     # 3. the checkpoint (§8.4): the whole file, then its safetensors header
-    data = open(ck_path, "rb").read()
+    f = open(ck_path, "rb")
+    h, size = hashlib.sha256(), 0
+    for chunk in iter(lambda: f.read(1 << 20), b""):  # the whole file, hashed as it streams by
+        h.update(chunk)
+        size += len(chunk)
+    digest = h.hexdigest()
     check("checkpoint.name", ck["name"] == os.path.basename(ck_path), f"the file is {os.path.basename(ck_path)!r}")
-    check("checkpoint.size", same(ck["size"], len(data)), f"the file has {len(data)} bytes")
-    digest = hashlib.sha256(data).hexdigest()
-    check("checkpoint.sha256", ck["sha256"] == digest, f"the file's sha256 is {digest[:16]}...")
-    (n,) = struct.unpack("<Q", data[:8])
-    header = strict_json(data[8:8 + n])
+    check("checkpoint.size", same(ck["size"], size), f"the file has {size} bytes")
+    check("checkpoint.sha256", ck["sha256"] == digest, f"the file's sha256 is {digest}")
+    f.seek(0)
+    (n,) = struct.unpack("<Q", f.read(8))
+    if 8 + n > size:
+        raise CannotCheck("the safetensors header is longer than the file")
+    header = strict_json(f.read(n))
     meta = header.pop("__metadata__", None) or {}
     if "nnmark.commitment" in meta:
         stamped = strict_json(meta["nnmark.commitment"].encode("utf-8"))
@@ -175,7 +184,7 @@ def main(argv):
         out.append(f"note  the file is stamped with commitment {str(stamped.get('commitment'))[:16]}: {which}")
     name = key["carrier"]
     if name not in header:  # a wrapper prefix on either side
-        hits = [h for h in header if _strip(h) == _strip(name)]
+        hits = [other for other in header if _strip(other) == _strip(name)]
         if len(hits) != 1:
             raise CannotCheck(f"carrier {name!r} is {'ambiguous' if hits else 'not in the file'}")
         name = hits[0]
@@ -183,7 +192,10 @@ def main(argv):
     if entry["dtype"] not in DTYPES:
         raise CannotCheck(f"carrier dtype {entry['dtype']}: this script reads F32, F16, BF16 and F64")
     begin, end = entry["data_offsets"]
-    raw = data[8 + n + begin:8 + n + end]
+    f.seek(8 + n + begin)
+    raw = f.read(end - begin)
+    if len(raw) != end - begin:
+        raise CannotCheck("the file ends inside the carrier")
     shape = tuple(entry["shape"])
     w = np.frombuffer(raw, dtype=DTYPES[entry["dtype"]])
     w = (w.astype(np.uint32) << 16).view(np.float32) if entry["dtype"] == "BF16" else w

@@ -159,7 +159,8 @@ def _leaves(obj: dict, prefix: str = ""):
 
 # Edits that keep a field well-formed where a plain one would not say much.
 _EDITS = {"verdict.alpha": 0.3, "verdict.null_rate": 0.25, "verdict.status": "absent", "verdict.ber": 0.5,
-          "verdict.null": "binomial(p0=0.25)", "verdict.controls": 3, "verdict.control_matches": 1, "verdict.control_p_value": 0.5,
+          "verdict.null": "binomial(p0=0.25)", "verdict.controls": 3, "verdict.control_matches": 1,
+          "verdict.control_p_value": 0.5,
           "verdict.warning": "tampered", "arch": "mypkg.models:net", "calibration": {},
           "commitment.created": "2020-02-02T02:02:02+00:00", "commitment.kind": "whitebox-dense",
           "revealed_key.kind": "whitebox-dense", "revealed_key.reduction": "flat", "revealed_key.order": "keras",

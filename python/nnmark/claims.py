@@ -137,7 +137,8 @@ def certificate_from_dict(body: Any, where: str = "certificate") -> Certificate:
         raise bad("note", f"must be exactly {NOTE!r}")
     com = Commitment.from_dict(body["commitment"], where, "commitment.")
     if not isinstance(body["revealed_key"], dict):
-        raise bad("revealed_key", f"must be a JSON object (the key's members), got {type(body['revealed_key']).__name__}")
+        raise bad("revealed_key", f"must be a JSON object (the key's members), got "
+                                  f"{type(body['revealed_key']).__name__}")
     ck = body["checkpoint"]
     _members(ck, CHECKPOINT_MEMBERS, where, "checkpoint.")
     if not _text(ck["name"], MAX_NAME_CHARS) or not ck["name"]:
@@ -227,7 +228,8 @@ def _revealed_key(body: dict, where: str):
     except KeyFileError as exc:
         raise ClaimError(str(exc)) from None
     canon = key_body(key)
-    odd = sorted(set(body) ^ set(canon)) or sorted(n for n in canon if canonical_json(canon[n]) != canonical_json(body[n]))
+    odd = sorted(set(body) ^ set(canon)) or sorted(n for n in canon
+                                                   if canonical_json(canon[n]) != canonical_json(body[n]))
     if odd:  # an unknown member, or one written otherwise than nnmark writes it (e.g. an uppercase secret)
         raise ClaimError(f"{where}: field {'revealed_key.' + odd[0]!r} is not as the key's file holds it (unknown, "
                          f"missing or not in canonical form)")
@@ -280,7 +282,8 @@ def _calibration_of(calibration) -> Calibration | None:
         return calibration
     if isinstance(calibration, (str, os.PathLike)):
         return load_calibration(calibration)
-    raise TypeError(f"calibration must be an nnmark.Calibration or a calibration file, got {type(calibration).__name__}")
+    raise TypeError(f"calibration must be an nnmark.Calibration or a calibration file, got "
+                    f"{type(calibration).__name__}")
 
 
 def certify(key, checkpoint: str | os.PathLike, commitment, *, alpha: float = 1e-6, null_rate: float | None = None,
@@ -320,6 +323,9 @@ def certify(key, checkpoint: str | os.PathLike, commitment, *, alpha: float = 1e
         raise ValueError("arch is for trigger keys; a white-box key reads the carrier's weights")
     cal = _calibration_of(calibration)
     path = os.fspath(checkpoint)
+    if not _text(os.path.basename(path), MAX_NAME_CHARS):
+        raise ClaimError(f"the checkpoint's name {show(os.path.basename(path))} is not text a certificate can hold "
+                         f"(not valid Unicode, or too long): rename the file")
     size, digest, ident = _whole_file(path)
     v = verify(key, path, alpha=alpha, null_rate=null_rate, calibration=cal, arch=arch, device=device)
     if _identity(path) != ident:

@@ -341,6 +341,8 @@ def stamp(path: str | os.PathLike, commitment, *, output: str | os.PathLike | No
             write_atomic_with(dst, write, mode=stat.S_IMODE(st.st_mode))
         except OSError as exc:
             raise ClaimError(f"cannot write {str(dst)!r}: {exc.strerror or exc}") from None
+    except OSError as exc:  # reading the source failed (an I/O error)
+        raise ClaimError(f"cannot stamp {src!r}: {exc.strerror or exc}") from None
     finally:
         os.close(fd)
     got = read_stamp(dst)

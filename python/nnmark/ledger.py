@@ -612,7 +612,7 @@ class Ledger:
             w = csv.writer(f)
             w.writerow(FIELDS)
             for r in self.rows(status=status):
-                w.writerow(["" if r[k] is None else int(r[k]) if k == "verified" else
+                w.writerow(["" if r[k] is None else int(r[k]) if k in ("verified", "commitment_matches") else
                             _printable(r[k]) if isinstance(r[k], str) else r[k] for k in FIELDS])
                 n += 1
         else:
