@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 import nnmark
 from _corpus import marked_carrier
+from nnmark import claims as claims_module
 from nnmark.cli import main
 from nnmark.commitments import ClaimError
 
@@ -91,7 +92,7 @@ def test_the_owners_certificate_passes_everywhere(owner, capsys):
     assert res.stamp == owner["commitment"] == res.commitment  # the released file carries the commitment
     assert (owner["cert"].stat().st_mode & 0o777) == 0o600  # it reveals the key
     body = owner["body"]
-    assert body["revealed_key"]["secret"] == owner["key"]._fields()["secret"] and "revealed" in body["note"]
+    assert body["revealed_key"] == nnmark.keys.key_body(owner["key"]) and "revealed" in body["note"]
     assert body["checkpoint"]["sha256"] == hashlib.sha256(owner["model"].read_bytes()).hexdigest()
     code, out = cli(capsys, "check", owner["cert"], owner["model"], "--commitment", owner["com"])
     assert code == 0 and "claim holds" in out
@@ -348,6 +349,10 @@ def test_malformed_certificates_get_a_clear_error(owner, tmp_path, capsys):
     assert "verdict.verified" in msgs["verified as text"] and "verdict.matches" in msgs["matches as text"]
     assert "checkpoint.name" in msgs["huge name"] and "version" in msgs["wrong version"]
     assert "'extra'" in msgs["unknown field"]
+    with pytest.MonkeyPatch.context() as mp:  # the size cap (320 MiB), without writing 320 MiB
+        mp.setattr(claims_module, "MAX_FILE_BYTES", 1000)
+        with pytest.raises(ClaimError, match="more than a certificate holds"):
+            nnmark.load_certificate(owner["cert"])
     procs = {n: checker(p, owner["model"]) for n, p in bad.items() if n not in ("a FIFO",)}
     for name, proc in procs.items():
         code, out = finish(proc)  # malformed (2), or well-formed JSON whose field does not check (1): never 0
