@@ -254,7 +254,70 @@ def vectors() -> dict[str, object]:
     }
     v["control-tests"] = control_test_vectors()
     v["beta-binomial"], v["calibration-file"] = calibration_vectors()
+    v.update(claim_vectors(wkey, dkey, trigger_key(TRIGGER_EXAMPLES["abstract"])))
     return v
+
+
+# ------------------------------------------------------------------- claims (§8)
+CLAIM_CARRIER = "features.0.weight"
+CLAIM_STATEMENT = "ACME Corp, model v3"
+
+
+def claim_header() -> str:
+    """The safetensors header of the §7.15 checkpoint: the §7.6 carrier alone, padded with
+    spaces to a multiple of 8 bytes (as the safetensors library writes it)."""
+    h = json.dumps({CLAIM_CARRIER: {"dtype": "F32", "shape": [4, 3, 3, 3], "data_offsets": [0, 432]}},
+                   separators=(",", ":"))
+    return h + " " * (-len(h) % 8)
+
+
+def claim_file_bytes(header: str, data: bytes) -> bytes:
+    raw = header.encode("utf-8")
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+def claim_key() -> nnmark.WhiteBoxKey:
+    """The common secret, the §7.6 carrier, and as owner bits the bits the §7.6 carrier gives:
+    the carrier carries this key (32 of 32 bits)."""
+    w = torch.from_numpy(whitebox_carrier())
+    probe = nnmark.WhiteBoxKey(SECRET, CLAIM_CARRIER, [0] * 32, "filter_mean", shape=(4, 3, 3, 3))
+    return nnmark.WhiteBoxKey(SECRET, CLAIM_CARRIER, nnmark.extract(probe, {CLAIM_CARRIER: w}), "filter_mean",
+                              shape=(4, 3, 3, 3))
+
+
+def _commitment_entry(key) -> dict:
+    from nnmark.commitments import key_bytes
+
+    b = key_bytes(key)
+    c = nnmark.commit(key, created=CREATED)
+    return {"key_bytes_length": len(b), "key_bytes_sha256": hashlib.sha256(b).hexdigest(), "commitment": c.commitment,
+            "id": c.id}
+
+
+def claim_vectors(wkey, dkey, tkey) -> dict:
+    from dataclasses import replace
+
+    out = {"commitment": {"whitebox": _commitment_entry(wkey), "whitebox-dense": _commitment_entry(dkey),
+                          "trigger": _commitment_entry(tkey)}}
+    with tempfile.TemporaryDirectory() as d:
+        com = nnmark.commit(wkey, statement=CLAIM_STATEMENT, created=CREATED)
+        out["commitment-file"] = com.save(Path(d) / "c.json").read_text()
+        header = claim_header()
+        path = Path(d) / "model.safetensors"
+        path.write_bytes(claim_file_bytes(header, whitebox_carrier().astype("<f4").tobytes()))
+        plain = path.read_bytes()
+        ckey = claim_key()
+        ccom = nnmark.commit(ckey, statement=CLAIM_STATEMENT, created=CREATED)
+        nnmark.stamp(path, ccom)
+        stamped = path.read_bytes()
+        n = int.from_bytes(stamped[:8], "little")
+        out["claim-checkpoint"] = {
+            "header": header, "size": len(plain), "sha256": hashlib.sha256(plain).hexdigest(),
+            "owner_bits": bitstring(ckey.bits), "stamped_header": stamped[8:8 + n].decode("utf-8"),
+            "stamped_size": len(stamped), "stamped_sha256": hashlib.sha256(stamped).hexdigest()}
+        cert = replace(nnmark.certify(ckey, path, ccom), nnmark_version="0.0.0")
+        out["certificate-file"] = cert.save(Path(d) / "claim.json").read_text()
+    return out
 
 
 # ------------------------------------------------------------------- controls (§5.10, §5.11)

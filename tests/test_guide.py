@@ -74,9 +74,10 @@ def run_part(title: str, folder: Path, monkeypatch) -> dict:
     return ns
 
 
-def test_the_guide_has_the_three_parts():
+def test_the_guide_has_the_four_parts():
     titles = list(parts())
-    assert titles == ["1. Verify many checkpoints", "2. Benchmark schemes and attacks", "3. Embed in training"]
+    assert titles == ["1. Verify many checkpoints", "2. Benchmark schemes and attacks", "3. Embed in training",
+                      "4. Claim ownership"]
     langs = {lang for blocks in parts().values() for lang, _ in blocks}
     assert langs == {"python", "bash"}
 
@@ -119,3 +120,27 @@ def test_part_3_embed_in_training(tmp_path, monkeypatch):
         if f.is_file():
             assert secret.encode() not in f.read_bytes() and bytes.fromhex(secret) not in f.read_bytes()
     assert re.search(r"nnmark\.examples\.minilm", GUIDE.read_text())  # the real-model example is shown
+
+
+def test_part_4_claim_ownership(tmp_path, monkeypatch):
+    """keygen -> commit -> train -> stamp -> certify -> check, as the guide writes it."""
+    ns = run_part("4. Claim ownership", tmp_path, monkeypatch)
+    import nnmark
+
+    bash = "".join(ns["_bash"])
+    assert "the release carries our commitment" in bash and "claim holds" in bash
+    com = nnmark.load_commitment(tmp_path / "commitment.json")
+    key = nnmark.load_key(tmp_path / "owner.key")
+    assert com.matches(key) and nnmark.read_stamp(tmp_path / "release.safetensors") == com
+    assert nnmark.read_stamp(tmp_path / "suspect.safetensors") is None
+    cert = json.loads((tmp_path / "claim.json").read_text())
+    assert cert["revealed_key"]["key_id"] == key.key_id and cert["verdict"]["verified"]
+    assert stat.S_IMODE((tmp_path / "claim.json").stat().st_mode) == 0o600
+    assert not ns["check"].holds and ns["check"].failures[0][0] == "commitment.commitment"
+    secret = json.loads((tmp_path / "owner.key").read_text())["secret"]
+    for name in ("commitment.json", "release.safetensors", "rows.jsonl"):  # published: no secret in them
+        assert secret.encode() not in (tmp_path / name).read_bytes()
+    r = subprocess.run([sys.executable, str(GUIDE.parent / "check_claim.py"), "claim.json", "suspect.safetensors",
+                        "--commitment", "commitment.json"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "claim holds" in r.stdout, r.stdout + r.stderr  # the skipped block, as written
+

@@ -10,6 +10,9 @@
     training sets and orders.
 (c) Verdicts of ``nnmark.verify`` on small models are reproduced by _spec from the
     models' logits (null, McNemar and Fisher p-values, calibrated or not).
+(d) Ownership claims (§7.15, §8): commitments recomputed from the key files of the
+    document alone, the checkpoint rebuilt and stamped, the certificate checked by
+    nnmark and by the standalone docs/check_claim.py.
 
 Philox on random inputs, the projection against _spec and the subkey are covered by
 test_philox.py / test_projection.py / test_keys.py; this file does not repeat them.
@@ -39,7 +42,8 @@ BLOCK = re.compile(r"<!-- kat:(?P<name>[\w.-]+) -->\n```json\n(?P<body>.*?)\n^``
 KAT_NAMES = {"philox", "subkey", "projection", "key_id", "message_bits", "whitebox-key-file", "whitebox-extract",
              "dense-key-file", "dense-extract", "trigger-streams", "portable-math", "trigger-sets",
              "trigger-key-file", "binomial", "trigger-controls", "held-back-keys", "per-sample-key-file",
-             "control-tests", "beta-binomial", "calibration-file"}
+             "control-tests", "beta-binomial", "calibration-file", "commitment", "commitment-file", "claim-checkpoint",
+             "certificate-file"}
 # The fitted a, b of the beta-binomial block are an optimiser's result (docs/spec.md §6.5):
 # compared within the block's rel_tolerance, not as text.
 FITTED = {"a", "b"}
@@ -1045,3 +1049,92 @@ def test_verify_is_reproduced_from_the_logits(tmp_path, rng, name):
     with torch.no_grad():
         logits = models[1](x).float().numpy()
     assert _spec.verdict(spec_key, logits, 1e-3)["matches"] == n
+
+
+# =============================================================== (d) ownership claims (§7.15, §8)
+CHECKER = SPEC.parent / "check_claim.py"
+
+
+def _body_of(key_file_text: str) -> dict:
+    """§8.1 from a key file of the document: its object without created, warning, checksum."""
+    obj = json.loads(key_file_text)
+    return {k: v for k, v in obj.items() if k not in ("created", "warning", "checksum")}
+
+
+@pytest.mark.parametrize("kind,block", [("whitebox", "whitebox-key-file"), ("whitebox-dense", "dense-key-file"),
+                                        ("trigger", "trigger-key-file")])
+def test_commitments_from_the_key_files(tmp_path, kind, block):
+    want = kat("commitment")[kind]
+    key_bytes = json.dumps(_body_of(BLOCKS[block]), sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=True).encode("ascii")  # §2.2, written out here
+    assert len(key_bytes) == want["key_bytes_length"]
+    assert hashlib.sha256(key_bytes).hexdigest() == want["key_bytes_sha256"]
+    c = hashlib.sha256(b"nnmark:commitment:v1:" + key_bytes).hexdigest()
+    assert c == want["commitment"] and c[:16] == want["id"]
+    key = nnmark.load_key(write(tmp_path, "k.key", BLOCKS[block] + "\n"))
+    assert nnmark.commit(key).commitment == c and nnmark.commit(key).matches(key)
+
+
+def test_commitment_file(tmp_path):
+    text = BLOCKS["commitment-file"] + "\n"
+    body = json.loads(text)
+    assert text == json.dumps(body, indent=1, sort_keys=True) + "\n"
+    key = nnmark.load_key(write(tmp_path, "k.key", BLOCKS["whitebox-key-file"] + "\n"))
+    c = nnmark.load_commitment(write(tmp_path, "c.json", text))
+    assert c == nnmark.commit(key, statement=body["statement"], created=body["created"])
+    assert c.commitment == kat("commitment")["whitebox"]["commitment"] and c.matches(key)
+
+
+def _claim_file(tmp_path) -> Path:
+    """The §7.15 checkpoint, rebuilt from the text: header, then the §7.6 carrier."""
+    v = kat("claim-checkpoint")
+    header = v["header"].encode("utf-8")
+    assert len(header) % 8 == 0
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + whitebox_carrier().astype("<f4").tobytes())
+    assert path.stat().st_size == v["size"] and hashlib.sha256(path.read_bytes()).hexdigest() == v["sha256"]
+    return path
+
+
+def test_claim_checkpoint_and_its_stamp(tmp_path):
+    v = kat("claim-checkpoint")
+    path = _claim_file(tmp_path)
+    cert = json.loads(BLOCKS["certificate-file"])
+    com = nnmark.Commitment.from_dict(cert["commitment"])
+    assert v["owner_bits"] == cert["revealed_key"]["bits"]
+    assert nnmark.read_stamp(path) is None
+    nnmark.stamp(path, com)
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert raw[8:8 + n].decode("utf-8") == v["stamped_header"] and len(raw) == v["stamped_size"]
+    assert hashlib.sha256(raw).hexdigest() == v["stamped_sha256"]
+    assert raw[8 + n:] == whitebox_carrier().astype("<f4").tobytes()  # the tensor bytes, as they were
+    meta = json.loads(v["stamped_header"])["__metadata__"]
+    assert meta == {"nnmark.commitment": json.dumps(cert["commitment"], sort_keys=True, separators=(",", ":"))}
+    assert nnmark.read_stamp(path) == com
+
+
+def test_certificate_file(tmp_path):
+    import subprocess
+    import sys
+
+    text = BLOCKS["certificate-file"] + "\n"
+    body = json.loads(text)
+    assert text == json.dumps(body, indent=1, sort_keys=True) + "\n"
+    path = _claim_file(tmp_path)
+    nnmark.stamp(path, nnmark.Commitment.from_dict(body["commitment"]))
+    cert = write(tmp_path, "claim.json", text)
+    com = write(tmp_path, "c.json", json.dumps(body["commitment"], indent=1, sort_keys=True) + "\n")
+    res = nnmark.check_claim(cert, path, commitment=com)
+    assert res.holds and res.failures == [] and res.stamp == res.commitment
+    assert any("0.0.0" in note for note in res.notes)  # nnmark_version: reported, not compared
+    # what the text says: the claim key is the common secret with the bits the §7.6 carrier gives
+    extracted = kat("whitebox-extract")["extracted_bits"]
+    assert body["revealed_key"]["bits"] == extracted and body["revealed_key"]["secret"] == SECRET.hex()
+    assert body["verdict"]["p_value"] == 2.0 ** -32 and body["verdict"]["threshold"] == kat("whitebox-extract")[
+        "threshold_at_1e-6"]
+    r = subprocess.run([sys.executable, str(CHECKER), str(cert), str(path), "--commitment", str(com)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "claim holds: 32/32 bits" in r.stdout
+

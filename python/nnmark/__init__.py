@@ -15,6 +15,8 @@ from .triggers import TriggerKey, TriggerMixer, embed_triggers
 from .scan import scan  # the function; its package stays importable: "from nnmark.scan import expand_paths"
 from .robustness import RobustnessReport, robustness_report
 from .integrations import PenaltyHook
+from .claims import (Certificate, ClaimCheck, ClaimError, Commitment, certify, check_claim, commit, load_certificate,
+                     load_commitment, read_stamp, stamp)
 
 __all__ = [
     "build_info", "get_num_threads", "set_num_threads",
@@ -24,5 +26,7 @@ __all__ = [
     "keyed_projection", "dense_projection", "philox4x32_10", "CheckpointError", "open_checkpoint",
     "TriggerKey", "TriggerMixer", "embed_triggers", "scan",
     "robustness_report", "RobustnessReport", "PenaltyHook",
+    "commit", "Commitment", "load_commitment", "stamp", "read_stamp", "certify", "Certificate", "load_certificate",
+    "check_claim", "ClaimCheck", "ClaimError",
 ]
 __version__ = "0.1.0"

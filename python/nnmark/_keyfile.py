@@ -56,6 +56,13 @@ def write_atomic(path: str | os.PathLike, data: bytes, private: bool = False) ->
     allows. ``private``: mode 0600 from the start, so a secret is never readable by others,
     not even briefly; otherwise 0666 less the umask. On any error the temporary file is
     removed and ``path`` keeps what it held."""
+    return write_atomic_with(path, lambda f: f.write(data), private=private)
+
+
+def write_atomic_with(path: str | os.PathLike, write, private: bool = False, mode: int | None = None) -> Path:
+    """:func:`write_atomic` with the content written by ``write(f)`` (a binary file open on
+    the temporary file), for content too large to hold in memory. ``mode``: the file's mode
+    bits once written (e.g. those of a file being replaced)."""
     path = Path(path)
     flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | _O_CLOEXEC
              | getattr(os, "O_BINARY", 0))
@@ -70,9 +77,10 @@ def write_atomic(path: str | os.PathLike, data: bytes, private: bool = False) ->
         raise FileExistsError(f"cannot create a temporary file beside {str(path)!r}: every name tried was taken")
     try:
         with os.fdopen(fd, "wb") as f:
-            if private and hasattr(os, "fchmod"):
-                os.fchmod(f.fileno(), 0o600)  # exactly 0600 (the descriptor: no path to swap)
-            f.write(data)
+            if hasattr(os, "fchmod") and (private or mode is not None):
+                # exactly 0600 (or the mode asked for), on the descriptor: no path to swap
+                os.fchmod(f.fileno(), 0o600 if private else mode)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

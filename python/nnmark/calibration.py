@@ -140,9 +140,13 @@ class Calibration:
         d["null"] = self.describe()
         return d
 
+    def file_body(self) -> dict:
+        """The JSON object of the calibration's file (docs/spec.md §6.6)."""
+        return {"format": FORMAT, "version": VERSION, **self.to_dict()}
+
     def save(self, path: str | os.PathLike) -> Path:
         """Writes the calibration as JSON (no secret in it: the key appears as its key_id)."""
-        body = {"format": FORMAT, "version": VERSION, **self.to_dict()}
+        body = self.file_body()
         # through a fresh temporary file renamed into place, never through a planted link
         return write_atomic(path, (json.dumps(body, indent=1, allow_nan=False) + "\n").encode("utf-8"))
 
@@ -158,18 +162,24 @@ def load_calibration(path: str | os.PathLike) -> Calibration:
     except (UnicodeDecodeError, ValueError, RecursionError, MemoryError):
         raise CalibrationError(f"calibration {p!r} is not valid JSON (or holds numbers a calibration never "
                                f"holds, or is nested too deeply)") from None
+    return calibration_from_body(body, f"calibration {p!r}")
+
+
+def calibration_from_body(body, where: str = "calibration") -> Calibration:
+    """A calibration from the JSON object of its file (as :meth:`Calibration.file_body` gives
+    it, e.g. inside a certificate); CalibrationError naming ``where`` on any defect."""
     if not isinstance(body, dict) or body.get("format") != FORMAT:
-        raise CalibrationError(f"{p!r} is not an nnmark calibration file")
+        raise CalibrationError(f"{where} is not an nnmark calibration")
     if not is_int(body.get("version")) or body.get("version") != VERSION:
-        raise CalibrationError(f"calibration {p!r} has version {show(body.get('version'))}; this nnmark reads "
+        raise CalibrationError(f"{where} has version {show(body.get('version'))}; this nnmark reads "
                                f"version {VERSION}")
     try:
         return _from_body(body)
     except KeyError as exc:
-        raise CalibrationError(f"calibration {p!r} is malformed: field {show(exc.args[0] if exc.args else None)} "
+        raise CalibrationError(f"{where} is malformed: field {show(exc.args[0] if exc.args else None)} "
                                f"is missing") from None
     except (TypeError, ValueError, OverflowError, ZeroDivisionError, MemoryError, RecursionError) as exc:
-        raise CalibrationError(f"calibration {p!r} is malformed: {exc}") from None
+        raise CalibrationError(f"{where} is malformed: {exc}") from None
 
 
 def _from_body(body: dict) -> Calibration:
@@ -291,6 +301,6 @@ def make_calibration(key_id, kind, n, counts, a, b, alpha, p0, created="", versi
     return cal
 
 
-__all__ = ["Calibration", "CalibrationError", "load_calibration", "fit_beta_binomial", "beta_binomial_tails",
+__all__ = ["Calibration", "CalibrationError", "load_calibration", "calibration_from_body", "fit_beta_binomial", "beta_binomial_tails",
            "make_calibration",
            "MIN_MODELS"]

@@ -109,6 +109,9 @@ _OTHER_MAGIC = ((b"\x89HDF\r\n\x1a\n", "HDF5 (Keras .h5)"), (b"GGUF", "GGUF"), (
                 (b"\x7fELF", "an ELF executable"))
 
 FORMATS = ("safetensors", "hf-sharded", "torch-zip", "torch-legacy")
+# The safetensors __metadata__ entry that holds a stamped ownership commitment
+# (nnmark.claims.stamp; docs/spec.md §8.3).
+STAMP_KEY = "nnmark.commitment"
 # What in-memory sources report as their format.
 MEMORY_FORMATS = ("module", "state_dict", "tensor")
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
@@ -317,6 +320,9 @@ class Checkpoint:
 
     format = ""
     module: torch.nn.Module | None = None  # a model that runs itself (trigger keys)
+    # The text of a stamped commitment (a single safetensors file's __metadata__[STAMP_KEY]),
+    # as the file holds it: parsed and checked by nnmark.commitments, never trusted here.
+    stamp: str | None = None
 
     def __init__(self, path: str, size: int | None, mtime_ns: int | None, inode: int | None = None,
                  ctime_ns: int | None = None):
@@ -513,12 +519,13 @@ class SafetensorsFile(Checkpoint):
             if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
                 raise CheckpointError("corrupt", "BadHeader", f"{self.path!r}: the safetensors __metadata__ must map "
                                                               f"names to strings")
-            layout = self._layout(header)
+            entries, described = self._layout(header)
+            layout = entries, described, meta.get(STAMP_KEY) if meta else None
             if n <= _LAYOUT_CACHE_BYTES:
                 if len(_LAYOUTS) >= _LAYOUT_CACHE_SIZE:
                     _LAYOUTS.clear()
                 _LAYOUTS[raw] = layout
-        self._entries, described = layout
+        self._entries, described, self.stamp = layout
         self._data_start = 8 + n
         self._head = head  # small files: the carrier may be in it already
         data_bytes = size - 8 - n
@@ -1166,7 +1173,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-__all__ = ["FORMATS", "MEMORY_FORMATS", "CheckpointError", "Carrier", "Checkpoint", "SafetensorsFile", "TorchFile",
+__all__ = ["FORMATS", "MEMORY_FORMATS", "STAMP_KEY", "CheckpointError", "Carrier", "Checkpoint", "SafetensorsFile", "TorchFile",
            "ShardedCheckpoint", "ModuleCheckpoint", "StateDictCheckpoint", "TensorCheckpoint", "HashingStateDict",
            "open_checkpoint", "open_file", "sniff", "sniff_head", "read_carrier", "read_tensor", "load_state_dict", "index_shards",
            "tensor_sha256", "file_sha256", "state_dict_of", "error_of", "label_of", "check_tensor"]

@@ -185,6 +185,11 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, calibration, devic
             con.print(line, markup=False)
         n_ok = sum(v.verified for v in verdicts)
         v0 = verdicts[0]
+        stamped = [v for v in verdicts if v.commitment_matches is not None]
+        if stamped:  # ownership commitments stamped into the files (nnmark stamp)
+            mine = sum(bool(v.commitment_matches) for v in stamped)
+            con.print(f"commitment stamps: {len(stamped)}/{len(verdicts)} checkpoints carry one, {mine} of them "
+                      f"this key's commitment", markup=False)
         tested = " and each model's controls (the larger p-value counts)" if v0.controls else ""
         con.print(f"{n_ok}/{len(verdicts)} verified (threshold {v0.threshold}/{n} matching {what} under "
                   f"{v0.null}{tested}) in {elapsed:.2f} s", markup=False)
@@ -464,7 +469,9 @@ def main(argv=None):
 
 
 from .cli_scan import register as _register_scan  # noqa: E402 - scan, ledger, manifest (issue 5)
+from .cli_claims import register as _register_claims  # noqa: E402 - commit, stamp, certify, check (issue 14)
 _register_scan(cli)
+_register_claims(cli)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,10 @@ def _summary(res, keys, con) -> None:
     more = s["errors"] - min(len(res.problems), _SHOWN_PROBLEMS)
     if more > 0:
         con.print(f"... and {more} more: nnmark ledger export --status STATUS", markup=False, soft_wrap=True)
+    for kid, c in s["per_key"].items():  # ownership commitments stamped into the files (nnmark stamp)
+        if c.get("stamped"):
+            con.print(f"commitment stamps (key {kid}): {c['stamped']} files carry one, {c['stamp_matches']} of them "
+                      f"this key's commitment", markup=False, soft_wrap=True)
     for kid, text in s.get("warnings", {}).items():
         con.print(f"warning (key {kid}): {inert(text)}", markup=False, style="yellow", soft_wrap=True)
     rate = f"{s['files_per_s']:,.0f} files/s, {s['mb_per_s']:,.1f} MB/s" if s["scanned"] else "nothing new to read"

@@ -213,6 +213,11 @@ class WhiteBoxKeyBase:
 
     kind = ""
 
+    @property
+    def file_kind(self) -> str:
+        """The ``kind`` member of this key's file (docs/spec.md §2)."""
+        return self.kind
+
     def __init__(self, carrier, bits, reduction, shape, order="torch"):
         self.carrier = _check_carrier(carrier)
         self.reduction = _check_reduction(reduction)
@@ -567,10 +572,24 @@ def register_key_kind(kind: str, loader) -> None:
     _LOADERS[kind] = loader
 
 
+def canonical_json(obj: Any) -> bytes:
+    """The canonical JSON of docs/spec.md §2.2: members sorted, no whitespace, non-ASCII as
+    ``\\uXXXX`` escapes, floats as ``repr``; ASCII bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
 def _checksum(body: dict[str, Any]) -> str:
-    rest = {k: v for k, v in body.items() if k != "checksum"}
-    canon = json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    return hashlib.sha256(canon).hexdigest()
+    return hashlib.sha256(canonical_json({k: v for k, v in body.items() if k != "checksum"})).hexdigest()
+
+
+def key_body(key) -> dict[str, Any]:
+    """The members of ``key``'s file but ``created``, ``warning`` and ``checksum``, and no
+    member its kind does not define (docs/spec.md §8.1): what a commitment hashes and a
+    certificate reveals. It holds the secret: never log it."""
+    fields = getattr(key, "_fields", None)
+    if fields is None or not isinstance(getattr(key, "file_kind", None), str):
+        raise TypeError(f"a key must be an nnmark key (WhiteBoxKey, DenseKey, TriggerKey), got {type(key).__name__}")
+    return {"format": FORMAT, "version": VERSION, "kind": key.file_kind, "key_id": key.key_id, **fields()}
 
 
 # -- strict fields (TypeError/ValueError naming the field; load_key adds the file) --------------
@@ -637,10 +656,11 @@ def _exposure(path: Path, mode: int) -> str | None:
 
 
 class _as_key_file_error:
-    """Turns every exception a bad file can raise into a KeyFileError naming the file."""
+    """Turns every exception a bad file can raise into a KeyFileError naming the file
+    (``label``: how messages name it, default ``key file 'PATH'``)."""
 
-    def __init__(self, path: Path):
-        self.p = str(path)
+    def __init__(self, path: Path, label: str | None = None):
+        self.label = label or f"key file {str(path)!r}"
 
     def __enter__(self):
         return self
@@ -648,18 +668,18 @@ class _as_key_file_error:
     def __exit__(self, kind, exc, tb):
         if kind is None or issubclass(kind, KeyFileError) or not issubclass(kind, Exception):
             return False
-        p = self.p
+        what = self.label
         if issubclass(kind, RecursionError):
-            raise KeyFileError(f"key file {p!r} is nested too deeply to be a key file") from None
+            raise KeyFileError(f"{what} is nested too deeply to be a key file") from None
         if issubclass(kind, MemoryError):
-            raise KeyFileError(f"key file {p!r} needs more memory than a key file can") from None
+            raise KeyFileError(f"{what} needs more memory than a key file can") from None
         if issubclass(kind, KeyError):
-            raise KeyFileError(f"key file {p!r} is malformed: field {show(exc.args[0] if exc.args else None)} "
+            raise KeyFileError(f"{what} is malformed: field {show(exc.args[0] if exc.args else None)} "
                                f"is missing") from None
         if issubclass(kind, (TypeError, ValueError, OverflowError, IndexError)):
-            raise KeyFileError(f"key file {p!r} is malformed: {exc}") from None
+            raise KeyFileError(f"{what} is malformed: {exc}") from None
         # Anything else is nnmark's bug, but still a file it cannot use: say which, show no value.
-        raise KeyFileError(f"key file {p!r} could not be read ({kind.__name__})") from None
+        raise KeyFileError(f"{what} could not be read ({kind.__name__})") from None
 
 
 def load_key(path: str | os.PathLike, permissions: str | None = None):
@@ -712,21 +732,37 @@ def _key_body(p: str, raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _key_from_body(p: str, body: dict[str, Any]):
-    """Steps 3 to 5 of reading: checksum, the kind's fields, key_id."""
-    if body.get("checksum") != _checksum(body):
-        raise KeyFileError(f"key file {p!r} failed its checksum: the file changed since it was written (a "
+def key_from_body(body: Any, what: str = "revealed key"):
+    """The key a :func:`key_body` object describes (a certificate's revealed key): steps 2,
+    4 and 5 of reading a key file (docs/spec.md §2.3; it has no checksum). Raises
+    :class:`KeyFileError` naming ``what`` and the member; no message shows the secret."""
+    with _as_key_file_error(Path(what), what):
+        if not isinstance(body, dict) or body.get("format") != FORMAT:
+            raise KeyFileError(f"{what} is not an nnmark key (format is "
+                               f"{show(body.get('format') if isinstance(body, dict) else type(body).__name__)})")
+        version = body.get("version")
+        if not is_int(version) or version != VERSION:
+            raise KeyFileError(f"{what} has version {show(version)}; this nnmark reads version {VERSION}")
+        return _key_from_body(what, body, checksum=False)
+
+
+def _key_from_body(p: str, body: dict[str, Any], checksum: bool = True):
+    """Steps 3 to 5 of reading: checksum (unless ``checksum=False``: ``p`` then names the
+    body as messages show it), the kind's fields, key_id."""
+    label = f"key file {p!r}" if checksum else p
+    if checksum and body.get("checksum") != _checksum(body):
+        raise KeyFileError(f"{label} failed its checksum: the file changed since it was written (a "
                            f"corrupted copy, or an edit that did not update the checksum)")
     kind = body.get("kind")
     loaders = {WhiteBoxKey.kind: _load_whitebox, DenseKey.kind: _load_dense, **_LOADERS}
     loader = loaders.get(kind) if isinstance(kind, str) else None
     if loader is None:
-        raise KeyFileError(f"key file {p!r} has unknown kind {show(kind)}")
+        raise KeyFileError(f"{label} has unknown kind {show(kind)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         key = loader(body)
     if key.key_id != body.get("key_id"):
-        raise KeyFileError(f"key file {p!r}: key_id does not match its secret")
+        raise KeyFileError(f"{label}: key_id does not match its secret")
     return key
 
 

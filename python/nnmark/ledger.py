@@ -13,7 +13,9 @@ a manifest, timings, and a MAC. Keys appear only as their public ``key_id``.
 other field; a re-scan skips a file (and reports its old verdict) only when its
 rows' MACs verify with the keys in use -- an edited row (``verified=1``), an injected
 one (a file never scanned) or a row of a ledger written before MACs (schema 1 and 2)
-is checked again, not believed.
+is checked again, not believed. A ledger of an older schema gains the newer columns
+(schema 4: the stamped commitment's ``commitment_id`` and ``commitment_matches``); its
+rows' MACs then cover fields they were not made over, so their files are checked again.
 
 - MAC key, per key: ``HMAC-SHA256(key=secret, msg=b"nnmark:ledger-mac:v1:")``, where
   the secret is a WhiteBoxKey's or TriggerKey's 32 secret bytes and a DenseKey's
@@ -68,11 +70,12 @@ from typing import IO, Any
 
 from .rows import COLUMNS, FIELDS, TIMING_FIELDS
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Columns each schema version added: a ledger of an older version gains them (NULL in its
 # rows: a row without a MAC is never trusted, so a migrated ledger's files are checked again).
 _ADDED = {2: ("null", "controls", "control_matches", "control_p_value", "warning"),
-          3: ("inode", "ctime_ns", "mac")}
+          3: ("inode", "ctime_ns", "mac"),
+          4: ("commitment_id", "commitment_matches")}
 DEFAULT_LEDGER = "nnmark-ledger.sqlite"
 LEDGER_ENV = "NNMARK_LEDGER"
 EXPORT_FORMATS = ("jsonl", "csv")
@@ -578,6 +581,8 @@ class Ledger:
         # (a BLOB in any column reads as text: a hand-made one must not break an export)
         d = dict(zip(FIELDS, _from_db(values, _ALL_COLS) if bytes in map(type, values) else values))
         d["verified"] = bool(d["verified"])
+        if d["commitment_matches"] is not None:
+            d["commitment_matches"] = bool(d["commitment_matches"])
         return d
 
     def __len__(self) -> int:
@@ -607,7 +612,7 @@ class Ledger:
             w = csv.writer(f)
             w.writerow(FIELDS)
             for r in self.rows(status=status):
-                w.writerow(["" if r[k] is None else int(r[k]) if k == "verified" else
+                w.writerow(["" if r[k] is None else int(r[k]) if k in ("verified", "commitment_matches") else
                             _printable(r[k]) if isinstance(r[k], str) else r[k] for k in FIELDS])
                 n += 1
         else:

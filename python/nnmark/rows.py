@@ -51,6 +51,10 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("error_message", "TEXT", "what was wrong, for people"),
     ("integrity", "TEXT", "against --manifest: ok, changed or unlisted; NULL without a manifest"),
     ("file_sha256", "TEXT", "whole-file sha256 (only computed against a manifest)"),
+    ("commitment_id", "TEXT", "id (16 hex digits) of the ownership commitment stamped into the file "
+                              "(nnmark stamp; safetensors metadata), NULL when it holds none or a malformed one"),
+    ("commitment_matches", "INTEGER", "1 when the file's stamped commitment is this key's (nnmark.commit), 0 when "
+                                      "it is another key's or malformed; NULL when the file holds no stamp"),
     ("read_s", "REAL", "seconds spent reading the file"),
     ("verify_s", "REAL", "seconds of verification attributed to this row"),
     ("scanned_at", "REAL", "UNIX time the row was produced"),
@@ -68,6 +72,8 @@ def row_json(row: dict[str, Any]) -> dict[str, Any]:
     every field in order, then ``skipped``; non-finite floats as null."""
     out = {f: row.get(f) for f in FIELDS}
     out["verified"] = bool(out["verified"])
+    if out["commitment_matches"] is not None:
+        out["commitment_matches"] = bool(out["commitment_matches"])
     out["skipped"] = bool(row.get("skipped", False))
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 

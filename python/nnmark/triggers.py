@@ -296,6 +296,8 @@ class TriggerKey:
     ``triggers()`` returns ``(x, y)``; ``save`` / ``nnmark.load_key`` round-trip it.
     """
 
+    file_kind = _FILE_KIND  # the key file's "kind"; ``kind`` is the trigger kind
+
     def __init__(self, secret: bytes, kind: str = "abstract", n: int | None = None, num_classes: int = 10,
                  input_shape: Sequence[int] | None = None, samples: Any = None, target: Any = 0,
                  value_range: Sequence[float] = (0.0, 1.0), mean: Any = None, std: Any = None,

@@ -27,6 +27,7 @@ import torch
 from ..blackbox import TriggerCheck, is_trigger_key
 from ..checkpoints import (Carrier, Checkpoint, CheckpointError, error_of, identity_of, open_checkpoint,
                            open_file)
+from ..commitments import commitment_hash, parsed_stamp
 from ..keys import WhiteBoxKeyBase
 from ..rows import RETRY_STATUSES
 from ..whitebox import WhiteBoxCheck
@@ -176,6 +177,7 @@ class Loaded:
     read_s: float = 0.0
     integrity: str | None = None
     file_sha256: str | None = None
+    stamp: str | None = None  # the text of a commitment stamped into the file, unparsed
 
 
 def _skip(known: dict | None, path: str, ident: tuple, checks, manifest) -> bool:
@@ -218,7 +220,7 @@ def _load(source, label: str, wb: list, tk: list, known, manifest, allocators: d
                 return None
         else:
             ck = open_checkpoint(source, label)
-        f.format = ck.format
+        f.format, f.stamp = ck.format, ck.stamp
         for c in wb:
             try:
                 f.carriers[c.key_id] = ck.carrier(c.key.carrier, c.validate, allocators.get(c.key_id))
@@ -248,14 +250,29 @@ def _load(source, label: str, wb: list, tk: list, known, manifest, allocators: d
 
 
 # ------------------------------------------------------------------ rows
+def stamp_fields(stamp: str | None, check) -> tuple[str | None, bool | None]:
+    """(commitment_id, commitment_matches) of a row: the id of the commitment stamped into the
+    file, and whether it is the commitment of the check's key (a malformed stamp: None, False)."""
+    if stamp is None:
+        return None, None
+    c = parsed_stamp(stamp)
+    if c is None:
+        return None, False
+    mine = getattr(check, "commitment", None)
+    if mine is None:  # hashed once per check, and only when some file carries a stamp
+        mine = check.commitment = commitment_hash(check.key)
+    return c.id, c.commitment == mine
+
+
 def new_row(f: Loaded, check, now: float) -> dict:
+    cid, cmatch = stamp_fields(f.stamp, check)
     return {"path": f.path, "key_id": check.key_id, "size": f.size, "mtime_ns": f.mtime_ns, "inode": f.inode,
             "ctime_ns": f.ctime_ns, "format": f.format,
             "carrier": None, "carrier_sha256": None, "bytes_read": f.bytes_read, "status": "ok", "verified": False,
             "matches": None, "bits": check.bits, "ber": None, "p_value": None, "threshold": check.threshold,
             "alpha": check.alpha, "null": check.null, "controls": check.num_controls, "control_matches": None,
             "control_p_value": None, "warning": check.warning, "error_class": None, "error_message": None, "integrity": f.integrity,
-            "file_sha256": f.file_sha256, "read_s": f.read_s, "verify_s": 0.0, "scanned_at": now, "mac": None}
+            "file_sha256": f.file_sha256, "commitment_id": cid, "commitment_matches": cmatch, "read_s": f.read_s, "verify_s": 0.0, "scanned_at": now, "mac": None}
 
 
 def fail(row: dict, err: CheckpointError) -> dict:
@@ -486,4 +503,4 @@ def chunks(items: list, size: int) -> list[list]:
 
 
 __all__ = ["MAX_BATCH_BYTES", "MAX_OPEN", "load_keys", "make_check", "make_checks", "check_sources", "scan_batch",
-           "failed_rows", "error_rows", "internal_error", "new_row", "fail", "chunks", "Arena", "thread_arena", "Loaded"]
+           "failed_rows", "error_rows", "internal_error", "new_row", "stamp_fields", "fail", "chunks", "Arena", "thread_arena", "Loaded"]

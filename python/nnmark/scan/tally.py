@@ -111,7 +111,9 @@ class Tally:
         self.kept: dict[int, list[dict]] = {}
         self.problems: list[dict] = []
         self.n_verified = self.n_not = self.n_changed = self.n_skipped = self.n_scanned = 0
-        self.per_key = {k: {"verified": 0, "not_verified": 0, "errors": 0} for k in key_ids}
+        # stamped: files with a commitment stamped in; stamp_matches: of those, this key's commitment
+        self.per_key = {k: {"verified": 0, "not_verified": 0, "errors": 0, "stamped": 0, "stamp_matches": 0}
+                        for k in key_ids}
         self.warnings: dict[str, str] = {}  # key_id -> the warning its rows carry (one per key)
         self.bytes_read = self.done = 0
         self.start = time.perf_counter()
@@ -166,6 +168,9 @@ class Tally:
                 st = r["status"]
                 status[st] = status.get(st, 0) + 1
                 pk = per_key[r["key_id"]]
+                if r.get("commitment_matches") is not None:
+                    pk["stamped"] += 1
+                    pk["stamp_matches"] += bool(r["commitment_matches"])
                 if st == "ok":
                     if r["verified"]:
                         self.n_verified += 1
