@@ -22,13 +22,16 @@ rows' MACs then cover fields they were not made over, so their files are checked
   matrix (float32 bytes). It is derived when a scan starts, in the process that writes
   the ledger; neither it nor the secret is ever stored. The MAC is HMAC output only.
 - Canonical encoding: the values of every field but ``mac``, in the order of the field
-  names sorted (``alpha``, ``ber``, ``bits``, ``bytes_read``, ... ``warning``), as one JSON
-  array: ``json.dumps(values, separators=(",", ":"), ensure_ascii=True,
-  allow_nan=False)`` (ASCII bytes), each value as SQLite stores it and gives it back:
-  INTEGER columns as JSON integers (``verified`` 0 or 1), REAL columns as floats
-  (Python's shortest round-trip ``repr``: ``1e-06``, ``0.0625``), non-finite floats and
-  missing values as ``null``, text as JSON strings (non-ASCII as ``\uXXXX``; a name that
-  is not valid UTF-8 as Python's ``str`` of it, its undecodable bytes as ``\udcXX``).
+  names sorted (``alpha``, ``ber``, ``bits``, ``bytes_read``, ... ``warning``), each as
+  SQLite stores it and gives it back, in two parts. First the values of the INTEGER and
+  TEXT columns as one JSON array: ``json.dumps(values, separators=(",", ":"),
+  ensure_ascii=True)`` -- INTEGER as JSON integers (``verified`` 0 or 1), text as JSON
+  strings (non-ASCII as ``\uXXXX``; a name that is not valid UTF-8 as Python's ``str``
+  of it, its undecodable bytes as ``\udcXX``), missing values as ``null``. Then, right
+  after it, the values of the REAL columns as little-endian IEEE 754 doubles in
+  lowercase hex (16 digits each; a missing or non-finite value as the quiet NaN
+  ``000000000000f87f``): exact, and the same in any language (a float's shortest
+  decimal form is neither, and costs more to make than the HMAC). ASCII bytes.
 - ``mac`` is the lowercase hex digest; rows written without keys (``Ledger.write``
   without ``macs``) keep whatever ``mac`` they hold, usually NULL, and are not trusted.
 
@@ -62,8 +65,10 @@ import math
 import operator
 import os
 import sqlite3
+import sys
 import time
 import urllib.parse
+from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -173,10 +178,32 @@ except Exception:  # noqa: BLE001 - another Python: the public encoder, same out
     _encode = _dumps
 
 
+_REAL_SET = frozenset(_REAL_COLS)
+# Where the REAL and the other columns sit: in a row in FIELDS order (written rows), and
+# in a row in the MAC's order (rows read back by Ledger.identities).
+_get_real = operator.itemgetter(*(i for i in _SIGNED_AT if i in _REAL_SET))
+_get_other = operator.itemgetter(*(i for i in _SIGNED_AT if i not in _REAL_SET))
+_sget_real = operator.itemgetter(*(k for k, i in enumerate(_SIGNED_AT) if i in _REAL_SET))
+_sget_other = operator.itemgetter(*(k for k, i in enumerate(_SIGNED_AT) if i not in _REAL_SET))
+_NULL_REAL = float("nan")  # a missing REAL: the quiet NaN, 00 00 00 00 00 00 f8 7f
+
+
+def _encode_parts(others: tuple, reals: tuple) -> bytes:
+    packed = array("d", [_NULL_REAL if x is None else x for x in reals])
+    if sys.byteorder != "little":  # pragma: no cover
+        packed.byteswap()
+    return (_encode(others) + packed.tobytes().hex()).encode("ascii")
+
+
 def _canonical(v) -> bytes:
-    """The bytes a row's MAC covers: the JSON array of its values (all fields but ``mac``)
-    in the order of the field names sorted, as :func:`_normalize` leaves them."""
-    return _encode([v[i] for i in _SIGNED_AT]).encode("ascii")
+    """The bytes a row's MAC covers (the module docstring says how), from its values in
+    FIELDS order as :func:`_normalize` leaves them."""
+    return _encode_parts(_get_other(v), _get_real(v))
+
+
+def _canonical_signed(s) -> bytes:
+    """The same bytes from the values in the MAC's order (a row as identities reads it)."""
+    return _encode_parts(_sget_other(s), _sget_real(s))
 
 
 class _Signer:
@@ -218,7 +245,10 @@ def _verifies(v, sign: _Signer | None) -> bool:
     try:
         mine = _mac(v, sign)
     except TypeError:  # a BLOB (a name that is not UTF-8): its str, as the MAC was made over
-        mine = _mac(_from_db(v), sign)
+        try:
+            mine = _mac(_from_db(v), sign)
+        except TypeError:  # text in a REAL column: an edit
+            return False
     return hmac.compare_digest(mine, m)
 
 
@@ -527,11 +557,14 @@ class Ledger:
                 if m.__class__ is not str or not m.isascii():
                     continue
                 try:
-                    msg = _encode(v[:-1])
-                except TypeError:  # a BLOB in another text column
+                    msg = _canonical_signed(v)
+                except TypeError:  # a BLOB in another text column, or text in a REAL one (an edit)
                     v = _from_db(v, _S_TEXT)
-                    msg = _encode(v[:-1])
-                if hmac.compare_digest(signers[v[at_kid]](msg.encode("ascii")), m):
+                    try:
+                        msg = _canonical_signed(v)
+                    except TypeError:
+                        continue
+                if hmac.compare_digest(signers[v[at_kid]](msg), m):
                     out.setdefault(path, {})[v[at_kid]] = ident(v)
         except sqlite3.Error as exc:
             raise self._fail(exc, "read") from exc

@@ -105,8 +105,16 @@ def _inside(real: str, root: str) -> bool:
     return real == root or real.startswith(root if root.endswith(os.sep) else root + os.sep)
 
 
-def _ident(st: os.stat_result) -> int:
-    return (st.st_dev << 64) | st.st_ino
+def _ident(st: os.stat_result | int) -> int:
+    """A file's identity: (st_dev << 64) | st_ino, from its stat or as already computed
+    (an int: a plain file listed in a folder, see _Walker.entry)."""
+    return st if st.__class__ is int else (st.st_dev << 64) | st.st_ino
+
+
+# Linux's PATH_MAX, in bytes (a longer path cannot be opened); paths from a quarter of it on
+# are measured in bytes (a character may take four).
+_PATH_MAX = 4096
+_LONG_PATH = _PATH_MAX // 4
 
 
 class _Walker:
@@ -118,6 +126,7 @@ class _Walker:
         self.files: dict[str, None] = {}
         self.seen: set[int] = set()  # identities (st_dev, st_ino) of the files found
         self.walked: dict[int, str] = {}  # identity of each folder walked -> its path
+        self.devices: dict[str, int] = {}  # folder -> its st_dev
         self.left_out: dict[str, list[str]] = {}
         self.said: set[tuple[str, str]] = set()
 
@@ -154,13 +163,21 @@ class _Walker:
         self.leave("hidden", path)
         return True
 
-    def entry(self, e: os.DirEntry, root: str) -> tuple[str, os.stat_result | None] | None:
-        """("dir" | "file", its stat) of a listed entry, following a link that stays
-        inside ``root`` (a realpath); None when it is left out (and said so)."""
+    def entry(self, e: os.DirEntry, root: str, folder: str) -> tuple[str, os.stat_result | int | None] | None:
+        """("dir" | "file", its identity) of a listed entry, following a link that stays
+        inside ``root`` (a realpath); None when it is left out (and said so). A plain file
+        costs no system call: its type comes from the listing, its identity (an int, which
+        the garbage collector need not track) from its folder's device and the listing's
+        inode (a folder is stat-ed: loops are told by it)."""
         try:
             if e.is_symlink():
                 return self.link(e.path, root)
-            st = e.stat(follow_symlinks=False)  # the one stat of a plain entry (cached)
+            if e.is_dir(follow_symlinks=False):
+                return "dir", e.stat(follow_symlinks=False)
+            if len(e.path) > _LONG_PATH and len(os.fsencode(e.path)) >= _PATH_MAX:
+                self.leave("too_long", e.path)  # no call could open it
+                return None
+            return "file", (self.device(folder) << 64) | e.inode()
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:
                 self.leave("too_long", e.path)
@@ -172,7 +189,15 @@ class _Walker:
             except OSError:
                 pass
             return "file", None  # its row says why it cannot be read
-        return ("dir" if stat.S_ISDIR(st.st_mode) else "file"), st
+
+    def device(self, d: str) -> int:
+        """The device of folder ``d`` (one stat per folder): that of the files listed in it,
+        except a file bind-mounted onto another (then at worst two such files are taken for
+        one; the reader checks each file it opens on its descriptor)."""
+        dev = self.devices.get(d)
+        if dev is None:
+            dev = self.devices[d] = os.stat(d).st_dev
+        return dev
 
     def link(self, path: str, root: str) -> tuple[str, os.stat_result | None] | None:
         if not _inside(os.path.realpath(path), root):
@@ -212,6 +237,7 @@ class _Walker:
                     self.leave("duplicate", d)
                 continue
             self.walked[ident] = d
+            self.devices[d] = ident >> 64  # (its files' device: no stat for each)
             try:
                 with os.scandir(d) as it:
                     entries = sorted(it, key=_name)
@@ -223,7 +249,7 @@ class _Walker:
             for e in entries:
                 if self.hidden(e.name, e.path):
                     continue
-                found = self.entry(e, root)
+                found = self.entry(e, root, d)
                 if found is None:
                     continue
                 kind, st = found
@@ -325,7 +351,7 @@ class _Walker:
         for e in entries:
             if not fnmatch.fnmatch(e.name, comp) or self.hidden(e.name, e.path, comp):
                 continue
-            found = self.entry(e, root)
+            found = self.entry(e, root, d)
             if found is not None:
                 yield e.path, found[0], found[1]
 
@@ -365,7 +391,7 @@ class _Walker:
                     continue
                 if self.hidden(e.name, e.path):
                     continue
-                found = self.entry(e, root)
+                found = self.entry(e, root, d)
                 if found is not None and found[0] == "dir":
                     subs.append((e.path, found[1], down))
             stack.extend(reversed(subs))
