@@ -295,8 +295,7 @@ def _commitment_entry(key, statement: str | None = None) -> dict:
     hashed = DOMAIN + canonical_json({"created": CREATED, "key": key_body(key), "spec": 1, "statement": statement})
     assert hashlib.sha256(hashed).hexdigest() == c.commitment
     return {"key_bytes_length": len(b), "key_bytes_sha256": hashlib.sha256(b).hexdigest(), "created": CREATED,
-            "statement": statement, "hashed_length": len(hashed), "hashed_sha256": hashlib.sha256(hashed).hexdigest(),
-            "commitment": c.commitment, "id": c.id}
+            "statement": statement, "hashed_length": len(hashed), "commitment": c.commitment, "id": c.id}
 
 
 def claim_vectors(wkey, dkey, tkey) -> dict:

@@ -1090,7 +1090,7 @@ def test_commitments_from_the_key_files(tmp_path, kind, block):
     statement = "null" if want["statement"] is None else _json_string(want["statement"])
     hashed = (b"nnmark:commitment:v1:" + f'{{"created":"{want["created"]}","key":'.encode("ascii") + key_bytes
               + f',"spec":1,"statement":{statement}}}'.encode("ascii"))
-    assert len(hashed) == want["hashed_length"] and hashlib.sha256(hashed).hexdigest() == want["hashed_sha256"]
+    assert len(hashed) == want["hashed_length"]
     c = hashlib.sha256(hashed).hexdigest()
     assert c == want["commitment"] and c[:16] == want["id"]
     key = nnmark.load_key(write(tmp_path, "k.key", BLOCKS[block] + "\n"))
