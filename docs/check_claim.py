@@ -5,15 +5,18 @@
 
 Needs only the Python standard library and numpy. It re-derives, from the spec alone
 (§2.2 canonical JSON, §3 key ids, §4 the projection, §6 the binomial verdict, §8 claims):
-the commitment hash of the revealed key, the checkpoint's size and whole-file sha256,
-the carrier's bytes and their sha256, its reduction, the projection (Philox4x32-10 in
-numpy uint32 arithmetic), the extracted bits, the matches, the exact binomial p-value and
-threshold (integer arithmetic), and compares each with the certificate.
+the commitment hash of the revealed key with the commitment's created time, statement and
+spec, the checkpoint's size and whole-file sha256, the carrier's bytes and their sha256,
+its reduction, the projection (Philox4x32-10 in numpy uint32 arithmetic), the extracted
+bits, the matches, the exact binomial p-value and threshold (integer arithmetic), and
+compares each with the certificate.
 
 Scope (docs/spec.md §8.6): white-box certificates (kinds whitebox and whitebox-dense) of
 a single safetensors file whose carrier is F32, F16, BF16 or F64, with the binomial null
 (no calibration). Trigger certificates run a model, and calibrated ones fit a
 beta-binomial: check those with `nnmark check` (this script exits 2 on them).
+The certificate's `nnmark_version` is ignored: it names the nnmark that made it, and
+this script is not nnmark (§8.5, §8.6).
 
 Exit codes: 0 the claim holds; 1 it does not (each failing field is printed);
 2 the certificate or checkpoint cannot be checked (malformed, out of scope, unreadable).
@@ -134,9 +137,12 @@ def main(argv):
     if cert["arch"] is not None:
         raise CannotCheck("a white-box certificate has no arch")
 
-    # 1. the commitment (§8.1, §8.2)
-    mine = hashlib.sha256(b"nnmark:commitment:v1:" + canonical(key)).hexdigest()
-    check("commitment.commitment", mine == com["commitment"], f"the revealed key hashes to {mine}")
+    # 1. the commitment (§8.1, §8.2): the key and the commitment's details, hashed together
+    details = {"created": com["created"], "key": key, "spec": com["spec"], "statement": com["statement"]}
+    mine = hashlib.sha256(b"nnmark:commitment:v1:" + canonical(details)).hexdigest()
+    check("commitment.commitment", mine == com["commitment"],
+          f"the revealed key with commitment.created, commitment.statement and commitment.spec hashes to {mine}: "
+          f"the key or those details are not the ones committed to")
     check("commitment.kind", com["kind"] == kind, "not the revealed key's kind")
     check("commitment.carrier", com["carrier"] == key["carrier"], "not the revealed key's carrier")
     check("commitment.bits", same(com["bits"], key["num_bits"]), "not the revealed key's number of bits")

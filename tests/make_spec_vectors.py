@@ -261,6 +261,7 @@ def vectors() -> dict[str, object]:
 # ------------------------------------------------------------------- claims (§8)
 CLAIM_CARRIER = "features.0.weight"
 CLAIM_STATEMENT = "ACME Corp, model v3"
+UNICODE_STATEMENT = "ACME Corp \u2014 mod\u00e8le v3 \U0001d538"  # escaped in canonical JSON, one as a surrogate pair
 
 
 def claim_header() -> str:
@@ -285,20 +286,24 @@ def claim_key() -> nnmark.WhiteBoxKey:
                               shape=(4, 3, 3, 3))
 
 
-def _commitment_entry(key) -> dict:
-    from nnmark.commitments import key_bytes
+def _commitment_entry(key, statement: str | None = None) -> dict:
+    from nnmark.commitments import DOMAIN, key_bytes
+    from nnmark.keys import canonical_json, key_body
 
     b = key_bytes(key)
-    c = nnmark.commit(key, created=CREATED)
-    return {"key_bytes_length": len(b), "key_bytes_sha256": hashlib.sha256(b).hexdigest(), "commitment": c.commitment,
-            "id": c.id}
+    c = nnmark.commit(key, created=CREATED, statement=statement)
+    hashed = DOMAIN + canonical_json({"created": CREATED, "key": key_body(key), "spec": 1, "statement": statement})
+    assert hashlib.sha256(hashed).hexdigest() == c.commitment
+    return {"key_bytes_length": len(b), "key_bytes_sha256": hashlib.sha256(b).hexdigest(), "created": CREATED,
+            "statement": statement, "hashed_length": len(hashed), "commitment": c.commitment, "id": c.id}
 
 
 def claim_vectors(wkey, dkey, tkey) -> dict:
     from dataclasses import replace
 
     out = {"commitment": {"whitebox": _commitment_entry(wkey), "whitebox-dense": _commitment_entry(dkey),
-                          "trigger": _commitment_entry(tkey)}}
+                          "trigger": _commitment_entry(tkey),
+                          "whitebox-statement": _commitment_entry(wkey, UNICODE_STATEMENT)}}
     with tempfile.TemporaryDirectory() as d:
         com = nnmark.commit(wkey, statement=CLAIM_STATEMENT, created=CREATED)
         out["commitment-file"] = com.save(Path(d) / "c.json").read_text()

@@ -18,6 +18,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -111,8 +112,17 @@ def test_the_commitment_hides_the_key(owner):
     assert set(com.to_dict()) == {"format", "version", "spec", "commitment", "kind", "carrier", "bits", "created",
                                   "statement"}
     twin = nnmark.WhiteBoxKey(bytes.fromhex(body["secret"]), CARRIER, [1 - int(b) for b in body["bits"]], shape=SHAPE)
-    assert nnmark.commit(twin).commitment != com.commitment  # other bits, another commitment
+    assert nnmark.commit(twin, statement=com.statement, created=com.created).commitment != com.commitment  # other bits
     assert com.matches(owner["key"]) and not com.matches(twin)
+    # the hash binds the time and the statement: edit either and it is no commitment to the key
+    again = nnmark.commit(owner["key"], statement=com.statement, created=com.created)
+    assert again == com
+    for name, value in (("created", "2020-02-02T02:02:02+00:00"), ("statement", "someone else"), ("statement", None)):
+        edited = replace(com, **{name: value})
+        assert not edited.matches(owner["key"]), name
+        assert nnmark.commit(owner["key"], **{"statement": com.statement, "created": com.created,
+                                              name: value}).commitment != com.commitment
+    assert not replace(com, bits=63).matches(owner["key"])  # the right hash, the wrong size stated
 
 
 def test_a_forged_key_fails_against_the_owners_earlier_commitment(owner, tmp_path, capsys):
@@ -207,33 +217,64 @@ def _outcome(cert: Path, model: Path, commitment) -> tuple[bool, str]:
     return res.holds, " ".join(m for _, m in res.failures) + " " + " ".join(res.notes)
 
 
+# The commitment's details the hash binds: their edits fail even without a trusted commitment.
+_DETAILS = ("commitment.created", "commitment.statement", "commitment.spec")
+
+
 def test_every_edited_field_fails_and_is_named(owner, tmp_path):
     """Each field of the certificate, nested ones and the revealed key's included, edited in
-    turn: nnmark's check and the standalone checker both refuse it, nnmark naming the field.
-    Only nnmark_version is informational (the verdict is re-derived, whoever made it)."""
+    turn: nnmark's check refuses it, with the commitment published before and without it,
+    naming the field; so does the standalone checker, but for nnmark_version, which it
+    ignores (it is not nnmark)."""
     body, model, trusted = owner["body"], owner["model"], owner["com"]
     fields = list(_leaves(body))
     assert {"verdict.p_value", "verdict.matches", "checkpoint.sha256", "commitment.commitment", "revealed_key.secret",
-            "revealed_key.bits", "note", "arch", "calibration"} <= {f for f, _ in fields}
-    procs, passed_without_trust = {}, set()
+            "revealed_key.bits", "note", "arch", "calibration", "nnmark_version", *_DETAILS} <= {f for f, _ in fields}
+    procs = {}
     for i, (path, value) in enumerate(fields):
         edited = tmp_path / f"edit{i}.json"
         edited.write_text(json.dumps(_set(body, path, _edit(path, value))))
-        holds, text = _outcome(edited, model, trusted)
-        if path == "nnmark_version":
-            assert holds and f"made by nnmark {value}x" in text  # reported, not compared
-            continue
-        assert not holds, f"an edit of {path} passed"
         named = path.split(".")[0] if path.startswith("revealed_key.") else path
-        assert named in text, f"{path}: {text}"
-        if _outcome(edited, model, None)[0]:
-            passed_without_trust.add(path)
+        for commitment in (trusted, None):
+            holds, text = _outcome(edited, model, commitment)
+            assert not holds, f"an edit of {path} passed ({'with' if commitment else 'without'} --commitment)"
+            assert named in text, f"{path} ({'with' if commitment else 'without'} --commitment): {text}"
         procs[path] = checker(edited, model, trusted)
-    # without the published commitment, what the committer declares is not checkable
-    assert passed_without_trust == {"commitment.created", "commitment.statement"}
+        if path in _DETAILS:  # bound by the hash: the certificate alone gives the edit away
+            procs[path + " (alone)"] = checker(edited, model)
     for path, proc in procs.items():
         code, out = finish(proc)
-        assert code in (1, 2), f"the standalone checker passed an edit of {path}:\n{out}"
+        if path == "nnmark_version":
+            assert code == 0, out  # not nnmark's business there: ignored
+        else:
+            assert code in (1, 2), f"the standalone checker passed an edit of {path}:\n{out}"
+        if path.endswith("(alone)") and "spec" not in path:
+            assert code == 1 and "commitment.commitment" in out and "commitment.created" in out, out
+
+
+def test_another_nnmark_version_fails_unless_accepted(owner, tmp_path, capsys):
+    """A certificate of another nnmark version does not hold by default (the field and the way
+    out named); any_version / --any-version accept it, as a note -- and nothing else."""
+    body, model = owner["body"], owner["model"]
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps(_set(body, "nnmark_version", "0.0.1")))
+    res = nnmark.check_claim(older, model, commitment=owner["com"])
+    assert not res.holds and [f for f, _ in res.failures] == ["nnmark_version"]
+    assert "0.0.1" in res.failures[0][1] and "--any-version" in res.failures[0][1]
+    res = nnmark.check_claim(older, model, commitment=owner["com"], any_version=True)
+    assert res.holds and res.failures == [] and any("0.0.1" in n and "any_version" in n for n in res.notes)
+    code, out = cli(capsys, "check", older, model, "--commitment", owner["com"])
+    assert code == 1 and "nnmark_version" in out and "--any-version" in out
+    code, out = cli(capsys, "check", older, model, "--commitment", owner["com"], "--any-version")
+    assert code == 0 and "claim holds" in out and "0.0.1" in out
+    # the same certificate's version: no note; another edit beside the version: --any-version does not help
+    assert not any("any_version" in n for n in nnmark.check_claim(owner["cert"], model, any_version=True).notes)
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps(_set(_set(body, "nnmark_version", "0.0.1"), "verdict.matches", 63)))
+    res = nnmark.check_claim(both, model, any_version=True)
+    assert not res.holds and [f for f, _ in res.failures] == ["verdict.matches"]
+    code, out = cli(capsys, "check", both, model, "--any-version", "--json")
+    assert code == 1 and [f["field"] for f in json.loads(out)["failures"]] == ["verdict.matches"]
 
 
 def test_an_edited_checkpoint_fails(owner, tmp_path):
@@ -437,25 +478,52 @@ def test_scan_and_verify_report_the_stamp(owner, tmp_path, capsys):
     model_file(d / "plain.safetensors", key, seed=2)
     _stamp_raw(d / "odd.safetensors", '{"format": "nnmark-commitment"}')
     torch.save({CARRIER: torch.zeros(SHAPE)}, d / "legacy.pt")
+    # the key's commitment with its statement edited: the same hash, bound to other details
+    edited = replace(owner["commitment"], statement="someone else's")
+    _stamp_raw(d / "edited.safetensors", edited.to_json())
+    again = nnmark.commit(key, statement="ACME Corp, v3 again")  # a second commitment to the key: its own details
+    nnmark.stamp(model_file(d / "again.safetensors", key, seed=3), again)
     led = tmp_path / "scan.sqlite"
     want = {"mine.safetensors": (owner["commitment"].id, True), "other.safetensors": (other.id, False),
-            "plain.safetensors": (None, None), "odd.safetensors": (None, False), "legacy.pt": (None, None)}
+            "plain.safetensors": (None, None), "odd.safetensors": (None, False), "legacy.pt": (None, None),
+            "edited.safetensors": (owner["commitment"].id, False), "again.safetensors": (again.id, True)}
     for attempt in range(2):  # fresh rows, then the ledger's (skipped): the same fields
         res = nnmark.scan([key], [str(d)], ledger=led, progress=False)
         got = {os.path.basename(r["path"]): (r["commitment_id"], r["commitment_matches"]) for r in res.rows}
-        assert got == want and res.summary["skipped"] == (5 if attempt else 0)
+        assert got == want and res.summary["skipped"] == (7 if attempt else 0)
         pk = res.summary["per_key"][key.key_id]
-        assert pk["stamped"] == 3 and pk["stamp_matches"] == 1
+        assert pk["stamped"] == 5 and pk["stamp_matches"] == 2
     v = nnmark.verify(key, [str(mine), str(d / "plain.safetensors")])
     assert (v[0].commitment_id, v[0].commitment_matches) == (owner["commitment"].id, True)
     assert v[1].commitment_matches is None
     code, out = cli(capsys, "scan", "--key", owner["dir"] / "owner.key", d, "--ledger", led, "--no-progress")
-    assert "commitment stamps" in out and "3 files carry one, 1 of them this key's" in out
+    assert "commitment stamps" in out and "5 files carry one, 2 of them this key's" in out
     code, out = cli(capsys, "verify", owner["dir"] / "owner.key", mine, d / "other.safetensors", "--json")
     rows = [json.loads(line) for line in out.splitlines()]
     assert [r["commitment_matches"] for r in rows] == [True, False] and code == 0
     code, out = cli(capsys, "verify", owner["dir"] / "owner.key", mine, d / "other.safetensors")
     assert code == 0 and "commitment stamps: 2/2 checkpoints carry one, 1 of them this key's" in out
+
+
+def test_a_stamp_is_hashed_once_per_key(owner, monkeypatch):
+    """commitment_matches recomputes the key's commitment with each stamp's own details: one
+    hash per distinct stamp and key, however many files carry it."""
+    from types import SimpleNamespace
+
+    from nnmark import commitments
+    from nnmark.scan.engine import stamp_fields
+
+    calls = []
+    real = commitments.commitment_hash
+    monkeypatch.setattr(commitments, "commitment_hash", lambda *a, **k: calls.append(a[1:]) or real(*a, **k))
+    check = SimpleNamespace(key=owner["key"])
+    com = owner["commitment"]
+    mine, edited = com.to_json(), replace(com, created="2020-02-02T02:02:02+00:00").to_json()
+    got = [stamp_fields(t, check) for t in (mine, mine, edited, mine, edited, None)]
+    assert got == [(com.id, True), (com.id, True), (com.id, False), (com.id, True), (com.id, False), (None, None)]
+    assert sorted(c[0] for c in calls) == ["2020-02-02T02:02:02+00:00", com.created]
+    other = SimpleNamespace(key=nnmark.WhiteBoxKey.generate(carrier=CARRIER, bits=64, shape=SHAPE))
+    assert stamp_fields(mine, other) == (com.id, False) and len(calls) == 3  # another key: its own hash
 
 
 def test_a_schema_3_ledger_migrates_and_rechecks(owner, tmp_path):

@@ -1061,18 +1061,45 @@ def _body_of(key_file_text: str) -> dict:
     return {k: v for k, v in obj.items() if k not in ("created", "warning", "checksum")}
 
 
+def _json_string(text: str) -> str:
+    """A §2.2 string, written out here: the escapes of the spec, surrogate pairs above U+FFFF."""
+    short = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    out = []
+    for ch in text:
+        if ch in short:
+            out.append(short[ch])
+        elif 0x20 <= ord(ch) <= 0x7E:
+            out.append(ch)
+        elif ord(ch) <= 0xFFFF:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            v = ord(ch) - 0x10000
+            out.append(f"\\u{0xD800 + (v >> 10):04x}\\u{0xDC00 + (v & 0x3FF):04x}")
+    return '"' + "".join(out) + '"'
+
+
 @pytest.mark.parametrize("kind,block", [("whitebox", "whitebox-key-file"), ("whitebox-dense", "dense-key-file"),
-                                        ("trigger", "trigger-key-file")])
+                                        ("trigger", "trigger-key-file"), ("whitebox-statement", "whitebox-key-file")])
 def test_commitments_from_the_key_files(tmp_path, kind, block):
     want = kat("commitment")[kind]
     key_bytes = json.dumps(_body_of(BLOCKS[block]), sort_keys=True, separators=(",", ":"),
                            ensure_ascii=True).encode("ascii")  # §2.2, written out here
     assert len(key_bytes) == want["key_bytes_length"]
     assert hashlib.sha256(key_bytes).hexdigest() == want["key_bytes_sha256"]
-    c = hashlib.sha256(b"nnmark:commitment:v1:" + key_bytes).hexdigest()
+    # §8.2 as the text writes the hashed bytes out: the tag, then the details object around the key bytes
+    statement = "null" if want["statement"] is None else _json_string(want["statement"])
+    hashed = (b"nnmark:commitment:v1:" + f'{{"created":"{want["created"]}","key":'.encode("ascii") + key_bytes
+              + f',"spec":1,"statement":{statement}}}'.encode("ascii"))
+    assert len(hashed) == want["hashed_length"]
+    c = hashlib.sha256(hashed).hexdigest()
     assert c == want["commitment"] and c[:16] == want["id"]
     key = nnmark.load_key(write(tmp_path, "k.key", BLOCKS[block] + "\n"))
-    assert nnmark.commit(key).commitment == c and nnmark.commit(key).matches(key)
+    com = nnmark.commit(key, created=want["created"], statement=want["statement"])
+    assert com.commitment == c and com.matches(key)
+    # the hash binds the details: another time or statement, another commitment
+    assert nnmark.commit(key, created="2025-01-01T00:00:01+00:00", statement=want["statement"]).commitment != c
+    assert nnmark.commit(key, created=want["created"], statement=(want["statement"] or "") + "x").commitment != c
+    assert not nnmark.Commitment(c, com.kind, com.carrier, com.bits, want["created"], "edited").matches(key)
 
 
 def test_commitment_file(tmp_path):
@@ -1082,7 +1109,11 @@ def test_commitment_file(tmp_path):
     key = nnmark.load_key(write(tmp_path, "k.key", BLOCKS["whitebox-key-file"] + "\n"))
     c = nnmark.load_commitment(write(tmp_path, "c.json", text))
     assert c == nnmark.commit(key, statement=body["statement"], created=body["created"])
-    assert c.commitment == kat("commitment")["whitebox"]["commitment"] and c.matches(key)
+    details = {"created": body["created"], "key": _body_of(BLOCKS["whitebox-key-file"]), "spec": body["spec"],
+               "statement": body["statement"]}  # §8.2 from the text alone
+    hashed = b"nnmark:commitment:v1:" + json.dumps(details, sort_keys=True, separators=(",", ":")).encode("ascii")
+    assert c.commitment == hashlib.sha256(hashed).hexdigest() and c.matches(key)
+    assert c.commitment != kat("commitment")["whitebox"]["commitment"]  # the same key without the statement
 
 
 def _claim_file(tmp_path) -> Path:
@@ -1125,9 +1156,11 @@ def test_certificate_file(tmp_path):
     nnmark.stamp(path, nnmark.Commitment.from_dict(body["commitment"]))
     cert = write(tmp_path, "claim.json", text)
     com = write(tmp_path, "c.json", json.dumps(body["commitment"], indent=1, sort_keys=True) + "\n")
-    res = nnmark.check_claim(cert, path, commitment=com)
+    res = nnmark.check_claim(cert, path, commitment=com, any_version=True)
     assert res.holds and res.failures == [] and res.stamp == res.commitment
-    assert any("0.0.0" in note for note in res.notes)  # nnmark_version: reported, not compared
+    assert any("0.0.0" in note for note in res.notes)  # another nnmark made it: accepted when asked, and said
+    strict = nnmark.check_claim(cert, path, commitment=com)  # by default the version must be this one
+    assert not strict.holds and [f for f, _ in strict.failures] == ["nnmark_version"]
     # what the text says: the claim key is the common secret with the bits the §7.6 carrier gives
     extracted = kat("whitebox-extract")["extracted_bits"]
     assert body["revealed_key"]["bits"] == extracted and body["revealed_key"]["secret"] == SECRET.hex()

@@ -9,10 +9,12 @@ What to publish when:
    certificate holds the checkpoint's whole-file sha256, the key -- revealed for the
    check --, the commitment, and the verdict (matches, bits, p-value, alpha, the null).
 3. Anyone **checks** it (:func:`check_claim`, ``nnmark check``, or the standalone
-   ``docs/check_claim.py`` for white-box keys): the revealed key must hash to the
-   commitment, the file to its sha256, and the mark must verify, with every verdict field
-   re-derived. Against a commitment published before the suspect model existed, a key
-   forged afterwards to fit the model does not match.
+   ``docs/check_claim.py`` for white-box keys): the revealed key, with the commitment's
+   created time, statement and spec, must hash to the commitment, the file to its sha256,
+   and the mark must verify, with every verdict field re-derived by the nnmark version
+   that made the certificate (another one only when asked: ``any_version``). Against a
+   commitment published before the suspect model existed, a key forged afterwards to fit
+   the model does not match.
 
 Certificates are parsed strictly (exact members, types, sizes, versions): a malformed one
 raises :class:`ClaimError`, never passes.
@@ -31,8 +33,7 @@ from typing import Any
 from ._keyfile import is_int, parse_json, read_regular, show, write_atomic
 from .calibration import Calibration, CalibrationError, calibration_from_body, load_calibration
 from .checkpoints import CheckpointError, identity_of, open_regular, sniff
-from .commitments import (SPEC, ClaimError, Commitment, commit, commitment_hash,
-                          load_commitment, read_stamp, stamp)
+from .commitments import SPEC, ClaimError, Commitment, commit, load_commitment, read_stamp, stamp
 from .keys import MAX_BITS, MAX_KEY_FILE_BYTES, MAX_NAME_CHARS, KeyFileError, canonical_json, key_body, key_from_body
 from .rows import STATUSES
 from .verdicts import verify
@@ -65,7 +66,9 @@ def _nnmark_version() -> str:
     try:
         return version("nnmark")
     except PackageNotFoundError:  # pragma: no cover - run from a source tree that was never installed
-        return ""
+        from . import __version__
+
+        return __version__
 
 
 @dataclass(frozen=True)
@@ -312,8 +315,9 @@ def certify(key, checkpoint: str | os.PathLike, commitment, *, alpha: float = 1e
     """
     com = commitment if isinstance(commitment, Commitment) else load_commitment(commitment)
     if not com.matches(key):
-        raise ClaimError(f"the key (key_id {key.key_id}) does not match commitment {com.id}: it hashes to "
-                         f"{commitment_hash(key)[:16]}; certify with the key that was committed to")
+        raise ClaimError(f"the key (key_id {key.key_id}) does not match commitment {com.id}: with the commitment's "
+                         f"created, statement and spec it hashes to {com.hash_of(key)[:16]}; certify with the key "
+                         f"that was committed to")
     kind = key.file_kind
     if kind == "trigger":
         if not isinstance(arch, str):
@@ -343,7 +347,8 @@ class ClaimCheck:
     """The result of :func:`check_claim`. ``holds``: every check passed; ``failures``:
     (field, message) for each that did not, the field as the certificate names it
     (``commitment.commitment``, ``checkpoint.sha256``, ``verdict.matches``, ...);
-    ``notes``: what was not compared and why, and what the checkpoint's stamp says;
+    ``notes``: what was not compared and why (e.g. a version difference accepted with
+    ``any_version``), and what the checkpoint's stamp says;
     ``stamp``: the commitment stamped into the checkpoint, if any; ``verdict``: the
     re-derived :class:`~nnmark.Verdict`."""
 
@@ -361,7 +366,7 @@ class ClaimCheck:
 
 
 def check_claim(certificate, checkpoint: str | os.PathLike, *, commitment=None, arch: str | None = None,
-                device=None) -> ClaimCheck:
+                device=None, any_version: bool = False) -> ClaimCheck:
     """Re-derives everything a certificate says about ``checkpoint``.
 
     Args:
@@ -373,11 +378,16 @@ def check_claim(certificate, checkpoint: str | os.PathLike, *, commitment=None, 
         arch: trigger keys: the model factory, the same ``"module:function"`` the
             certificate names (nnmark never imports what a certificate names by itself).
         device: where carriers are projected / models run.
+        any_version: accept a certificate made by another nnmark version (its
+            ``nnmark_version``): the verdict is re-derived by this one, and a note says so.
+            By default such a certificate does not hold (field ``nnmark_version``).
 
     Returns:
-        A :class:`ClaimCheck`: ``holds`` only when the revealed key hashes to the commitment
-        (and that equals ``commitment``), the file has the certificate's size and sha256,
-        the mark verifies, and every verdict field re-derives to the certificate's value.
+        A :class:`ClaimCheck`: ``holds`` only when the revealed key, with the commitment's
+        created, statement and spec, hashes to the commitment (and that equals
+        ``commitment``), the file has the certificate's size and sha256, the mark verifies,
+        every verdict field re-derives to the certificate's value, and the certificate was
+        made by this nnmark version (or ``any_version``).
 
     Raises:
         ClaimError: a malformed certificate, commitment or revealed key, or a checkpoint
@@ -405,11 +415,12 @@ def check_claim(certificate, checkpoint: str | os.PathLike, *, commitment=None, 
 
     # 1. the revealed key against the commitment (the certificate's, and the one trusted)
     com = cert.commitment
-    mine = commitment_hash(key)
-    if mine != com.commitment:
-        fail("commitment.commitment", f"the revealed key (revealed_key, key_id {key.key_id}) hashes to {mine}, "
-                                      f"not to the certificate's commitment {com.commitment}: the key is not the "
-                                      f"one committed to")
+    mine = com.hash_of(key)
+    if mine != com.commitment:  # the hash covers the key and the details: which one was edited cannot be told
+        fail("commitment.commitment", f"the revealed key (revealed_key, key_id {key.key_id}) with the commitment's "
+                                      f"created, statement and spec (commitment.created, commitment.statement, "
+                                      f"commitment.spec) hashes to {mine}, not to the certificate's commitment "
+                                      f"{com.commitment}: the key or those details are not the ones committed to")
     kind = key.file_kind
     carrier = None if kind == "trigger" else key.carrier
     for name, want in (("kind", kind), ("carrier", carrier), ("bits", len(key))):
@@ -443,7 +454,7 @@ def check_claim(certificate, checkpoint: str | os.PathLike, *, commitment=None, 
         notes.append(f"the checkpoint's stamp could not be read: {exc}")
     if stamped is not None:
         same = "the certificate's commitment" if stamped == com else (
-            "the same commitment hash as the certificate's, with other details" if stamped.commitment == com.commitment
+            "another commitment to the revealed key" if stamped.matches(key)
             else "another commitment (a stamp is the file's own claim, whoever wrote it)")
         notes.append(f"the checkpoint is stamped with {stamped.describe()}: {same}")
     # 3. the verdict, re-derived with the certificate's inputs
@@ -486,9 +497,14 @@ def check_claim(certificate, checkpoint: str | os.PathLike, *, commitment=None, 
                                      f"{redo.p_value:.3g} {inputs})")
     if not v["verified"]:
         fail("verdict.verified", "the certificate does not claim that the mark verifies")
-    if cert.nnmark_version != _nnmark_version():
-        notes.append(f"the certificate was made by nnmark {cert.nnmark_version or '(unknown)'}, checked by nnmark "
-                     f"{_nnmark_version()} (the field is informational: the verdict is re-derived)")
+    running = _nnmark_version()
+    if cert.nnmark_version != running:
+        made = f"the certificate was made by nnmark {show(cert.nnmark_version)}, this is nnmark {show(running)}"
+        if any_version:
+            notes.append(f"{made}; accepted (any_version): the verdict was re-derived by this version")
+        else:  # another version may derive otherwise (a fixed bug, a changed default): say it, never hide it
+            fail("nnmark_version", f"{made}: check it with that version, or pass any_version=True (--any-version) "
+                                   f"to accept the verdict as this version re-derives it")
     seen, unique = set(), []
     for name, msg in failures:
         if msg not in seen:

@@ -60,10 +60,11 @@ def commit_cmd(key, output, statement, force):
     """Commit to KEY before you release a model: write a public commitment.
 
     The commitment is the SHA-256 of the key's canonical bytes (its secret included, so
-    it reveals nothing about the bits), with the key's kind, carrier and number of bits,
-    a creation time and your statement. Publish it before the release -- stamp it into
-    the released model (nnmark stamp), post it, have it timestamped: its `created` time
-    is your own word and proves nothing; where and when you published it does.
+    it reveals nothing about the bits) with a creation time and your statement (both
+    bound by the hash), and states the key's kind, carrier and number of bits. Publish
+    it before the release -- stamp it into the released model (nnmark stamp), post it,
+    have it timestamped: its `created` time is your own word and proves nothing; where
+    and when you published it does.
     """
     from .commitments import ClaimError, commit
 
@@ -176,16 +177,20 @@ def certify_cmd(key, checkpoint, commitment, calibration, alpha, null_rate, arch
 @click.option("--arch", default=None, metavar="MODULE:FACTORY",
               help="Trigger keys: the model factory the certificate names (never imported from the certificate).")
 @click.option("--device", default=None, help="Where carriers are projected / models run, e.g. cuda.")
+@click.option("--any-version", is_flag=True,
+              help="Accept a certificate made by another nnmark version: this one re-derives the verdict (noted).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def check_cmd(certificate, checkpoint, commitment, arch, device, as_json):
+def check_cmd(certificate, checkpoint, commitment, arch, device, any_version, as_json):
     """Check an ownership CERTIFICATE against CHECKPOINT: re-derive all of it.
 
-    The revealed key must hash to the certificate's commitment (and that must be
-    --commitment, when given), CHECKPOINT must have the certificate's size and sha256,
-    the mark must verify, and every verdict field must come out as the certificate
-    says. Each field that does not is named. A commitment stamped into CHECKPOINT is
-    reported. Exit 0 the claim holds, 1 it does not, 2 the certificate, commitment or
-    checkpoint cannot be used (malformed, unreadable), 4 usage.
+    The revealed key, with the commitment's created time, statement and spec, must hash
+    to the certificate's commitment (and that must be --commitment, when given),
+    CHECKPOINT must have the certificate's size and sha256, the mark must verify, and
+    every verdict field must come out as the certificate says. The certificate must have
+    been made by this nnmark version, unless --any-version. Each field that does not
+    hold is named. A commitment stamped into CHECKPOINT is reported. Exit 0 the claim
+    holds, 1 it does not, 2 the certificate, commitment or checkpoint cannot be used
+    (malformed, unreadable), 4 usage.
     """
     from .claims import check_claim, load_certificate
     from .commitments import ClaimError, load_commitment
@@ -202,7 +207,7 @@ def check_cmd(certificate, checkpoint, commitment, arch, device, as_json):
     if not trigger and arch is not None:
         raise click.UsageError("--arch is for trigger keys; this certificate is about a white-box key")
     try:
-        res = check_claim(cert, checkpoint, commitment=trusted, arch=arch, device=device)
+        res = check_claim(cert, checkpoint, commitment=trusted, arch=arch, device=device, any_version=any_version)
     except ClaimError as exc:
         _fail(str(exc))
     if as_json:

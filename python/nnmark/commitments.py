@@ -2,13 +2,14 @@
 (docs/spec.md §8).
 
 A claim of ownership holds only if the key was fixed before the suspect model
-existed. :func:`commit` turns a key into a :class:`Commitment`: the SHA-256 of the
-key's canonical bytes under a domain tag, plus its kind, carrier, number of bits, the
-spec version, a creation time and an optional owner statement. It holds nothing
-secret and reveals nothing about the bits (the hashed bytes include the key's 32-byte
-secret). Publish it before the model is released -- :func:`stamp` writes it into the
-released safetensors file's metadata -- and reveal the key only when you must prove
-ownership (:mod:`nnmark.claims`).
+existed. :func:`commit` turns a key into a :class:`Commitment`: the SHA-256, under a
+domain tag, of the key's canonical bytes together with the spec version, a creation time
+and an optional owner statement, plus the key's kind, carrier and number of bits. It
+holds nothing secret and reveals nothing about the bits (the hashed bytes include the
+key's 32-byte secret). The hash binds the time and the statement too: neither can be
+edited without the commitment ceasing to match the key. Publish it before the model is
+released -- :func:`stamp` writes it into the released safetensors file's metadata -- and
+reveal the key only when you must prove ownership (:mod:`nnmark.claims`).
 
 The ``created`` time is the committer's own word: it proves nothing. What proves the key
 came first is where and when the commitment was published (stamped into the released
@@ -60,9 +61,12 @@ def key_bytes(key) -> bytes:
     return canonical_json(key_body(key))
 
 
-def commitment_hash(key) -> str:
-    """hex(SHA-256(b"nnmark:commitment:v1:" ‖ key bytes)): what a commitment publishes."""
-    return hashlib.sha256(DOMAIN + key_bytes(key)).hexdigest()
+def commitment_hash(key, created: str, statement: str | None = None, spec: int = SPEC) -> str:
+    """What a commitment publishes (docs/spec.md §8.2): hex(SHA-256(b"nnmark:commitment:v1:" ‖
+    canonical JSON of {"created": created, "key": key body, "spec": spec, "statement":
+    statement})), the key body being the object whose canonical JSON :func:`key_bytes` is."""
+    details = {"created": created, "key": key_body(key), "spec": spec, "statement": statement}
+    return hashlib.sha256(DOMAIN + canonical_json(details)).hexdigest()
 
 
 def _key_shape(key) -> tuple[str, str | None, int]:
@@ -78,11 +82,11 @@ def _now() -> str:
 @dataclass(frozen=True)
 class Commitment:
     """A public commitment to a key (docs/spec.md §8.2). ``commitment``: the hash of the
-    key's canonical bytes (64 hex digits); ``kind``, ``carrier`` (None for trigger keys),
-    ``bits`` (T, or the number of triggers n); ``created``: UTC time, ISO 8601, the
-    committer's own word; ``statement``: an optional owner statement (not covered by the
-    hash: it is bound to the commitment only where both were published). ``id``: the
-    first 16 hex digits of ``commitment``, for display."""
+    key's canonical bytes with ``created``, ``statement`` and ``spec`` (64 hex digits,
+    :func:`commitment_hash`); ``kind``, ``carrier`` (None for trigger keys), ``bits`` (T,
+    or the number of triggers n); ``created``: UTC time, ISO 8601, the committer's own
+    word; ``statement``: an optional owner statement. ``id``: the first 16 hex digits of
+    ``commitment``, for display."""
 
     commitment: str
     kind: str
@@ -96,9 +100,15 @@ class Commitment:
     def id(self) -> str:
         return self.commitment[:16]
 
+    def hash_of(self, key) -> str:
+        """The commitment ``key`` would have with this commitment's created, statement and spec."""
+        return commitment_hash(key, self.created, self.statement, self.spec)
+
     def matches(self, key) -> bool:
-        """Whether ``key`` hashes to this commitment."""
-        return hmac.compare_digest(commitment_hash(key), self.commitment)
+        """Whether this is a commitment to ``key``: ``key`` with this commitment's created,
+        statement and spec hashes to it, and it states the key's kind, carrier and size."""
+        return (hmac.compare_digest(self.hash_of(key), self.commitment)
+                and (self.kind, self.carrier, self.bits) == _key_shape(key))
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "spec": self.spec, "commitment": self.commitment,
@@ -191,8 +201,7 @@ def commit(key, *, statement: str | None = None, created: str | None = None) -> 
     Args:
         key: a white-box, dense or trigger key.
         statement: an optional owner statement (e.g. "ACME Corp, model v3"), at most 4096
-            characters. It is not covered by the hash: it is bound to the key only where
-            both are published together.
+            characters. Covered by the hash, like ``created``: an edited one no longer matches.
         created: the UTC time to state, ISO 8601 to the second (default: now). Self-declared:
             it proves nothing; publishing the commitment early does.
 
@@ -201,8 +210,10 @@ def commit(key, *, statement: str | None = None, created: str | None = None) -> 
         safetensors file).
     """
     kind, carrier, bits = _key_shape(key)
-    c = Commitment(commitment_hash(key), kind, carrier, bits, created or _now(), statement)
-    return Commitment.from_dict(c.to_dict(), "commit()")  # the same checks as a file gets
+    when = created or _now()
+    c = Commitment("0" * 64, kind, carrier, bits, when, statement)
+    Commitment.from_dict(c.to_dict(), "commit()")  # the same checks as a file gets, before hashing them
+    return Commitment(commitment_hash(key, when, statement, SPEC), kind, carrier, bits, when, statement)
 
 
 def load_commitment(path: str | os.PathLike) -> Commitment:

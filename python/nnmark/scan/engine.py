@@ -27,7 +27,7 @@ import torch
 from ..blackbox import TriggerCheck, is_trigger_key
 from ..checkpoints import (Carrier, Checkpoint, CheckpointError, error_of, identity_of, open_checkpoint,
                            open_file)
-from ..commitments import commitment_hash, parsed_stamp
+from ..commitments import parsed_stamp
 from ..keys import WhiteBoxKeyBase
 from ..rows import RETRY_STATUSES
 from ..whitebox import WhiteBoxCheck
@@ -250,18 +250,27 @@ def _load(source, label: str, wb: list, tk: list, known, manifest, allocators: d
 
 
 # ------------------------------------------------------------------ rows
+_STAMPS_PER_CHECK = 256  # distinct stamps remembered per key (a zoo holds a few: one per release)
+
+
 def stamp_fields(stamp: str | None, check) -> tuple[str | None, bool | None]:
     """(commitment_id, commitment_matches) of a row: the id of the commitment stamped into the
-    file, and whether it is the commitment of the check's key (a malformed stamp: None, False)."""
+    file, and whether it is a commitment to the check's key -- the key with the stamp's own
+    created, statement and spec hashes to it (a malformed stamp: None, False)."""
     if stamp is None:
         return None, None
     c = parsed_stamp(stamp)
     if c is None:
         return None, False
-    mine = getattr(check, "commitment", None)
-    if mine is None:  # hashed once per check, and only when some file carries a stamp
-        mine = check.commitment = commitment_hash(check.key)
-    return c.id, c.commitment == mine
+    seen = getattr(check, "stamp_matches", None)
+    if seen is None:
+        seen = check.stamp_matches = {}
+    hit = seen.get(stamp)
+    if hit is None:  # hashed once per distinct stamp and key, and only when some file carries a stamp
+        if len(seen) >= _STAMPS_PER_CHECK:
+            seen.clear()
+        hit = seen[stamp] = c.matches(check.key)
+    return c.id, hit
 
 
 def new_row(f: Loaded, check, now: float) -> dict:
