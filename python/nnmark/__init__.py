@@ -29,4 +29,4 @@ __all__ = [
     "commit", "Commitment", "load_commitment", "stamp", "read_stamp", "certify", "Certificate", "load_certificate",
     "check_claim", "ClaimCheck", "ClaimError",
 ]
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402

@@ -37,6 +37,7 @@ from .commitments import SPEC, ClaimError, Commitment, commit, load_commitment, 
 from .keys import MAX_BITS, MAX_KEY_FILE_BYTES, MAX_NAME_CHARS, KeyFileError, canonical_json, key_body, key_from_body
 from .rows import STATUSES
 from .verdicts import verify
+from ._version import __version__
 
 FORMAT = "nnmark-certificate"
 VERSION = 1
@@ -61,14 +62,9 @@ _MAX_WARNING_CHARS = 16384
 
 
 def _nnmark_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("nnmark")
-    except PackageNotFoundError:  # pragma: no cover - run from a source tree that was never installed
-        from . import __version__
-
-        return __version__
+    """The version of the nnmark running (the package's own, not whatever pip installed
+    beside a source tree)."""
+    return __version__
 
 
 @dataclass(frozen=True)
