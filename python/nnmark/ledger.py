@@ -262,6 +262,14 @@ def row_verifies(row: Mapping[str, Any], key: bytes | None) -> bool:
     return key is not None and _verifies(_normalize(list(map(row.get, FIELDS))), _Signer(key))
 
 
+def _text_to_db(v: list) -> list:
+    for i in _TEXT_COLS:
+        x = v[i]
+        if x is not None and not x.isascii():
+            v[i] = _to_db(x)
+    return v
+
+
 def _to_db(s: str):
     # SQLite text must be UTF-8: a name with undecodable bytes (surrogate escapes) goes in as
     # the BLOB of its bytes, which never equals any TEXT value.
@@ -497,16 +505,12 @@ class Ledger:
             raise LedgerError(f"ledger {str(self.path)!r} was opened read-only")
         values = []
         signers = _signers(macs) if macs else {}
+        get_signer, normalize, mac, at_kid, at_mac = signers.get, _normalize, _mac, _KEY_ID, _MAC
         for r in rows:
-            v = _normalize(list(map(r.get, FIELDS)))
-            if signers:
-                sign = signers.get(v[_KEY_ID])
-                if sign is not None:
-                    r["mac"] = v[_MAC] = _mac(v, sign)
-            for i in _TEXT_COLS:
-                x = v[i]
-                if x is not None and not x.isascii():
-                    v[i] = _to_db(x)
+            v = normalize(list(map(r.get, FIELDS)))
+            sign = get_signer(v[at_kid])
+            if sign is not None:
+                r["mac"] = v[at_mac] = mac(v, sign)
             values.append(v)
         if not values:
             return 0
@@ -514,7 +518,12 @@ class Ledger:
         try:
             db.execute("BEGIN")
             try:
-                db.executemany(_INSERT, values)
+                try:
+                    db.executemany(_INSERT, values)
+                except UnicodeEncodeError:  # a name that is not UTF-8 (rare): as BLOBs, and again
+                    self._rollback()
+                    db.execute("BEGIN")
+                    db.executemany(_INSERT, [_text_to_db(v) for v in values])
             except BaseException:
                 self._rollback()
                 raise
