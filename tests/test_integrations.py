@@ -259,6 +259,10 @@ def _ddp_worker(rank: int, world: int, init_file: str, key_path: str, out_dir: s
             loss.backward()
             opt.step()
         torch.save({"params": model.state_dict(), "steps": hook.steps}, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks done with their last all-reduce before either tears gloo down: a rank that
+        # destroys the group while its peer still talks to it can abort the peer (SIGABRT, seen
+        # once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
