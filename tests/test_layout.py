@@ -154,3 +154,13 @@ def test_entry_points_take_options_by_keyword_and_document_them(fn):
     assert "Args:" in doc and "Returns:" in doc
     for p in params:
         assert f"{p.name}:" in doc, f"{fn}: argument {p.name!r} is not documented under Args"
+
+
+def test_one_version():
+    """pyproject.toml's version is the package's (certificates record nnmark.__version__)."""
+    import re
+
+    import nnmark
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == nnmark.__version__
