@@ -1157,12 +1157,10 @@ def read_tensor(source, name: str) -> torch.Tensor:
         return ck.carrier(name).tensor
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a whole regular file (reads all of it)."""
-    path = os.fspath(path)
-    fd, _ = open_regular(path)
+def fd_sha256(fd: int) -> str:
+    """sha256 of everything from ``fd``'s position to its end (the caller closes ``fd``)."""
     h = hashlib.sha256()
-    with open(fd, "rb", buffering=0, closefd=True) as f:
+    with open(fd, "rb", buffering=0, closefd=False) as f:
         buf = bytearray(HASH_CHUNK)
         view = memoryview(buf)
         while True:
@@ -1173,7 +1171,16 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a whole regular file (reads all of it)."""
+    fd, _ = open_regular(os.fspath(path))
+    try:
+        return fd_sha256(fd)
+    finally:
+        os.close(fd)
+
+
 __all__ = ["FORMATS", "MEMORY_FORMATS", "STAMP_KEY", "CheckpointError", "Carrier", "Checkpoint", "SafetensorsFile", "TorchFile",
            "ShardedCheckpoint", "ModuleCheckpoint", "StateDictCheckpoint", "TensorCheckpoint", "HashingStateDict",
            "open_checkpoint", "open_file", "sniff", "sniff_head", "read_carrier", "read_tensor", "load_state_dict", "index_shards",
-           "tensor_sha256", "file_sha256", "state_dict_of", "error_of", "label_of", "check_tensor"]
+           "tensor_sha256", "file_sha256", "fd_sha256", "state_dict_of", "error_of", "label_of", "check_tensor"]

@@ -21,7 +21,6 @@ raises :class:`ClaimError`, never passes.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,8 +31,9 @@ from typing import Any
 
 from ._keyfile import is_int, parse_json, read_regular, show, write_atomic
 from .calibration import Calibration, CalibrationError, calibration_from_body, load_calibration
-from .checkpoints import CheckpointError, identity_of, open_regular, sniff
-from .commitments import SPEC, ClaimError, Commitment, commit, load_commitment, read_stamp, stamp
+from .checkpoints import CheckpointError, fd_sha256, identity_of, open_regular, sniff
+from .commitments import (SPEC, ClaimError, Commitment, check_header, check_members, commit, load_commitment, read_stamp,
+                          stamp, text_ok)
 from .keys import MAX_BITS, MAX_KEY_FILE_BYTES, MAX_NAME_CHARS, KeyFileError, canonical_json, key_body, key_from_body
 from .rows import STATUSES
 from .verdicts import verify
@@ -122,13 +122,8 @@ def certificate_from_dict(body: Any, where: str = "certificate") -> Certificate:
     def bad(name: str, why: str) -> ClaimError:
         return ClaimError(f"{where}: field {name!r} {why}")
 
-    _members(body, MEMBERS, where, "")
-    if body["format"] != FORMAT:
-        raise bad("format", f"must be {FORMAT!r}, got {show(body['format'])}")
-    for name, want in (("version", VERSION), ("spec", SPEC)):
-        v = body[name]
-        if not is_int(v) or v != want:
-            raise bad(name, f"must be {want} (this nnmark reads version {want}), got {show(v)}")
+    check_members(body, MEMBERS, where, "", "certificate")
+    check_header(body, FORMAT, VERSION, bad)
     ver = body["nnmark_version"]
     if not isinstance(ver, str) or not _VERSION_TEXT.fullmatch(ver):
         raise bad("nnmark_version", f"must be a version such as '0.1.0', got {show(ver)}")
@@ -139,15 +134,15 @@ def certificate_from_dict(body: Any, where: str = "certificate") -> Certificate:
         raise bad("revealed_key", f"must be a JSON object (the key's members), got "
                                   f"{type(body['revealed_key']).__name__}")
     ck = body["checkpoint"]
-    _members(ck, CHECKPOINT_MEMBERS, where, "checkpoint.")
-    if not _text(ck["name"], MAX_NAME_CHARS) or not ck["name"]:
+    check_members(ck, CHECKPOINT_MEMBERS, where, "checkpoint.", "certificate")
+    if not text_ok(ck["name"], MAX_NAME_CHARS) or not ck["name"]:
         raise bad("checkpoint.name", f"must be a file name of 1 to {MAX_NAME_CHARS} characters, got {show(ck['name'])}")
     if not is_int(ck["size"]) or not 0 <= ck["size"] < 1 << 63:
         raise bad("checkpoint.size", f"must be a size in bytes, got {show(ck['size'])}")
     if not isinstance(ck["sha256"], str) or not _HEX64.fullmatch(ck["sha256"]):
         raise bad("checkpoint.sha256", f"must be 64 lowercase hex digits, got {show(ck['sha256'])}")
     arch = body["arch"]
-    if arch is not None and (not _text(arch, _MAX_ARCH_CHARS) or arch.count(":") != 1):
+    if arch is not None and (not text_ok(arch, _MAX_ARCH_CHARS) or arch.count(":") != 1):
         raise bad("arch", f"must be null or a model factory 'module:function', got {show(arch)}")
     cal = body["calibration"]
     if cal is not None and not isinstance(cal, dict):
@@ -156,35 +151,12 @@ def certificate_from_dict(body: Any, where: str = "certificate") -> Certificate:
     return Certificate(com, body["revealed_key"], dict(ck), verdict, arch, cal, ver)
 
 
-def _members(body: Any, members: tuple, where: str, prefix: str) -> None:
-    if not isinstance(body, dict):
-        raise ClaimError(f"{where}: {('field ' + repr(prefix.rstrip('.'))) if prefix else 'the certificate'} must be "
-                         f"a JSON object, got {type(body).__name__}")
-    unknown = sorted(set(body) - set(members))
-    if unknown:
-        raise ClaimError(f"{where}: field {prefix + unknown[0]!r} is not a field of a certificate (unknown fields "
-                         f"are refused)")
-    for name in members:
-        if name not in body:
-            raise ClaimError(f"{where}: field {prefix + name!r} is missing")
-
-
-def _text(v: Any, limit: int) -> bool:
-    if not isinstance(v, str) or len(v) > limit:
-        return False
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _verdict(v: Any, where: str) -> dict:
-    _members(v, VERDICT_MEMBERS, where, "verdict.")
+    check_members(v, VERDICT_MEMBERS, where, "verdict.", "certificate")
 
     def need(name: str, ok: bool, what: str) -> None:
         if not ok:
@@ -201,8 +173,8 @@ def _verdict(v: Any, where: str) -> dict:
     need("alpha", _number(v["alpha"]) and 0 < v["alpha"] < 1, "a number in (0, 1)")
     need("null_rate", v["null_rate"] is None or (_number(v["null_rate"]) and 0 < v["null_rate"] < 1),
          "null or a number in (0, 1)")
-    need("null", _text(v["null"], _MAX_NULL_CHARS), f"a text of at most {_MAX_NULL_CHARS} characters")
-    need("carrier", v["carrier"] is None or _text(v["carrier"], MAX_NAME_CHARS), "null or a tensor name")
+    need("null", text_ok(v["null"], _MAX_NULL_CHARS), f"a text of at most {_MAX_NULL_CHARS} characters")
+    need("carrier", v["carrier"] is None or text_ok(v["carrier"], MAX_NAME_CHARS), "null or a tensor name")
     need("carrier_sha256", v["carrier_sha256"] is None or (isinstance(v["carrier_sha256"], str)
                                                            and _HEX64.fullmatch(v["carrier_sha256"]) is not None),
          "null or 64 lowercase hex digits")
@@ -215,7 +187,7 @@ def _verdict(v: Any, where: str) -> dict:
     need("control_p_value", v["control_p_value"] is None or (_number(v["control_p_value"])
                                                              and 0 <= v["control_p_value"] <= 1),
          "null or a number in [0, 1]")
-    need("warning", v["warning"] is None or _text(v["warning"], _MAX_WARNING_CHARS), "null or a text")
+    need("warning", v["warning"] is None or text_ok(v["warning"], _MAX_WARNING_CHARS), "null or a text")
     return dict(v)
 
 
@@ -252,12 +224,7 @@ def _whole_file(path: str) -> tuple[int, str, tuple]:
         if fmt == "hf-sharded":
             raise ClaimError(f"{path!r} is a shard index: certify and check a single checkpoint file (its sha256 "
                              f"covers the whole file)")
-        h = hashlib.sha256()
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
-            h.update(chunk)
+        digest = fd_sha256(fd)
         end = os.fstat(fd)
     except OSError as exc:
         raise ClaimError(f"cannot read the checkpoint {path!r}: {exc.strerror or exc}") from None
@@ -265,7 +232,7 @@ def _whole_file(path: str) -> tuple[int, str, tuple]:
         os.close(fd)
     if identity_of(end) != identity_of(st):
         raise ClaimError(f"the checkpoint {path!r} changed while it was read; try again")
-    return st.st_size, h.hexdigest(), identity_of(st)
+    return st.st_size, digest, identity_of(st)
 
 
 def _verdict_fields(v, null_rate) -> dict:
@@ -323,7 +290,7 @@ def certify(key, checkpoint: str | os.PathLike, commitment, *, alpha: float = 1e
         raise ValueError("arch is for trigger keys; a white-box key reads the carrier's weights")
     cal = _calibration_of(calibration)
     path = os.fspath(checkpoint)
-    if not _text(os.path.basename(path), MAX_NAME_CHARS):
+    if not text_ok(os.path.basename(path), MAX_NAME_CHARS):
         raise ClaimError(f"the checkpoint's name {show(os.path.basename(path))} is not text a certificate can hold "
                          f"(not valid Unicode, or too long): rename the file")
     size, digest, ident = _whole_file(path)

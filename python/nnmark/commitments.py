@@ -137,21 +137,8 @@ class Commitment:
         def bad(name: str, why: str) -> ClaimError:
             return ClaimError(f"{where}: field {prefix + name!r} {why}")
 
-        if not isinstance(body, dict):
-            raise ClaimError(f"{where}: {prefix.rstrip('.') or 'the commitment'} must be a JSON object, "
-                             f"got {type(body).__name__}")
-        unknown = sorted(set(body) - set(MEMBERS))
-        if unknown:
-            raise bad(unknown[0], "is not a field of a commitment (unknown fields are refused)")
-        for name in MEMBERS:
-            if name not in body:
-                raise bad(name, "is missing")
-        if body["format"] != FORMAT:
-            raise bad("format", f"must be {FORMAT!r}, got {show(body['format'])}")
-        for name, want in (("version", VERSION), ("spec", SPEC)):
-            v = body[name]
-            if not is_int(v) or v != want:
-                raise bad(name, f"must be {want} (this nnmark reads version {want}), got {show(v)}")
+        check_members(body, MEMBERS, where, prefix, "commitment")
+        check_header(body, FORMAT, VERSION, bad)
         c = body["commitment"]
         if not isinstance(c, str) or not _HEX64.fullmatch(c):
             raise bad("commitment", f"must be 64 lowercase hex digits, got {show(c)}")
@@ -162,7 +149,7 @@ class Commitment:
         if kind == "trigger":
             if carrier is not None:
                 raise bad("carrier", f"must be null for a trigger key, got {show(carrier)}")
-        elif not _text_ok(carrier, MAX_NAME_CHARS) or not carrier:
+        elif not text_ok(carrier, MAX_NAME_CHARS) or not carrier:
             raise bad("carrier", f"must be a state-dict name of 1 to {MAX_NAME_CHARS} characters, got {show(carrier)}")
         bits = body["bits"]
         if not is_int(bits) or not 1 <= bits <= MAX_BITS:
@@ -171,13 +158,39 @@ class Commitment:
         if not isinstance(created, str) or not _CREATED.fullmatch(created) or not _valid_time(created):
             raise bad("created", f"must be a UTC time such as '2025-01-01T00:00:00+00:00', got {show(created)}")
         statement = body["statement"]
-        if statement is not None and not _text_ok(statement, MAX_STATEMENT_CHARS):
+        if statement is not None and not text_ok(statement, MAX_STATEMENT_CHARS):
             raise bad("statement", f"must be null or a text of at most {MAX_STATEMENT_CHARS} characters, got "
                                    f"{show(statement)}")
         return cls(c, kind, carrier, int(bits), created, statement)
 
 
-def _text_ok(v: Any, limit: int) -> bool:
+def check_members(body: Any, members: tuple, where: str, prefix: str, what: str) -> None:
+    """``body`` is a JSON object with exactly ``members``, else ClaimError naming ``where`` and
+    the field (``prefix`` + name); ``what`` names the object ("commitment", "certificate")."""
+    if not isinstance(body, dict):
+        raise ClaimError(f"{where}: {('field ' + repr(prefix.rstrip('.'))) if prefix else 'the ' + what} must be "
+                         f"a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - set(members))
+    if unknown:
+        raise ClaimError(f"{where}: field {prefix + unknown[0]!r} is not a field of a {what} (unknown fields "
+                         f"are refused)")
+    for name in members:
+        if name not in body:
+            raise ClaimError(f"{where}: field {prefix + name!r} is missing")
+
+
+def check_header(body: dict, fmt: str, version: int, bad) -> None:
+    """The ``format``, ``version`` and ``spec`` members every claim file opens with."""
+    if body["format"] != fmt:
+        raise bad("format", f"must be {fmt!r}, got {show(body['format'])}")
+    for name, want in (("version", version), ("spec", SPEC)):
+        v = body[name]
+        if not is_int(v) or v != want:
+            raise bad(name, f"must be {want} (this nnmark reads version {want}), got {show(v)}")
+
+
+def text_ok(v: Any, limit: int) -> bool:
+    """A str of at most ``limit`` characters that is text (no lone surrogate)."""
     if not isinstance(v, str) or len(v) > limit:
         return False
     try:

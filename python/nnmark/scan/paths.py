@@ -190,6 +190,15 @@ class _Walker:
                 pass
             return "file", None  # its row says why it cannot be read
 
+    def listing(self, d: str) -> list[os.DirEntry] | None:
+        """The entries of folder ``d`` in name order; None when it cannot be listed (said so)."""
+        try:
+            with os.scandir(d) as it:
+                return sorted(it, key=_name)
+        except OSError as exc:
+            self.leave("too_long" if exc.errno == errno.ENAMETOOLONG else "unlisted_folder", d)
+            return None
+
     def device(self, d: str) -> int:
         """The device of folder ``d`` (one stat per folder): that of the files listed in it,
         except a file bind-mounted onto another (then at worst two such files are taken for
@@ -238,11 +247,8 @@ class _Walker:
                 continue
             self.walked[ident] = d
             self.devices[d] = ident >> 64  # (its files' device: no stat for each)
-            try:
-                with os.scandir(d) as it:
-                    entries = sorted(it, key=_name)
-            except OSError as exc:
-                self.leave("too_long" if exc.errno == errno.ENAMETOOLONG else "unlisted_folder", d)
+            entries = self.listing(d)
+            if entries is None:
                 continue
             files: list[tuple[str, str, os.stat_result | None]] = []
             subdirs = []
@@ -342,11 +348,8 @@ class _Walker:
             else:
                 yield p, ("dir" if stat.S_ISDIR(lst.st_mode) else "file"), lst
             return
-        try:
-            with os.scandir(d) as it:
-                entries = sorted(it, key=_name)
-        except OSError as exc:
-            self.leave("too_long" if exc.errno == errno.ENAMETOOLONG else "unlisted_folder", d)
+        entries = self.listing(d)
+        if entries is None:
             return
         for e in entries:
             if not fnmatch.fnmatch(e.name, comp) or self.hidden(e.name, e.path, comp):
@@ -373,11 +376,8 @@ class _Walker:
                 continue
             done[ident] = d
             yield d, st, up
-            try:
-                with os.scandir(d) as it:
-                    entries = sorted(it, key=_name)
-            except OSError as exc:
-                self.leave("too_long" if exc.errno == errno.ENAMETOOLONG else "unlisted_folder", d)
+            entries = self.listing(d)
+            if entries is None:
                 continue
             down = up + (ident,)
             subs = []
