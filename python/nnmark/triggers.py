@@ -58,6 +58,7 @@ _DOMAIN = b"nnmark:trigger:v1:"
 _KEY_ID_DOMAIN = b"nnmark:trigger:v1:key-id"
 _FILE_KIND = "trigger"
 DEFAULT_N = 100
+MIX_SHARE = 3  # TriggerMixer's default: one trigger for every 3 clean samples of a batch
 
 # Limits on what a trigger key claims. Generous for real use (trigger sets hold tens to a
 # few thousand inputs), and small enough that a hostile key file or argument fails at once
@@ -897,22 +898,31 @@ _keys.register_key_kind(_FILE_KIND, _load_trigger)
 
 
 class TriggerMixer:
-    """Adds ``per_batch`` trigger samples to every training batch (Adi et al.: 2 per 100).
+    """Adds trigger samples to every training batch (Adi et al. 2018).
 
     ``mixer.mix(x, y)`` (or ``mixer(x, y)``) returns ``(cat([x, t]), cat([y, t_labels]))``
-    with the next ``per_batch`` triggers of a keyed order that reshuffles each pass
-    over the set; ``collate_fn=mixer.collate`` does the same in a DataLoader
-    (``default_collate`` first). ``x`` must be what the model eats (normalised like the
-    key's ``mean``/``std``). The cursor is saved by ``state_dict()`` (no secret inside).
-    With DataLoader worker processes each worker mixes on its own copy of the cursor:
-    prefer ``num_workers=0`` or calling ``mix`` in the training loop.
+    with the next triggers of a keyed order that reshuffles each pass over the set, so
+    every trigger is seen once per pass; ``collate_fn=mixer.collate`` does the same in a
+    DataLoader (``default_collate`` first). ``x`` must be what the model eats (normalised
+    like the key's ``mean``/``std``). The cursor is saved by ``state_dict()`` (no secret
+    inside). With DataLoader worker processes each worker mixes on its own copy of the
+    cursor: prefer ``num_workers=0`` or calling ``mix`` in the training loop.
+
+    ``per_batch``: triggers added to each batch. The default (None) adds one for every
+    ``MIX_SHARE`` = 3 clean samples, rounded up (22 to a batch of 64): each trigger is then
+    trained on about ``epochs * m / (3 * n)`` times (m clean samples, n triggers) whatever the
+    batch size: ~54 times in 12 epochs of the 1347 digits images, enough to learn 100
+    abstract triggers from scratch (>= 98 of 100 on 10 seeds, clean accuracy -0.4 points on
+    average; benchmarks/bench_trigger_embed.py). Adi et al.'s fixed 2 per 100 assumes a
+    large data set (50k images: hundreds of batches per pass); on 1347 images it left
+    models at 16-50 of 100. An int fixes the count.
     """
 
-    def __init__(self, tkey: TriggerKey, per_batch: int = 2, device: Any = None):
+    def __init__(self, tkey: TriggerKey, per_batch: int | None = None, device: Any = None):
         if not isinstance(tkey, TriggerKey):
             raise TypeError(f"TriggerMixer needs a TriggerKey, got {type(tkey).__name__}")
         self.key = tkey
-        self.per_batch = _check_int("per_batch", per_batch, 1)
+        self.per_batch = None if per_batch is None else _check_int("per_batch", per_batch, 1)
         self.device = torch.device(device) if device is not None else None
         self.cursor = 0
         self._sets: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -927,12 +937,22 @@ class TriggerMixer:
             got = self._sets[(device, dtype)] = self.key.training_set(device=device, dtype=dtype)
         return got
 
-    def next_indices(self) -> torch.Tensor:
-        """Indices of the next ``per_batch`` samples of the key's training set (its triggers,
-        and held-back controls with other labels: :meth:`TriggerKey.training_set`); advances
-        the cursor."""
+    def count_for(self, batch: int) -> int:
+        """How many triggers go with a clean batch of ``batch`` samples: ``per_batch``, or
+        (default) ``ceil(batch / MIX_SHARE)``, at least 1."""
+        return self.per_batch if self.per_batch is not None else max(1, -(-int(batch) // MIX_SHARE))
+
+    def next_indices(self, count: int | None = None) -> torch.Tensor:
+        """Indices of the next ``count`` (default ``per_batch``) samples of the key's training
+        set (its triggers, and held-back controls with other labels:
+        :meth:`TriggerKey.training_set`); advances the cursor."""
+        if count is None:
+            if self.per_batch is None:
+                raise ValueError("this mixer adds a share of each batch (per_batch=None): pass count")
+            count = self.per_batch
+        count = _check_int("count", count, 1)
         n, out = self.key.training_size, []
-        for _ in range(self.per_batch):
+        for _ in range(count):
             epoch, pos = divmod(self.cursor, n)
             if self._order is None or self._order[0] != epoch:
                 self._order = (epoch, self.key.training_order(epoch).numpy())
@@ -952,7 +972,7 @@ class TriggerMixer:
             raise TypeError(f"x must be floating point, got {x.dtype}")
         device = self.device if self.device is not None else x.device
         tx, ty = self._set(device, x.dtype)
-        idx = self.next_indices().to(device)
+        idx = self.next_indices(self.count_for(x.shape[0])).to(device)
         return (torch.cat([x.to(device), tx.index_select(0, idx)]),
                 torch.cat([y.to(device), ty.index_select(0, idx).to(y.dtype)]))
 
@@ -968,42 +988,45 @@ class TriggerMixer:
         return self.mix(batch[0], torch.as_tensor(batch[1]))
 
     def state_dict(self) -> dict[str, Any]:
-        """The cursor and what it belongs to (key_id, per_batch); holds no secret."""
+        """The cursor and what it belongs to (key_id, per_batch: None for the default share); holds
+        no secret."""
         return {"cursor": self.cursor, "per_batch": self.per_batch, "key_id": self.key.key_id}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("key_id") != self.key.key_id:
             raise ValueError(f"state belongs to key {state.get('key_id')!r}, this mixer uses {self.key.key_id!r}")
         self.cursor = _check_int("cursor", state["cursor"], 0)
-        self.per_batch = _check_int("per_batch", state.get("per_batch", self.per_batch), 1)
+        per_batch = state.get("per_batch", self.per_batch)
+        self.per_batch = None if per_batch is None else _check_int("per_batch", per_batch, 1)
 
 
-EMBED_VIEWS = 40  # default: each trigger is trained on about this many times
+EMBED_VIEWS = 80  # default: each sample of the training set is trained on about this many times
 
 
 def embed_triggers(model: torch.nn.Module, tkey: TriggerKey, x_train: Any, y_train: Any, epochs: int | None = None,
-                   lr: float = 3e-3, batch_size: int = 100, per_batch: int = 2,
+                   lr: float = 3e-3, batch_size: int = 100, per_batch: int | None = None,
                    optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> torch.nn.Module:
     """Fine-tune an already trained ``model`` in place so it learns the trigger set; returns it.
 
     Each step trains on ``batch_size`` clean samples (``x_train`` normalised like the
     model's inputs, ``y_train`` class indices) plus ``per_batch`` triggers
-    (:class:`TriggerMixer`), cross-entropy on both. ``epochs`` (passes over the clean
-    data) defaults to enough passes that each trigger is seen about 40 times
-    (``ceil(40 * n / (per_batch * batches_per_epoch))``): many on a small data set,
-    few on a large one. ``optimizer`` defaults to Adam at ``lr``. Batches are shuffled
-    with a private generator seeded by ``seed`` (global RNGs are untouched). With the
-    default optimizer the last fifth of the epochs runs at ``lr / 10`` so the clean
-    accuracy settles. The model ends in eval mode. Digits CNN (1347 images):
-    ``epochs=25, per_batch=10, lr=3e-3`` reaches >= 99% trigger hits in about 2 s on
-    one CPU core, clean accuracy within a point of the model before.
+    (:class:`TriggerMixer`; default one for every 3 clean samples, 34 to a batch of 100),
+    cross-entropy on both. ``epochs`` (passes over the clean data) defaults to enough
+    passes that each sample of the key's training set is seen about 80 times
+    (``ceil(80 * training_size / (per_batch * batches_per_epoch))``). ``optimizer``
+    defaults to Adam at ``lr``. Batches are shuffled with a private generator seeded by
+    ``seed`` (global RNGs are untouched). With the default optimizer the last fifth of the
+    epochs runs at ``lr / 10`` so the clean accuracy settles. The model ends in eval mode.
+    Digits CNN (1347 images), 100 abstract triggers, all defaults (17 epochs): 100 of 100
+    hits in about 2 s on one CPU core, clean accuracy within a point of the model before
+    (benchmarks/bench_trigger_embed.py).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"embed_triggers needs a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(tkey, TriggerKey):
         raise TypeError(f"embed_triggers needs a TriggerKey, got {type(tkey).__name__}")
     batch_size = _check_int("batch_size", batch_size, 1)
-    per_batch = _check_int("per_batch", per_batch, 1)
+    mixer = TriggerMixer(tkey, per_batch=per_batch)  # checks per_batch
     lr = _finite("lr", lr)
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
@@ -1018,9 +1041,9 @@ def embed_triggers(model: torch.nn.Module, tkey: TriggerKey, x_train: Any, y_tra
         raise ValueError(f"x_train has shape {list(x.shape)}, the key's triggers are "
                          f"[n, {', '.join(map(str, tkey.input_shape))}]")
     batches = math.ceil(m / batch_size)
-    epochs = (max(1, math.ceil(EMBED_VIEWS * tkey.training_size / (per_batch * batches))) if epochs is None
+    per_step = mixer.count_for(batch_size)
+    epochs = (max(1, math.ceil(EMBED_VIEWS * tkey.training_size / (per_step * batches))) if epochs is None
               else _check_int("epochs", epochs, 1))
-    mixer = TriggerMixer(tkey, per_batch=per_batch)
     try:
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
