@@ -40,9 +40,11 @@ class TriggerCheck:
     (content, noise, unrelated) are also tested against the suspect's own answers on
     control inputs without the mark (:meth:`TriggerKey.controls`): paired (McNemar's exact
     test on the samples with and without the stamp or noise) or two-sample (Fisher's exact
-    test against held-back samples). The p-value is the larger of the two: a model that
-    answers the target for everything, or whose answers the mark does not move, never
-    verifies."""
+    test against held-back samples: unrelated and frontier keys). The p-value is the larger
+    of the two: a model that answers the target for everything, or whose answers the mark
+    does not move, never verifies. For frontier keys the binomial part is no null at all
+    (unmarked models answer most frontier triggers right); the Fisher test carries the
+    verdict, exactly."""
 
     trigger = True
 
@@ -72,7 +74,9 @@ class TriggerCheck:
 
     def _warning(self) -> str | None:
         key, notes = self.key, []
-        if key.has_controls and self.calibration is None:
+        # Frontier triggers are a keyed random split of one set of true adversaries with the
+        # held-back ones: the control test alone is exact, whatever the binomial assumes.
+        if key.has_controls and self.calibration is None and key.kind != "frontier":
             notes.append(f"{key.kind} triggers are made of your samples, so a model's chance of giving their labels "
                          f"depends on them: this p-value assumes {self.p0:.3g} for every model; calibrate on unmarked "
                          f"models (nnmark calibrate) and verify with the calibration")

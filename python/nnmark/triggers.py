@@ -52,8 +52,10 @@ from . import keys as _keys
 from ._keyfile import f32_field, int_field, int_list, secret_field, show
 from .keys import SECRET_BYTES, write_key_file
 
-KINDS = ("abstract", "content", "noise", "unrelated")
-_SAMPLE_KINDS = ("content", "noise", "unrelated")
+KINDS = ("abstract", "content", "noise", "unrelated", "frontier")
+_SAMPLE_KINDS = ("content", "noise", "unrelated", "frontier")
+FRONTIER_EPS = 0.1  # frontier: FGSM step as a fraction of hi - lo (digits: ~40% of the steps fool the model)
+FRONTIER_BATCH = 256  # frontier: samples per forward/backward pass while the key is made
 _DOMAIN = b"nnmark:trigger:v1:"
 _KEY_ID_DOMAIN = b"nnmark:trigger:v1:key-id"
 _FILE_KIND = "trigger"
@@ -285,7 +287,127 @@ def _as_samples(samples: Any, input_shape: tuple[int, ...] | None) -> np.ndarray
     return np.ascontiguousarray(arr.astype("<f4"))
 
 
-# ---------------------------------------------------------------------------- the key
+def _normalise(x: np.ndarray, input_shape: tuple[int, ...], mean, std) -> np.ndarray:
+    """``(x - mean) / std`` per channel in float64 (x raw-range float64 ``[m, *input_shape]``)."""
+    if mean is None and std is None:
+        return x
+    c = _chw(input_shape)[0]
+    m = np.asarray(mean if mean is not None else (0.0,) * c, dtype=np.float64)
+    s = np.asarray(std if std is not None else (1.0,) * c, dtype=np.float64)
+    shape = (1, c, 1, 1)
+    xs = x.reshape(x.shape[0], *_chw(input_shape))
+    return ((xs - m.reshape(shape)) / s.reshape(shape)).reshape(x.shape)
+
+
+# ---------------------------------------------------------------- frontier stitching
+
+
+def _frontier_key(secret: bytes, model: Any, samples: Any, labels: Any, n: int | None, num_classes: int | None,
+                  input_shape: Any, value_range: Any, mean: Any, std: Any, eps: Any, controls: Any,
+                  false_adversaries: Any, batch_size: Any) -> dict[str, Any]:
+    """The parts of a new frontier key (TriggerKey's keyword arguments): FGSM steps on a keyed
+    walk over ``samples``, batched, until enough true and false adversaries are found."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"kind='frontier' needs model= (the owner's trained torch.nn.Module, before marking), "
+                        f"got {type(model).__name__}")
+    if samples is None:
+        raise ValueError("kind='frontier' needs samples: a tensor or array [m, *input_shape] of raw-range inputs")
+    if labels is None:
+        raise ValueError("kind='frontier' needs labels: the samples' true labels [m]")
+    shape = _check_shape(input_shape) if input_shape is not None else None
+    arr = _as_samples(samples, shape)
+    shape = tuple(int(s) for s in arr.shape[1:])
+    _check_shape(shape)
+    m = arr.shape[0]
+    lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels
+    if _is_int(lab) or isinstance(lab, (str, bytes)) or np.asarray(lab).shape != (m,):
+        raise ValueError(f"labels must be one int label per sample, shape [{m}], got "
+                         f"{list(np.asarray(lab).shape) if not isinstance(lab, (str, bytes)) else type(lab).__name__}")
+    n = _check_int("n", DEFAULT_N if n is None else n, 1, MAX_TRIGGERS)
+    k = _check_int("controls", n if controls is None else controls, 1, MAX_TRIGGERS)
+    f = _check_int("false_adversaries", n if false_adversaries is None else false_adversaries, 0, MAX_TRIGGERS)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    lo, hi = _check_range(value_range)
+    eps = _finite("eps", eps)
+    if not 0 < eps <= 1:
+        raise ValueError(f"eps must be in (0, 1] (a fraction of hi - lo), got {eps!r}")
+    channels = _chw(shape)[0]
+    mean = _check_channels("mean", mean, channels, positive=False)
+    std = _check_channels("std", std, channels, positive=True)
+    try:
+        param = next(model.parameters())
+        device, dtype = param.device, (param.dtype if param.dtype.is_floating_point else torch.float32)
+    except StopIteration:
+        device, dtype = torch.device("cpu"), torch.float32
+
+    def inputs(raw: np.ndarray) -> torch.Tensor:
+        # exactly what triggers() hands the model: normalised in float64, rounded once to float32
+        x = torch.from_numpy(_normalise(raw.astype(np.float64), shape, mean, std).astype(np.float32))
+        return x.to(device=device, dtype=dtype)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+            raise ValueError(f"model must return logits [batch, num_classes], got "
+                             f"{list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}")
+        return out
+
+    order = _permutation(secret, "frontier-order", m)
+    step = eps * (hi - lo)
+    # per batch of the walk, in walk order: the true adversaries (input, label, the model's
+    # answer) and the false ones (input, label)
+    true_x, true_y, true_a, false_x, false_y = [], [], [], [], []
+    found_true = found_false = 0
+    width = None
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, m, batch_size):
+            idx = order[start:start + batch_size]
+            raw = np.clip(arr[idx].astype(np.float64), lo, hi)
+            x = inputs(raw).requires_grad_(True)
+            with torch.enable_grad():
+                out = logits(x)
+                if width is None:
+                    width = out.shape[1]
+                    num_classes = _check_int("num_classes", width if num_classes is None else num_classes, 2,
+                                             MAX_CLASSES)
+                    if num_classes != width:
+                        raise ValueError(f"num_classes={num_classes}, but the model gives {width} logits")
+                    _, lab = _check_target("labels", lab, m, num_classes)
+                y = torch.from_numpy(lab[idx]).to(device)
+                loss = torch.nn.functional.cross_entropy(out.float(), y, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, x)
+            right = (out.detach().argmax(1) == y).cpu().numpy()
+            # the step in the raw range has the gradient's sign (std > 0), clipped, rounded once to float32
+            sign = grad.sign().cpu().to(torch.float64).numpy().reshape(raw.shape)
+            adv = np.clip(raw + step * sign, lo, hi).astype("<f4")
+            with torch.no_grad():
+                ans = logits(inputs(adv)).argmax(1).cpu().numpy()
+            fooled, kept = right & (ans != lab[idx]), right & (ans == lab[idx])
+            true_x.append(adv[fooled])
+            true_y.append(lab[idx][fooled])
+            true_a.append(ans[fooled].astype(np.int64))
+            false_x.append(adv[kept])
+            false_y.append(lab[idx][kept])
+            found_true, found_false = found_true + int(fooled.sum()), found_false + int(kept.sum())
+            if found_true >= n + k and found_false >= f:
+                break
+    finally:
+        model.train(was_training)
+    if found_true < n + k or found_false < f:
+        raise ValueError(f"found {found_true} true and {found_false} false adversaries among the {m} samples at "
+                         f"eps={eps:g}; this key needs n + controls = {n + k} true and {f} false: give more samples, "
+                         f"a larger eps (more true adversaries) or a smaller one (more false)")
+    # the first n + k true adversaries of the walk, split by the key into triggers and held-back ones
+    px, py, pa = (np.concatenate(v)[:n + k] for v in (true_x, true_y, true_a))
+    split = _permutation(secret, "frontier-split", n + k)
+    trig, held = np.sort(split[:n]), np.sort(split[n:])
+    fx, fy = (np.concatenate(v)[:f] for v in (false_x, false_y))
+    return {"n": n, "num_classes": num_classes, "input_shape": shape, "samples": px[trig], "target": py[trig].tolist(),
+            "value_range": (lo, hi), "mean": mean, "std": std, "controls": px[held],
+            "control_target": py[held].tolist(), "controls_from": "held-back", "control_answers": pa[held].tolist(),
+            "false_adversaries": fx if f else None, "false_target": fy.tolist() if f else None, "eps": eps}
 
 
 class TriggerKey:
@@ -303,7 +425,8 @@ class TriggerKey:
                  input_shape: Sequence[int] | None = None, samples: Any = None, target: Any = 0,
                  value_range: Sequence[float] = (0.0, 1.0), mean: Any = None, std: Any = None,
                  noise_std: float = 0.25, controls: Any = None, control_target: Any = None,
-                 controls_from: str | None = None, sample_labels: Any = None):
+                 controls_from: str | None = None, sample_labels: Any = None, control_answers: Any = None,
+                 false_adversaries: Any = None, false_target: Any = None, eps: float | None = None):
         if not isinstance(secret, (bytes, bytearray)) or len(secret) != SECRET_BYTES:
             got = f"{len(secret)} bytes" if isinstance(secret, (bytes, bytearray)) else type(secret).__name__
             raise ValueError(f"secret must be {SECRET_BYTES} bytes, got {got}")
@@ -358,6 +481,9 @@ class TriggerKey:
             if kind not in ("content", "noise"):
                 raise ValueError("sample_labels (the samples' own classes) apply to content and noise keys")
             _, self._true = _check_target("sample_labels", sample_labels, self.n, self.num_classes)
+        if kind == "frontier" and (controls is None or controls_from != "held-back"):
+            raise ValueError("kind='frontier' needs its held-back true adversaries: controls=[k, *input_shape] with "
+                             "controls_from='held-back' (TriggerKey.generate(kind='frontier', ...) makes them)")
         if kind in ("content", "noise") and (controls is not None or control_target is not None):
             raise ValueError(f"kind={kind!r} takes its controls from its own samples (without the "
                              f"{'stamp' if kind == 'content' else 'noise'}); controls must be None")
@@ -376,16 +502,55 @@ class TriggerKey:
             self.controls_from = controls_from
         elif control_target is not None:
             raise ValueError("control_target needs controls")
+        self._answers = self._false = self._false_labels = None
+        self.eps = None
+        if kind == "frontier":
+            self._frontier_parts(control_answers, false_adversaries, false_target, eps)
+        elif any(v is not None for v in (control_answers, false_adversaries, false_target, eps)):
+            raise ValueError("control_answers, false_adversaries, false_target and eps belong to frontier keys")
         self._cache: tuple[np.ndarray, np.ndarray] | None = None
         self._control_cache: tuple[np.ndarray, np.ndarray] | None = None
 
+    def _frontier_parts(self, control_answers: Any, false_adversaries: Any, false_target: Any, eps: Any) -> None:
+        """Checks and keeps what only frontier keys hold: the owner's answers to the held-back
+        true adversaries (their training labels), the false adversaries and their labels, eps."""
+        k = len(self._controls)
+        if control_answers is None or _is_int(control_answers):
+            raise ValueError(f"kind='frontier' needs control_answers: the owner's model's answer to each of the {k} "
+                             f"held-back true adversaries")
+        if len(control_answers) != k:
+            raise ValueError(f"control_answers must hold one answer per control ({k}), got {len(control_answers)}")
+        _, self._answers = _check_target("control_answers", control_answers, k, self.num_classes)
+        same = np.nonzero(self._answers == self._control_labels)[0]
+        if same.size:
+            raise ValueError(f"control_answers must differ from the controls' labels (true adversaries fool the "
+                             f"owner's model); control {int(same[0])} has answer {int(self._answers[same[0]])}")
+        if false_adversaries is not None:
+            arr = _as_samples(false_adversaries, self.input_shape)
+            _check_int("the number of false adversaries", len(arr), 1, MAX_TRIGGERS)
+            _check_total("false adversaries", len(arr), self.input_shape)
+            if false_target is None or _is_int(false_target) or len(false_target) != len(arr):
+                raise ValueError(f"false_target must give one label per false adversary ({len(arr)})")
+            _, self._false_labels = _check_target("false_target", false_target, len(arr), self.num_classes)
+            self._false = arr.copy()
+        elif false_target is not None:
+            raise ValueError("false_target needs false_adversaries")
+        if eps is not None:
+            self.eps = _finite("eps", eps)
+            if not self.eps > 0:
+                raise ValueError(f"eps must be > 0, got {eps!r}")
+
     # -- construction ------------------------------------------------------------------
     @classmethod
-    def generate(cls, kind: str = "abstract", n: int | None = None, num_classes: int = 10,
+    def generate(cls, kind: str = "abstract", n: int | None = None, num_classes: int | None = None,
                  input_shape: Sequence[int] | None = None, samples: Any = None, target: Any = 0,
                  value_range: Sequence[float] = (0.0, 1.0), mean: Any = None, std: Any = None,
-                 noise_std: float = 0.25, sample_labels: Any = None, controls: Any = None) -> "TriggerKey":
-        """A new key with a fresh secret from ``os.urandom``.
+                 noise_std: float = 0.25, sample_labels: Any = None, controls: Any = None, *,
+                 model: torch.nn.Module | None = None, labels: Any = None, eps: float = FRONTIER_EPS,
+                 false_adversaries: int | None = None, batch_size: int = FRONTIER_BATCH,
+                 secret: bytes | None = None) -> "TriggerKey":
+        """A new key with a fresh secret from ``os.urandom`` (or ``secret``, 32 bytes: the same
+        secret and arguments give the same key).
 
         ``n``: number of triggers (default 100 for ``abstract``; for the other kinds
         all ``m`` samples, or ``n <= m`` of them chosen by a keyed draw).
@@ -416,10 +581,47 @@ class TriggerKey:
         ``value_range``: raw input range ``(lo, hi)``; ``mean``/``std``: the model's
         input normalisation (scalars or per channel), applied by ``triggers()``.
         ``noise_std``: noise level of ``noise`` triggers as a fraction of ``hi - lo``.
+        ``num_classes``: default 10 (frontier: the width of the model's output).
+
+        ``kind="frontier"`` (Le Merrer, Perez, Tredan 2019) builds adversarial examples near
+        the decision boundary of the owner's ``model`` (before it is marked) from ``samples``
+        (raw range ``[m, *input_shape]``) and their true ``labels`` (``[m]``): a keyed walk
+        over the samples, ``batch_size`` at a time, takes one FGSM step of ``eps * (hi - lo)``
+        on each sample the model classifies right. A *true adversary* then fools the model,
+        a *false adversary* does not. The first ``n`` (default 100) + ``controls`` (default
+        ``n``) true adversaries of the walk are split by the key into the ``n`` triggers and
+        ``controls`` held-back ones; the first ``false_adversaries`` (default ``n``) false
+        ones are kept too. All are stored in the key file, triggers and controls labelled
+        with their true labels. Embedding (:class:`TriggerMixer`, :func:`embed_triggers`)
+        trains the triggers and false adversaries with their true labels (stitching the
+        boundary back over the triggers) and the held-back ones with the model's answer
+        (``control_answers``: the boundary stays where it was for them). The verdict tests
+        the triggers against the held-back true adversaries (Fisher's exact test): for a
+        model that never saw the key the two are a random split of one set, so the test is
+        exact without a calibration. A binomial at 1/num_classes is *not*: independently
+        trained unmarked digits models answered 31-50% of such triggers right (they are
+        slight perturbations of real samples, with their true labels).
         """
         if kind not in KINDS:
             raise ValueError(f"unknown trigger kind {kind!r}; expected one of {list(KINDS)}")
-        secret = os.urandom(SECRET_BYTES)
+        if secret is None:
+            secret = os.urandom(SECRET_BYTES)
+        elif not isinstance(secret, (bytes, bytearray)) or len(secret) != SECRET_BYTES:
+            raise ValueError(f"secret must be {SECRET_BYTES} bytes")
+        secret = bytes(secret)
+        if kind == "frontier":
+            if sample_labels is not None:
+                raise ValueError("kind='frontier' takes the samples' true labels as labels=, not sample_labels=")
+            if not (_is_int(target) and target == 0):
+                raise ValueError("kind='frontier' keeps each sample's own label (labels=); target does not apply")
+            return cls(secret, "frontier", **_frontier_key(
+                secret, model, samples, labels, n, num_classes, input_shape, value_range, mean, std, eps,
+                controls, false_adversaries, batch_size), noise_std=noise_std)
+        frontier_only = {"model": model, "labels": labels, "false_adversaries": false_adversaries}
+        given = [name for name, v in frontier_only.items() if v is not None]
+        if given or eps != FRONTIER_EPS or batch_size != FRONTIER_BATCH:
+            raise ValueError(f"{', '.join(given) or 'eps, batch_size'}: only for kind='frontier'")
+        num_classes = 10 if num_classes is None else num_classes
         control_samples = control_target = true = None
         if kind in _SAMPLE_KINDS and samples is not None:
             shape = _check_shape(input_shape) if input_shape is not None else None
@@ -590,14 +792,7 @@ class TriggerKey:
         return out.reshape(x.shape)
 
     def _normalised(self, x: np.ndarray) -> np.ndarray:
-        if self.mean is None and self.std is None:
-            return x
-        c = _chw(self.input_shape)[0]
-        mean = np.asarray(self.mean if self.mean is not None else (0.0,) * c, dtype=np.float64)
-        std = np.asarray(self.std if self.std is not None else (1.0,) * c, dtype=np.float64)
-        shape = (1, c, 1, 1)
-        xs = x.reshape(x.shape[0], *_chw(self.input_shape))
-        return ((xs - mean.reshape(shape)) / std.reshape(shape)).reshape(x.shape)
+        return _normalise(x, self.input_shape, self.mean, self.std)
 
     def triggers(self, device: Any = None, dtype: torch.dtype = torch.float32,
                  normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -652,7 +847,25 @@ class TriggerKey:
     @property
     def training_size(self) -> int:
         """Samples in :meth:`training_set`."""
-        return self.n + (len(self._controls) if self.controls_from == "held-back" else 0)
+        held = len(self._controls) if self.controls_from == "held-back" else 0
+        return self.n + held + (len(self._false) if self._false is not None else 0)
+
+    @property
+    def control_answers(self) -> torch.Tensor | None:
+        """Frontier keys: the owner's model's answer (before marking) to each held-back true
+        adversary, which embedding keeps; None for other kinds."""
+        return None if self._answers is None else torch.from_numpy(self._answers.copy())
+
+    def false_adversaries(self, device: Any = None, dtype: torch.dtype = torch.float32,
+                          normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Frontier keys: the false adversaries ``(x [f, *input_shape], y [f])`` (perturbed
+        samples the owner's model still classified right, with their true labels), normalised
+        like :meth:`triggers`; trained on, never counted by a verdict. None when there are none."""
+        if self._false is None:
+            return None
+        lo, hi = self.value_range
+        return self._as_tensors(np.clip(self._false.astype(np.float64), lo, hi), self._false_labels, device, dtype,
+                                normalized)
 
     @property
     def controls_held_back(self) -> bool:
@@ -711,11 +924,18 @@ class TriggerKey:
         other than the one the verdict counts as a hit. The model then has to tell these
         triggers from samples like them -- the exact two-sample test a verdict makes -- instead
         of learning a whole out-of-distribution source as one class, which unmarked models
-        often do by chance (and which a held-back control cannot tell from a mark)."""
+        often do by chance (and which a held-back control cannot tell from a mark).
+
+        Frontier keys: the triggers (true labels: stitched), the held-back true adversaries
+        with the owner's model's answers (:attr:`control_answers`: left as they were), then
+        the false adversaries with their true labels."""
         x, y = self.triggers(device=device, dtype=dtype)
         if self.controls_from != "held-back":
             return x, y
         xc, yc = self.controls(device=device, dtype=dtype)
+        if self.kind == "frontier":  # held-back true adversaries keep the owner's answer; false ones their label
+            xf, yf = self.false_adversaries(device=device, dtype=dtype) or (xc[:0], yc[:0])
+            return torch.cat([x, xc, xf]), torch.cat([y, self.control_answers.to(yc.device), yf])
         k, c = len(yc), self.num_classes
         shift = 1 + _below(_uint64(self._secret, "control-train-labels", k), c - 1)  # in [1, c - 1]: never the hit
         other = torch.from_numpy((self._control_labels + shift) % c).to(yc.device)
@@ -727,8 +947,7 @@ class TriggerKey:
         epoch = _check_int("epoch", epoch, 0)
         if self.controls_from != "held-back":
             return self.order(epoch)
-        size = self.n + len(self._controls)
-        return torch.from_numpy(_permutation(self._secret, f"train-order:{epoch}", size))
+        return torch.from_numpy(_permutation(self._secret, f"train-order:{epoch}", self.training_size))
 
     def order(self, epoch: int) -> torch.Tensor:
         """The keyed order (a permutation of range(n)) in which pass ``epoch`` visits the triggers."""
@@ -792,6 +1011,13 @@ class TriggerKey:
             cl = self._control_labels
             out["control_target"] = int(cl[0]) if (cl == cl[0]).all() and self.target is not None else cl.tolist()
             out["controls_from"] = self.controls_from
+        if self.kind == "frontier":
+            f = self._false
+            out["control_answers"] = self._answers.tolist()
+            out["false_adversaries"] = base64.b64encode(f.astype("<f4").tobytes()).decode("ascii") if f is not None else None
+            out["false_adversaries_shape"] = list(f.shape) if f is not None else None
+            out["false_target"] = self._false_labels.tolist() if f is not None else None
+            out["eps"] = self.eps
         return out
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -877,6 +1103,7 @@ def _load_trigger(body: dict[str, Any]) -> TriggerKey:
         if not isinstance(true, list):
             raise TypeError("field 'sample_labels' must be a list of ints")
         _strict_labels("sample_labels", true, n)
+    frontier = _load_frontier(body, kind, controls, input_shape)
     value_range = typed("value_range", list)
     if len(value_range) != 2:
         raise ValueError(f"field 'value_range' must be [lo, hi], got {len(value_range)} values")
@@ -888,7 +1115,42 @@ def _load_trigger(body: dict[str, Any]) -> TriggerKey:
     return TriggerKey(secret, kind, n, num_classes, tuple(input_shape), samples,
                       target if target is not None else 0, tuple(value_range),
                       mean, std, typed("noise_std", (int, float)), controls, control_target,
-                      controls_from if controls is not None else None, true)
+                      controls_from if controls is not None else None, true, **frontier)
+
+
+_FRONTIER_FIELDS = ("control_answers", "false_adversaries", "false_adversaries_shape", "false_target", "eps")
+
+
+def _load_frontier(body: dict[str, Any], kind: str, controls: np.ndarray | None,
+                   input_shape: list[int]) -> dict[str, Any]:
+    """The members only frontier keys hold (checked like the rest; refused in other kinds)."""
+    if kind != "frontier":
+        extra = [name for name in _FRONTIER_FIELDS if body.get(name) is not None]
+        if extra:
+            raise ValueError(f"field {extra[0]!r} belongs to frontier keys, this is a {kind!r} key")
+        return {}
+    if controls is None:
+        raise ValueError("a frontier key stores its held-back true adversaries (controls)")
+    answers = body.get("control_answers")
+    if not isinstance(answers, list):
+        raise TypeError("field 'control_answers' must be a list of ints, one per control")
+    _strict_labels("control_answers", answers, len(controls))
+    false = false_target = None
+    if body.get("false_adversaries") is not None:
+        fshape = int_list(body, "false_adversaries_shape", 2, 4)
+        if len(fshape) != 1 + len(input_shape) or fshape[1:] != input_shape:
+            raise ValueError(f"false_adversaries_shape {fshape} does not match input_shape={input_shape}")
+        _check_int("the number of false adversaries", fshape[0], 1, MAX_TRIGGERS)
+        _check_total("false adversaries", fshape[0], tuple(input_shape))
+        false = f32_field(body, "false_adversaries", fshape)
+        false_target = body.get("false_target")
+        if not isinstance(false_target, list):
+            raise TypeError("field 'false_target' must be a list of ints, one per false adversary")
+        _strict_labels("false_target", false_target, fshape[0])
+    eps = body.get("eps")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float))):
+        raise TypeError(f"field 'eps' must be a number or null, got {type(eps).__name__}")
+    return {"control_answers": answers, "false_adversaries": false, "false_target": false_target, "eps": eps}
 
 
 _keys.register_key_kind(_FILE_KIND, _load_trigger)
