@@ -24,12 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._display import markup_safe
 from .attacks.data import batches, check_pair, is_pair
 
 __all__ = ["robustness_report", "RobustnessReport", "ATTACKS", "DEFAULT_GRID", "parse_attack"]
 
 FORMAT = "nnmark-robustness"
 VERSION = 1
+MAX_DROP = 0.05  # a "removal" that costs more clean accuracy than this left the attacker a worse model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,13 +408,15 @@ class RobustnessReport:
             "format": FORMAT, "version": VERSION, "alpha": self.alpha, "seed": self.seed, **self.meta,
             "marks": self.marks, "grid": self.grid, "skipped": self.skipped, "rows": self.rows,
             "summary": {m["key_id"]: self.survives(m["key_id"]) for m in self.marks},
+            "distribution": self.distribution_table().to_dict(),
             "plots": self.plots,
         })
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "RobustnessReport":
         """A report back from :meth:`to_dict` (e.g. ``robustness.json``), for its table."""
-        known = {"format", "version", "alpha", "seed", "marks", "grid", "skipped", "rows", "summary", "plots"}
+        known = {"format", "version", "alpha", "seed", "marks", "grid", "skipped", "rows", "summary", "distribution",
+                 "plots"}
         return cls(rows=list(d["rows"]), marks=list(d["marks"]), alpha=float(d["alpha"]), seed=int(d["seed"]),
                    grid=list(d.get("grid", [])), skipped=list(d.get("skipped", [])), plots=dict(d.get("plots", {})),
                    meta={k: v for k, v in d.items() if k not in known})
@@ -452,11 +456,163 @@ class RobustnessReport:
             t.add_row(*cells, end_section=r["attack"] == "baseline")
         return t
 
+    def distribution_table(self, max_drop: float | None = MAX_DROP) -> DistributionTable:
+        """The survey's conclusion, measured: rows = how the model is distributed (``white-box``:
+        the attacker holds the weights and may use every attack in the grid; ``black-box``: it
+        only queries an API, so only extraction and evasion), columns = the marks, cells = the
+        attacker's strongest attack there (does the mark still verify at alpha, and the clean
+        accuracy kept). A removal counts only if the attacked model kept accuracy within
+        ``max_drop`` (a fraction, default 0.05) of the unattacked one; None: any removal counts."""
+        if max_drop is not None:
+            max_drop = float(max_drop)
+            if not 0.0 <= max_drop <= 1.0:
+                raise ValueError(f"max_drop must be in [0, 1] or None, got {max_drop!r}")
+        return _distribution(self, max_drop)
+
     def notes(self) -> list[str]:
         """Lines for people under the table: what was skipped, what failed."""
         lines = [f"skipped {s['attack']}: {s['reason']}" for s in self.skipped]
         lines += [f"{r['attack']} {_fmt_strength(r['strength'])}: {r['error']}" for r in self.rows if r.get("error")]
         return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# The survey's conclusion as a table: how the model is distributed × each mark.
+
+DISTRIBUTIONS = {
+    "white-box": "the attacker holds the weights: every attack in the grid (weight attacks, and the "
+                 "queries anyone holding the model can make)",
+    "black-box": "the attacker only queries an API: model extraction and evasion",
+}
+# Attacks that need nothing but answers to queries; every other attack edits the weights.
+_QUERY_ONLY = {"distill", "distill_probs", "evasion"}
+
+
+def attack_setting(name: str) -> str:
+    """``"black-box"`` for attacks that only query the model (extraction, evasion), else ``"white-box"``."""
+    setting = getattr(ATTACKS.get(name), "setting", None)
+    return setting or ("black-box" if name in _QUERY_ONLY else "white-box")
+
+
+def _scheme(mark: dict) -> str:
+    """A mark's scheme, as people name it (the table's column)."""
+    kind = mark.get("trigger_kind")
+    if kind is not None:
+        return {"frontier": "frontier stitching"}.get(kind, f"triggers ({kind})")
+    return {"WhiteBoxKey": "Uchida", "DenseKey": "Uchida (dense key)", "DeepSignsKey": "DeepSigns"}.get(
+        mark.get("type"), mark.get("scheme") or mark.get("type") or "mark")
+
+
+def _distribution_cell(rows: list[dict], kid: str, base_acc, max_drop: float | None) -> dict:
+    """The attacker's best result against one mark among ``rows``: the removal that kept the
+    most clean accuracy (within ``max_drop`` of the unattacked model), else the attack that came
+    closest to removing the mark (largest p-value)."""
+    ran = [r for r in rows if not r.get("error") and kid in r["marks"]]
+    if not ran:
+        return {"verified": None, "attack": None, "strength": None, "accuracy": None, "p_value": None,
+                "attacks_run": 0, "removed_at_cost": None}
+
+    def acc(r):
+        return -1.0 if r.get("accuracy") is None else r["accuracy"]
+
+    def affordable(r):
+        return max_drop is None or base_acc is None or r.get("accuracy") is None or \
+            r["accuracy"] >= base_acc - max_drop
+
+    def p(r):
+        v = r["marks"][kid].get("p_value")
+        return -1.0 if v is None else v
+
+    def removed(r):
+        return not r["marks"][kid]["verified"]
+
+    within = [r for r in ran if affordable(r)]
+    if any(removed(r) for r in within):
+        best, verified = max((r for r in within if removed(r)), key=acc), False
+    elif within:
+        best, verified = max(within, key=lambda r: (p(r), -acc(r))), True  # the closest call
+    else:
+        best, verified = max(ran, key=acc), True  # every attack cost more accuracy than allowed
+    costly = [r for r in ran if removed(r) and not affordable(r)]
+    cost = max(costly, key=acc) if costly and verified else None
+    return {"verified": verified, "attack": best["attack"], "strength": best["strength"],
+            "accuracy": best.get("accuracy"), "p_value": best["marks"][kid].get("p_value"), "attacks_run": len(ran),
+            "removed_at_cost": None if cost is None else
+            {"attack": cost["attack"], "strength": cost["strength"], "accuracy": cost.get("accuracy")}}
+
+
+@dataclass
+class DistributionTable:
+    """How the model is distributed (rows) × each mark (columns): the strongest attack's result.
+
+    ``cells[distribution][key_id]``: ``verified`` (True: every attack of that setting within
+    ``max_drop`` of clean accuracy left the mark verifying at alpha; False: one removed it;
+    None: no attack of that setting was run), ``attack``/``strength`` (the attacker's best
+    attack: the removal that kept the most accuracy, or, when the mark survived, the one that
+    came closest), ``accuracy`` (the clean accuracy the attacker kept there), ``p_value``,
+    ``attacks_run``, ``removed_at_cost`` (a removal that cost more than ``max_drop``, if any).
+    Print it with rich (``Console().print(table)``); ``to_dict()`` is ``"distribution"`` in
+    ``robustness.json``.
+    """
+
+    alpha: float
+    max_drop: float | None
+    baseline_accuracy: float | None
+    marks: list[dict]
+    attacks: dict[str, list[str]]
+    cells: dict[str, dict[str, dict]]
+
+    def __getitem__(self, distribution: str) -> dict[str, dict]:
+        return self.cells[distribution]
+
+    def to_dict(self) -> dict:
+        return _plain({
+            "alpha": self.alpha, "max_drop": self.max_drop, "baseline_accuracy": self.baseline_accuracy,
+            "columns": [{"key_id": m["key_id"], "scheme": _scheme(m), "kind": m["kind"]} for m in self.marks],
+            "rows": [{"distribution": d, "meaning": DISTRIBUTIONS[d], "attacks": self.attacks[d],
+                      "cells": self.cells[d]} for d in DISTRIBUTIONS],
+        })
+
+    def cell_text(self, distribution: str, kid: str) -> str:
+        c = self.cells[distribution][kid]
+        if c["verified"] is None:
+            return "not attacked"
+        word = "verifies" if c["verified"] else "removed"
+        acc = "" if c["accuracy"] is None else f", acc {100 * c['accuracy']:.1f}%"
+        return f"{word}\n{c['attack']} {_fmt_strength(c['strength'])}{acc}"
+
+    def __rich__(self):
+        from rich import box
+        from rich.table import Table
+
+        base = "" if self.baseline_accuracy is None else f", unattacked accuracy {100 * self.baseline_accuracy:.1f}%"
+        t = Table(title=f"who can remove each mark — alpha {self.alpha:g}{base}", box=box.SIMPLE_HEAD,
+                  caption="cell: does the mark still verify after the attacker's strongest attack, which one, "
+                          "and the clean accuracy it kept"
+                          + ("" if self.max_drop is None else f" (removals costing > {100 * self.max_drop:g} points "
+                                                               "of accuracy don't count)"))
+        t.add_column("distribution", no_wrap=True)
+        for m in self.marks:
+            t.add_column(f"{_scheme(m)}\n{m['key_id'][:8]}")
+        for d in DISTRIBUTIONS:
+            cells = []
+            for m in self.marks:
+                text = "\n".join(markup_safe(line) for line in self.cell_text(d, m["key_id"]).split("\n"))
+                v = self.cells[d][m["key_id"]]["verified"]
+                cells.append(text if v is None else f"[{'green' if v else 'red'}]{text}[/]")
+            t.add_row(d, *cells)
+        return t
+
+
+def _distribution(report: "RobustnessReport", max_drop: float | None) -> DistributionTable:
+    base_acc = report.rows[0].get("accuracy") if report.rows else None
+    attacked = report.rows[1:]
+    by = {d: [r for r in attacked if d == "white-box" or attack_setting(r["attack"]) == d] for d in DISTRIBUTIONS}
+    return DistributionTable(
+        alpha=report.alpha, max_drop=max_drop, baseline_accuracy=base_acc, marks=report.marks,
+        attacks={d: list(dict.fromkeys(r["attack"] for r in rows)) for d, rows in by.items()},
+        cells={d: {m["key_id"]: _distribution_cell(rows, m["key_id"], base_acc, max_drop) for m in report.marks}
+               for d, rows in by.items()})
 
 
 def _materialise(data, what: str):
@@ -762,4 +918,37 @@ def plot_report(report: RobustnessReport, out_dir: str | os.PathLike) -> dict[st
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths[attack] = str(path)
+    paths["distribution"] = plot_distribution(report.distribution_table(), out / "distribution.png")
     return paths
+
+
+def plot_distribution(table: DistributionTable, path: str | os.PathLike) -> str:
+    """The distribution table as a PNG: one coloured cell per (distribution, mark); green: the
+    mark still verifies after the strongest attack, red: removed, grey: not attacked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = list(DISTRIBUTIONS), table.marks
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.2 + 2.3 * len(cols)), 1.2 + 1.1 * len(rows)))
+    colour = {True: "#b7e1b0", False: "#f2b0a8", None: "#dddddd"}
+    for i, d in enumerate(rows):
+        for j, m in enumerate(cols):
+            ax.add_patch(plt.Rectangle((j, i), 1, 1, facecolor=colour[table.cells[d][m["key_id"]]["verified"]],
+                                       edgecolor="white", lw=2))
+            ax.text(j + 0.5, i + 0.5, table.cell_text(d, m["key_id"]), ha="center", va="center", fontsize=8)
+    ax.set_xlim(0, len(cols))
+    ax.set_ylim(len(rows), 0)
+    ax.set_xticks([j + 0.5 for j in range(len(cols))], [f"{_scheme(m)}\n{m['key_id'][:8]}" for m in cols], fontsize=8)
+    ax.set_yticks([i + 0.5 for i in range(len(rows))], rows)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    base = "" if table.baseline_accuracy is None else f"; unattacked accuracy {100 * table.baseline_accuracy:.1f}%"
+    ax.set_title(f"After the attacker's strongest attack: does each mark verify at alpha {table.alpha:g}?{base}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)
