@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -249,10 +250,7 @@ def evasion_filter(model: torch.nn.Module, clean_data: Any, false_alarm: float =
     ``seed``: the draw of reference inputs and the random answers.
     """
     check_model(model, "evasion_filter")
-    try:
-        fa = float(false_alarm)
-    except (TypeError, ValueError):
-        raise ValueError(f"false_alarm must be a number in [0, 1), got {false_alarm!r}") from None
+    fa = float(false_alarm) if isinstance(false_alarm, (int, float, np.integer, np.floating)) else math.nan
     if isinstance(false_alarm, bool) or not 0.0 <= fa < 1.0:
         raise ValueError(f"false_alarm must be a number in [0, 1) (the fraction of clean inputs flagged), "
                          f"got {false_alarm!r}")
