@@ -163,7 +163,8 @@ def main() -> None:
     print_summary(results)
     results["meta"]["wall_seconds"] = time.perf_counter() - t_start
     results["meta"]["other_load_cores"] = load.cores(results["meta"]["wall_seconds"])
-    print(f"\nwall time {results['meta']['wall_seconds']:.0f} s; other load {results['meta']['other_load_cores']} cores")
+    meta = results["meta"]
+    print(f"\nwall time {meta['wall_seconds']:.0f} s; other load {meta['other_load_cores']} cores")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1) + "\n")

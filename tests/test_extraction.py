@@ -18,7 +18,9 @@ import nnmark
 from nnmark._threads import small_work_threads
 from nnmark.attacks import DistillRecord, EvasionGuard, distill, evasion_filter
 from nnmark.demo import CARRIER, DigitsNet, accuracy, load_digits_split, train
-from nnmark.robustness import ATTACKS, DEFAULT_GRID, robustness_report
+from nnmark.robustness import ATTACKS, DEFAULT_GRID, _accuracy, robustness_report
+
+from conftest import requires_cuda
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +225,9 @@ def test_evasion_answers_clean_inputs_as_the_model_does(digits, victim):
     assert flag[-20:].sum() >= 15  # far outside the data (in the penultimate features, most of it)
     assert torch.equal(got[~flag], want[~flag]) and got[flag].isnan().all()
     assert guard.queries == len(x) and guard.flagged == int(flag.sum())
+    # The report's clean accuracy counts a refusal as a wrong answer.
+    right = (want.argmax(1)[:len(digits.y_test)] == digits.y_test) & ~flag[:len(digits.y_test)]
+    assert _accuracy(guard, (digits.x_test, digits.y_test)) == pytest.approx(float(right.float().mean()))
     guard.reset_counts()
     assert guard.queries == guard.flagged == 0
 
@@ -277,9 +282,18 @@ def test_evasion_filter_rejects_bad_arguments(digits, victim):
 
 
 def test_distill_through_a_guard_copies_the_model_behind_it(digits, victim):
-    guard = evasion_filter(victim, digits.x_train)
-    rec = distill(guard, digits.x_train, budget=100, epochs=1)
-    assert isinstance(rec.model, DigitsNet)
+    guard = evasion_filter(victim, digits.x_train, false_alarm=0.05)
+    noise = torch.rand(30, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    x = torch.cat([digits.x_test, noise])
+    refused = int(guard.flags(x).sum())
+    assert refused >= 20
+    for output in ("labels", "probs"):
+        rec = distill(guard, x, epochs=1, output=output)
+        assert isinstance(rec.model, DigitsNet) and rec.queries == len(x) and rec.refused == refused
+        assert f"{refused} of {len(x)} queries refused" in rec.note
+        assert all(torch.isfinite(p).all() for p in rec.model.parameters())
+    with pytest.raises(ValueError, match="refused all 30 queries"):
+        distill(guard, noise[guard.flags(noise)].repeat(2, 1, 1, 1)[:30], epochs=1)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -311,3 +325,17 @@ def test_robustness_report_runs_the_black_box_attacks(digits, marked):
     assert ev["accuracy"] > base["accuracy"] - 0.05  # refusals cost about the false-alarm rate
     assert rep.survives(tkey)["evasion"]["removed_at"] == 0.01
     json.dumps(rep.to_dict())
+
+
+@requires_cuda
+def test_black_box_attacks_on_cuda(digits, marked):
+    model, wkey, tkey = marked
+    gpu = copy.deepcopy(model).cuda()
+    rec = distill(gpu, digits.x_train, budget=300)
+    assert next(rec.model.parameters()).is_cuda and rec.queries == 300
+    assert accuracy(rec.model, digits.x_test.cuda(), digits.y_test.cuda()) > 0.85
+    guard = evasion_filter(gpu, digits.x_train)
+    assert guard.bank.is_cuda and guard.answered(tkey.triggers()[0]) <= 10
+    assert not nnmark.verify(tkey, guard).verified and nnmark.verify(wkey, guard).verified
+    cpu = evasion_filter(model, digits.x_train)
+    assert guard.threshold == pytest.approx(cpu.threshold, abs=1e-4)

@@ -599,8 +599,9 @@ def robustness_report(model: torch.nn.Module, marks, train=None, test=None, atta
     ``marks``: a key or a list of keys (WhiteBoxKey, DenseKey, TriggerKey), each checked
     with :func:`nnmark.verify` at ``alpha``. ``train``: the attacker's data, an ``(x, y)``
     pair or an iterable of batches, used by the training attacks (fine-tuning,
-    fine-pruning, overwriting; extraction and evasion read only its inputs); without it those attacks are skipped and the report says
-    so. ``test``: ``(x, y)`` for clean accuracy (None: accuracy not measured).
+    fine-pruning, overwriting; extraction and evasion read only its inputs); without it
+    those attacks are skipped and the report says so. ``test``: ``(x, y)`` for clean
+    accuracy (None: accuracy not measured; a NaN output row, a refusal, counts as wrong).
     ``attacks``: the grid — ``{name: [strengths]}``, a list of ``(name, strengths)`` pairs,
     or a list of names (their default strengths); None: :data:`DEFAULT_GRID`. Names:
     ``prune_global``, ``prune_layer`` (fraction pruned), ``fine_prune`` (fraction of

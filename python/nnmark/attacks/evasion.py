@@ -19,7 +19,6 @@ held-out false alarms; they are there to compare with.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -36,8 +36,9 @@ class DistillRecord:
     attacker had); ``queries``: inputs the victim labelled (never more than the budget);
     ``pool``: unlabeled inputs the attacker brought; ``capped``: the budget exceeded the
     pool and ``reuse="cap"`` stopped at the pool; ``augmented``: queries made on jittered
-    copies (``reuse="augment"``); ``agreement``: the fraction of the queried inputs on
-    which the trained student's top-1 equals the victim's; ``student``: its class,
+    copies (``reuse="augment"``); ``refused``: queries the victim answered with NaN (an API that
+    refuses; left out of training); ``agreement``: the fraction of the answered queries
+    on which the trained student's top-1 equals the victim's; ``student``: its class,
     ``student_init``: ``"reset copy"`` (the victim's architecture, re-initialised),
     ``"given"`` or ``"factory"``; ``kept``: parameters of that copy no
     ``reset_parameters()`` reached (they start as the victim's: a warning says so);
@@ -65,6 +66,7 @@ class DistillRecord:
     kept: list[str] = field(default_factory=list)
     note: str = ""
     model: torch.nn.Module | None = field(default=None, repr=False, compare=False)
+    refused: int = 0
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -72,16 +74,19 @@ def _device_of(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def query(victim: torch.nn.Module, x: torch.Tensor, output: str, batch_size: int = 1024) -> tuple[torch.Tensor, int]:
-    """The victim's answers on ``x`` (on the CPU) and its number of classes C: top-1
-    labels (int64 ``[m]``) or output probabilities (float32 ``[m, C]``, the softmax of its
-    logits). Batched; the victim runs in eval mode without gradients, and its training
-    flag is restored afterwards."""
+def query(victim: torch.nn.Module, x: torch.Tensor, output: str,
+          batch_size: int = 1024) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """The victim's answers on ``x`` (on the CPU), its number of classes C, and which
+    queries it refused (bool ``[m]``: a NaN in the output row, as an
+    :class:`~nnmark.attacks.EvasionGuard` refuses). Answers: top-1 labels (int64 ``[m]``)
+    or output probabilities (float32 ``[m, C]``, the softmax of its logits). Batched; the
+    victim runs in eval mode without gradients, and its training flag is restored
+    afterwards."""
     dev = _device_of(victim)
     dtype = next((t.dtype for t in victim.parameters() if t.is_floating_point()), torch.float32)
     was_training = victim.training
     victim.eval()
-    out = []
+    out, refused = [], []
     try:
         with small_work_threads(victim):
             for i in range(0, len(x), batch_size):
@@ -92,10 +97,11 @@ def query(victim: torch.nn.Module, x: torch.Tensor, output: str, batch_size: int
                     raise ValueError(f"the victim must answer a batch of {len(xb)} inputs with logits "
                                      f"[{len(xb)}, classes], got {got}")
                 logits = logits.float()
+                refused.append(logits.isnan().any(1).cpu())
                 out.append(logits.argmax(1).cpu() if output == "labels" else F.softmax(logits, 1).cpu())
     finally:
         victim.train(was_training)
-    return torch.cat(out), int(logits.shape[1])
+    return torch.cat(out), int(logits.shape[1]), torch.cat(refused)
 
 
 def _jitter(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor,
@@ -234,7 +240,14 @@ def distill(victim: torch.nn.Module, data: Any, budget: int | None = None, outpu
 
     model, init, kept = _build_student(student, victim, seed, device)
     dev = resolve_device(model, device)
-    answers, classes = query(victim, x, output, query_batch_size)
+    answers, classes, refused = query(victim, x, output, query_batch_size)
+    queries = len(x)
+    n_refused = int(refused.sum())
+    if n_refused:  # a spent query without an answer: nothing to learn from
+        if n_refused == queries:
+            raise ValueError(f"the victim refused all {queries} queries (NaN outputs): nothing to train on")
+        x, answers = x[~refused], answers[~refused]
+        note = (note + "; " if note else "") + f"{n_refused} of {queries} queries refused (NaN answers), left out"
     top1 = answers if output == "labels" else answers.argmax(1)
     probe = x[:2].to(dev)
     with torch.no_grad():
@@ -264,6 +277,6 @@ def distill(victim: torch.nn.Module, data: Any, budget: int | None = None, outpu
             xb = x[i:i + query_batch_size].to(dev)
             pred = model(xb.to(pdtype) if xb.is_floating_point() else xb).argmax(1).cpu()
             agree += int((pred == top1[i:i + query_batch_size]).sum())
-    return DistillRecord("distill", output, budget, len(x), len(pool), epochs, agree / len(x),
+    return DistillRecord("distill", output, budget, queries, len(pool), epochs, agree / len(x),
                          time.perf_counter() - start, type(model).__name__, init, reuse, capped, extra, lr, batch_size,
-                         steps, final, optimizer, kept, note, model)
+                         steps, final, optimizer, kept, note, model, n_refused)
