@@ -293,7 +293,9 @@ def _load_data(spec: str, seed: int):
 @click.option("--attack", "attack_specs", multiple=True, metavar="NAME[:S1,S2,...]",
               help="An attack and its strengths; repeat for several (default: the full grid). Names: "
                    "prune_global, prune_layer, fine_prune, ftal, ftll, rtll, rtal, overwrite, quantize, noise, "
-                   "permute, permute+realign.")
+                   "permute, permute+realign (white-box: the attacker holds the weights); distill, distill_probs "
+                   "(query budget), evasion (false-alarm rate) (black-box: the attacker only queries the model; "
+                   "not in the full grid).")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Write robustness.json and one PNG per attack here.")
 @click.option("--alpha", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))

@@ -47,6 +47,13 @@ class _Attack:
     run: Callable[..., Any]      # (model, strength, ctx) -> record
     needs_train: bool = False
     descending: bool = False     # stronger as the number falls (quantization bits)
+    # How the attacker holds the model: "white-box" (the weights: every weight attack) or
+    # "black-box" (only an API to query: extraction, evasion).
+    setting: str = "white-box"
+    # The runner's record carries the model to check in ``.model`` (a student, a guard)
+    # instead of changing the copy it was given.
+    returns_model: bool = False
+    in_default: bool = True      # part of DEFAULT_GRID
 
 
 @dataclass
@@ -161,6 +168,30 @@ def _run_permute_realign(model, s, ctx):
     return {"permute": permuted, "realign": realigned}
 
 
+def _run_distill(output):
+    def run(model, s, ctx):
+        return _attack_fn("distill")(model, ctx.train, budget=s, output=output, seed=ctx.seed, device=ctx.device)
+    return run
+
+
+def _run_evasion(model, s, ctx):
+    from .attacks.evasion import evasion_record
+    from .triggers import TriggerKey
+
+    t0 = time.perf_counter()
+    guard = _attack_fn("evasion_filter")(model, ctx.train, false_alarm=s, seed=ctx.seed)
+    return evasion_record(guard, [k for k in ctx.marks if isinstance(k, TriggerKey)], time.perf_counter() - t0)
+
+
+def _false_alarm(name):
+    def check(s):
+        if isinstance(s, bool) or not isinstance(s, _NUMBER) or not 0.0 <= float(s) < 1.0:
+            raise ValueError(f"{name}: strength (the false-alarm rate on clean data) must be a number in [0, 1), "
+                             f"got {s!r}")
+        return float(s)
+    return check
+
+
 def _permute_check(name):
     def check(s):
         if isinstance(s, bool) or not isinstance(s, _NUMBER) or float(s) not in (0.0, 1.0):
@@ -188,11 +219,21 @@ _ALL = [
     _Attack("permute", "0: permute units, 1: permute + rescale", (0, 1), _permute_check("permute"), _run_permute),
     _Attack("permute+realign", "0: permute, 1: permute + rescale; then realign", (0, 1),
             _permute_check("permute+realign"), _run_permute_realign),
+    # Black-box distribution: the attacker only queries the model. Not in the default grid.
+    _Attack("distill", "queries (victim's top-1 labels) to train a fresh student", (100, 300, 1000),
+            _int_range("distill", "queries", 1), _run_distill("labels"), needs_train=True, setting="black-box",
+            returns_model=True, in_default=False),
+    _Attack("distill_probs", "queries (victim's probabilities) to train a fresh student", (100, 300, 1000),
+            _int_range("distill_probs", "queries", 1), _run_distill("probs"), needs_train=True, setting="black-box",
+            returns_model=True, in_default=False),
+    _Attack("evasion", "false-alarm rate of the API's out-of-distribution filter", (0.01, 0.05),
+            _false_alarm("evasion"), _run_evasion, needs_train=True, setting="black-box", returns_model=True,
+            in_default=False),
 ]
 ATTACKS: dict[str, _Attack] = {a.name: a for a in _ALL}
 """Attack names a grid may use, with their default strengths (``ATTACKS[name].defaults``)."""
 
-DEFAULT_GRID: dict[str, tuple] = {a.name: a.defaults for a in _ALL}
+DEFAULT_GRID: dict[str, tuple] = {a.name: a.defaults for a in _ALL if a.in_default}
 
 
 def _unknown(name) -> ValueError:
@@ -294,7 +335,9 @@ def _plain(obj, depth: int = 0):
     if _is_key(obj):
         return {"key_id": obj.key_id}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj)}
+        # A record's model (a distilled student, a guard) is not part of a report.
+        return {f.name: _plain(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj)
+                if not isinstance(getattr(obj, f.name), torch.nn.Module)}
     if isinstance(obj, Mapping):
         return {str(k): _plain(v, depth + 1) for k, v in obj.items()}
     if isinstance(obj, (torch.Tensor, np.ndarray)):
@@ -635,7 +678,9 @@ def _accuracy(model: torch.nn.Module, test) -> float:
     model.eval()
     correct = total = 0
     for x, y in batches(test, batch_size=1024, device=dev, what="test"):
-        correct += int((model(x).argmax(1) == y).sum())
+        out = model(x)
+        # A NaN row is no answer (an API that refuses the input): never right.
+        correct += int(((out.argmax(1) == y) & ~out.isnan().any(1)).sum())
         total += len(y)
     return correct / total
 
@@ -710,15 +755,24 @@ def robustness_report(model: torch.nn.Module, marks, train=None, test=None, atta
     ``marks``: a key or a list of keys (WhiteBoxKey, DenseKey, TriggerKey), each checked
     with :func:`nnmark.verify` at ``alpha``. ``train``: the attacker's data, an ``(x, y)``
     pair or an iterable of batches, used by the training attacks (fine-tuning,
-    fine-pruning, overwriting); without it those attacks are skipped and the report says
-    so. ``test``: ``(x, y)`` for clean accuracy (None: accuracy not measured).
+    fine-pruning, overwriting; extraction and evasion read only its inputs); without it
+    those attacks are skipped and the report says so. ``test``: ``(x, y)`` for clean
+    accuracy (None: accuracy not measured; a NaN output row, a refusal, counts as wrong).
     ``attacks``: the grid — ``{name: [strengths]}``, a list of ``(name, strengths)`` pairs,
     or a list of names (their default strengths); None: :data:`DEFAULT_GRID`. Names:
     ``prune_global``, ``prune_layer`` (fraction pruned), ``fine_prune`` (fraction of
     channels), ``ftal``/``ftll``/``rtll``/``rtal`` and ``overwrite`` (epochs),
     ``quantize`` (bits), ``noise`` (std relative to each tensor's), ``permute`` and
     ``permute+realign`` (0: permutation only, 1: with rescaling; realigned to
-    ``reference``, by default the unattacked model). Each cell runs on a deep copy of
+    ``reference``, by default the unattacked model) — the white-box attacks, which hold
+    the weights — and the black-box ones, which only query the model (not in the default
+    grid): ``distill`` / ``distill_probs`` (query budget: a fresh copy of the
+    architecture trained on the model's top-1 labels / probabilities for that many of
+    ``train``'s inputs; the student is what gets verified) and ``evasion`` (false-alarm
+    rate: the model behind an out-of-distribution filter calibrated on ``train``'s inputs,
+    refusing what it flags; verified through the filter, so trigger sets are answered only
+    where the filter lets them through; a white-box mark reads the wrapped weights, which a
+    black-box verifier would not hold). ``ATTACKS[name].setting`` says which. Each cell runs on a deep copy of
     ``model`` (moved to ``device`` if given) with torch's RNG seeded from ``seed``;
     ``model`` itself is never changed. ``out_dir``: write ``robustness.json`` and one PNG
     per attack there. ``progress``: True for a progress bar on stderr, False for none,
@@ -800,6 +854,8 @@ def robustness_report(model: torch.nn.Module, marks, train=None, test=None, atta
                 torch.manual_seed(seed)
                 try:
                     rec = ATTACKS[name].run(attacked, s, ctx)
+                    if ATTACKS[name].returns_model:
+                        attacked = rec.model  # the student / the guard is what the owner now meets
                     row["error"] = None
                 except (ValueError, TypeError, RuntimeError) as exc:
                     # This attack cannot run on this model (e.g. no conv layer to fine-prune):
@@ -825,7 +881,8 @@ def robustness_report(model: torch.nn.Module, marks, train=None, test=None, atta
         n_train = len(train[0])
     report = RobustnessReport(
         rows=_plain(rows), marks=[_mark_info(k) for k in keys], alpha=alpha, seed=seed,
-        grid=[{"attack": n, "strengths": s, "strength_means": ATTACKS[n].strength} for n, s in grid],
+        grid=[{"attack": n, "strengths": s, "strength_means": ATTACKS[n].strength, "setting": ATTACKS[n].setting}
+              for n, s in grid],
         skipped=_plain(skipped),
         meta={"model": {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())},
               "train_samples": n_train, "test_samples": len(test[0]) if test is not None and is_pair(test) else None,
