@@ -365,6 +365,8 @@ def test_distribution_table_picks_the_attackers_best():
         _row("ftal", 1, 0.94, **{a: (True, 1e-9), b: (False, 0.01)}),           # removes b, keeps accuracy
         _row("overwrite", 1, 0.93, **{a: (True, 1e-7), b: (False, 0.02)}),      # closest call for a
         _row("distill", 1000, 0.91, **{a: (False, 0.4), b: (True, 1e-8)}),      # a query-only attack
+        # A query filter leaves the weights alone: no attack on the white-box mark a (its row is ignored for a).
+        _row("evasion", 0.01, 0.94, **{a: (False, 0.3), b: (True, 1e-12)}),
     ])
     t = rep.distribution_table()
     wa, wb, ba, bb = t["white-box"][a], t["white-box"][b], t["black-box"][a], t["black-box"][b]
@@ -374,16 +376,17 @@ def test_distribution_table_picks_the_attackers_best():
     # b: the removal that kept the most accuracy.
     assert (wb["verified"], wb["attack"], wb["strength"], wb["accuracy"]) == (False, "ftal", 1, 0.94)
     # Black-box: only extraction ran; a's weights did not carry over, b's triggers did.
-    assert t.attacks["black-box"] == ["distill"]
+    assert t.attacks["black-box"] == ["distill", "evasion"]
     assert (ba["verified"], ba["attack"]) == (False, "distill")
     assert (bb["verified"], bb["attack"], bb["p_value"], bb["removed_at_cost"]) == (True, "distill", 1e-8, None)
     # Without extraction, a survives white-box: the closest call is reported, and the costly removal beside it.
-    rep.rows.pop()
+    del rep.rows[-2]
     t = rep.distribution_table()
     wa = t["white-box"][a]
     assert (wa["verified"], wa["attack"], wa["p_value"]) == (True, "overwrite", 1e-7)
     assert wa["removed_at_cost"] == {"attack": "prune_global", "strength": 0.9, "accuracy": 0.30}
-    assert t["black-box"][a]["verified"] is None and t["black-box"][a]["attacks_run"] == 0
+    assert t["black-box"][a]["verified"] is None and t["black-box"][a]["attacks_run"] == 0  # evasion only
+    assert t["black-box"][b]["attack"] == "evasion" and t["black-box"][b]["verified"]
     # max_drop=None: any removal counts, even one that ruined the model.
     assert rep.distribution_table(max_drop=None)["white-box"][a]["attack"] == "prune_global"
     with pytest.raises(ValueError, match="max_drop"):

@@ -527,14 +527,14 @@ DISTRIBUTIONS = {
                  "queries anyone holding the model can make)",
     "black-box": "the attacker only queries an API: model extraction and evasion",
 }
-# Attacks that need nothing but answers to queries; every other attack edits the weights.
-_QUERY_ONLY = {"distill", "distill_probs", "evasion"}
+# Attacks that filter queries without touching the weights: nothing to a mark read from
+# the weights (a white-box verifier of the suspect holds them behind the filter).
+_QUERY_FILTERS = {"evasion"}
 
 
 def attack_setting(name: str) -> str:
     """``"black-box"`` for attacks that only query the model (extraction, evasion), else ``"white-box"``."""
-    setting = getattr(ATTACKS.get(name), "setting", None)
-    return setting or ("black-box" if name in _QUERY_ONLY else "white-box")
+    return ATTACKS[name].setting if name in ATTACKS else "white-box"
 
 
 def _scheme(mark: dict) -> str:
@@ -654,8 +654,15 @@ def _distribution(report: "RobustnessReport", max_drop: float | None) -> Distrib
     return DistributionTable(
         alpha=report.alpha, max_drop=max_drop, baseline_accuracy=base_acc, marks=report.marks,
         attacks={d: list(dict.fromkeys(r["attack"] for r in rows)) for d, rows in by.items()},
-        cells={d: {m["key_id"]: _distribution_cell(rows, m["key_id"], base_acc, max_drop) for m in report.marks}
-               for d, rows in by.items()})
+        cells={d: {m["key_id"]: _distribution_cell(_against(rows, m), m["key_id"], base_acc, max_drop)
+                   for m in report.marks} for d, rows in by.items()})
+
+
+def _against(rows: list[dict], mark: dict) -> list[dict]:
+    """The rows that attack ``mark``: a query filter does nothing to a mark in the weights."""
+    if mark["kind"] != "white-box":
+        return rows
+    return [r for r in rows if r["attack"] not in _QUERY_FILTERS]
 
 
 def _materialise(data, what: str):
