@@ -293,7 +293,9 @@ def _load_data(spec: str, seed: int):
 @click.option("--attack", "attack_specs", multiple=True, metavar="NAME[:S1,S2,...]",
               help="An attack and its strengths; repeat for several (default: the full grid). Names: "
                    "prune_global, prune_layer, fine_prune, ftal, ftll, rtll, rtal, overwrite, quantize, noise, "
-                   "permute, permute+realign.")
+                   "permute, permute+realign (white-box: the attacker holds the weights); distill, distill_probs "
+                   "(query budget), evasion (false-alarm rate) (black-box: the attacker only queries the model; "
+                   "not in the full grid).")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
               help="Write robustness.json and one PNG per attack here.")
 @click.option("--alpha", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
@@ -365,6 +367,7 @@ def robustness(checkpoint, arch, keys, data_spec, attack_specs, out_dir, alpha, 
         con.print(report.table(title=f"nnmark robustness — {markup_safe(checkpoint.name)}, alpha {alpha:g}, seed {seed}"))
         for line in report.notes():
             con.print(line, markup=False, soft_wrap=True)
+        con.print(report.distribution_table())
         if out_dir is not None:
             con.print(f"report: {inert_line(report.json_path)} and {len(report.plots)} plots in {inert_line(out_dir)}/",
                       markup=False)
@@ -431,8 +434,9 @@ def demo(out_dir, unmarked, epochs, bits, seed, robustness, as_json):
         con.print(rep.table(title=f"robustness of the marked model — attacks on copies, alpha {res['alpha']:g}"))
         for line in rep.notes():
             con.print(line, markup=False, soft_wrap=True)
+        con.print(rep.distribution_table())
         con.print(f"robustness report: {out_dir}/robustness/robustness.json and {len(rep.plots)} plots "
-                  f"(p-value, BER and accuracy against attack strength)")
+                  f"(p-value, BER and accuracy against attack strength; distribution.png: the table above)")
     con.print(f"keys, models and demo.json in {out_dir}/ — try: nnmark verify {out_dir}/owner.key {out_dir}/*.safetensors"
               f"  or  nnmark verify {out_dir}/triggers.key {out_dir}/*.safetensors --arch nnmark.demo:DigitsNet")
     con.print(f"done in {elapsed:.1f} s")

@@ -24,12 +24,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._display import markup_safe
 from .attacks.data import batches, check_pair, is_pair
 
 __all__ = ["robustness_report", "RobustnessReport", "ATTACKS", "DEFAULT_GRID", "parse_attack"]
 
 FORMAT = "nnmark-robustness"
 VERSION = 1
+MAX_DROP = 0.05  # a "removal" that costs more clean accuracy than this left the attacker a worse model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -45,6 +47,13 @@ class _Attack:
     run: Callable[..., Any]      # (model, strength, ctx) -> record
     needs_train: bool = False
     descending: bool = False     # stronger as the number falls (quantization bits)
+    # How the attacker holds the model: "white-box" (the weights: every weight attack) or
+    # "black-box" (only an API to query: extraction, evasion).
+    setting: str = "white-box"
+    # The runner's record carries the model to check in ``.model`` (a student, a guard)
+    # instead of changing the copy it was given.
+    returns_model: bool = False
+    in_default: bool = True      # part of DEFAULT_GRID
 
 
 @dataclass
@@ -159,6 +168,30 @@ def _run_permute_realign(model, s, ctx):
     return {"permute": permuted, "realign": realigned}
 
 
+def _run_distill(output):
+    def run(model, s, ctx):
+        return _attack_fn("distill")(model, ctx.train, budget=s, output=output, seed=ctx.seed, device=ctx.device)
+    return run
+
+
+def _run_evasion(model, s, ctx):
+    from .attacks.evasion import evasion_record
+    from .triggers import TriggerKey
+
+    t0 = time.perf_counter()
+    guard = _attack_fn("evasion_filter")(model, ctx.train, false_alarm=s, seed=ctx.seed)
+    return evasion_record(guard, [k for k in ctx.marks if isinstance(k, TriggerKey)], time.perf_counter() - t0)
+
+
+def _false_alarm(name):
+    def check(s):
+        if isinstance(s, bool) or not isinstance(s, _NUMBER) or not 0.0 <= float(s) < 1.0:
+            raise ValueError(f"{name}: strength (the false-alarm rate on clean data) must be a number in [0, 1), "
+                             f"got {s!r}")
+        return float(s)
+    return check
+
+
 def _permute_check(name):
     def check(s):
         if isinstance(s, bool) or not isinstance(s, _NUMBER) or float(s) not in (0.0, 1.0):
@@ -186,11 +219,21 @@ _ALL = [
     _Attack("permute", "0: permute units, 1: permute + rescale", (0, 1), _permute_check("permute"), _run_permute),
     _Attack("permute+realign", "0: permute, 1: permute + rescale; then realign", (0, 1),
             _permute_check("permute+realign"), _run_permute_realign),
+    # Black-box distribution: the attacker only queries the model. Not in the default grid.
+    _Attack("distill", "queries (victim's top-1 labels) to train a fresh student", (100, 300, 1000),
+            _int_range("distill", "queries", 1), _run_distill("labels"), needs_train=True, setting="black-box",
+            returns_model=True, in_default=False),
+    _Attack("distill_probs", "queries (victim's probabilities) to train a fresh student", (100, 300, 1000),
+            _int_range("distill_probs", "queries", 1), _run_distill("probs"), needs_train=True, setting="black-box",
+            returns_model=True, in_default=False),
+    _Attack("evasion", "false-alarm rate of the API's out-of-distribution filter", (0.01, 0.05),
+            _false_alarm("evasion"), _run_evasion, needs_train=True, setting="black-box", returns_model=True,
+            in_default=False),
 ]
 ATTACKS: dict[str, _Attack] = {a.name: a for a in _ALL}
 """Attack names a grid may use, with their default strengths (``ATTACKS[name].defaults``)."""
 
-DEFAULT_GRID: dict[str, tuple] = {a.name: a.defaults for a in _ALL}
+DEFAULT_GRID: dict[str, tuple] = {a.name: a.defaults for a in _ALL if a.in_default}
 
 
 def _unknown(name) -> ValueError:
@@ -292,7 +335,9 @@ def _plain(obj, depth: int = 0):
     if _is_key(obj):
         return {"key_id": obj.key_id}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj)}
+        # A record's model (a distilled student, a guard) is not part of a report.
+        return {f.name: _plain(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj)
+                if not isinstance(getattr(obj, f.name), torch.nn.Module)}
     if isinstance(obj, Mapping):
         return {str(k): _plain(v, depth + 1) for k, v in obj.items()}
     if isinstance(obj, (torch.Tensor, np.ndarray)):
@@ -406,13 +451,15 @@ class RobustnessReport:
             "format": FORMAT, "version": VERSION, "alpha": self.alpha, "seed": self.seed, **self.meta,
             "marks": self.marks, "grid": self.grid, "skipped": self.skipped, "rows": self.rows,
             "summary": {m["key_id"]: self.survives(m["key_id"]) for m in self.marks},
+            "distribution": self.distribution_table().to_dict(),
             "plots": self.plots,
         })
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "RobustnessReport":
         """A report back from :meth:`to_dict` (e.g. ``robustness.json``), for its table."""
-        known = {"format", "version", "alpha", "seed", "marks", "grid", "skipped", "rows", "summary", "plots"}
+        known = {"format", "version", "alpha", "seed", "marks", "grid", "skipped", "rows", "summary", "distribution",
+                 "plots"}
         return cls(rows=list(d["rows"]), marks=list(d["marks"]), alpha=float(d["alpha"]), seed=int(d["seed"]),
                    grid=list(d.get("grid", [])), skipped=list(d.get("skipped", [])), plots=dict(d.get("plots", {})),
                    meta={k: v for k, v in d.items() if k not in known})
@@ -452,11 +499,170 @@ class RobustnessReport:
             t.add_row(*cells, end_section=r["attack"] == "baseline")
         return t
 
+    def distribution_table(self, max_drop: float | None = MAX_DROP) -> DistributionTable:
+        """The survey's conclusion, measured: rows = how the model is distributed (``white-box``:
+        the attacker holds the weights and may use every attack in the grid; ``black-box``: it
+        only queries an API, so only extraction and evasion), columns = the marks, cells = the
+        attacker's strongest attack there (does the mark still verify at alpha, and the clean
+        accuracy kept). A removal counts only if the attacked model kept accuracy within
+        ``max_drop`` (a fraction, default 0.05) of the unattacked one; None: any removal counts."""
+        if max_drop is not None:
+            max_drop = float(max_drop)
+            if not 0.0 <= max_drop <= 1.0:
+                raise ValueError(f"max_drop must be in [0, 1] or None, got {max_drop!r}")
+        return _distribution(self, max_drop)
+
     def notes(self) -> list[str]:
         """Lines for people under the table: what was skipped, what failed."""
         lines = [f"skipped {s['attack']}: {s['reason']}" for s in self.skipped]
         lines += [f"{r['attack']} {_fmt_strength(r['strength'])}: {r['error']}" for r in self.rows if r.get("error")]
         return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# The survey's conclusion as a table: how the model is distributed × each mark.
+
+DISTRIBUTIONS = {
+    "white-box": "the attacker holds the weights: every attack in the grid (weight attacks, and the "
+                 "queries anyone holding the model can make)",
+    "black-box": "the attacker only queries an API: model extraction and evasion",
+}
+# Attacks that filter queries without touching the weights: nothing to a mark read from
+# the weights (a white-box verifier of the suspect holds them behind the filter).
+_QUERY_FILTERS = {"evasion"}
+
+
+def attack_setting(name: str) -> str:
+    """``"black-box"`` for attacks that only query the model (extraction, evasion), else ``"white-box"``."""
+    return ATTACKS[name].setting if name in ATTACKS else "white-box"
+
+
+def _scheme(mark: dict) -> str:
+    """A mark's scheme, as people name it (the table's column)."""
+    kind = mark.get("trigger_kind")
+    if kind is not None:
+        return {"frontier": "frontier stitching"}.get(kind, f"triggers ({kind})")
+    return {"WhiteBoxKey": "Uchida", "DenseKey": "Uchida (dense key)", "DeepSignsKey": "DeepSigns"}.get(
+        mark.get("type"), mark.get("scheme") or mark.get("type") or "mark")
+
+
+def _distribution_cell(rows: list[dict], kid: str, base_acc, max_drop: float | None) -> dict:
+    """The attacker's best result against one mark among ``rows``: the removal that kept the
+    most clean accuracy (within ``max_drop`` of the unattacked model), else the attack that came
+    closest to removing the mark (largest p-value)."""
+    ran = [r for r in rows if not r.get("error") and kid in r["marks"]]
+    if not ran:
+        return {"verified": None, "attack": None, "strength": None, "accuracy": None, "p_value": None,
+                "attacks_run": 0, "removed_at_cost": None}
+
+    def acc(r):
+        return -1.0 if r.get("accuracy") is None else r["accuracy"]
+
+    def affordable(r):
+        return max_drop is None or base_acc is None or r.get("accuracy") is None or \
+            r["accuracy"] >= base_acc - max_drop
+
+    def p(r):
+        v = r["marks"][kid].get("p_value")
+        return -1.0 if v is None else v
+
+    def removed(r):
+        return not r["marks"][kid]["verified"]
+
+    within = [r for r in ran if affordable(r)]
+    if any(removed(r) for r in within):
+        best, verified = max((r for r in within if removed(r)), key=acc), False
+    elif within:
+        best, verified = max(within, key=lambda r: (p(r), -acc(r))), True  # the closest call
+    else:
+        best, verified = max(ran, key=acc), True  # every attack cost more accuracy than allowed
+    costly = [r for r in ran if removed(r) and not affordable(r)]
+    cost = max(costly, key=acc) if costly and verified else None
+    return {"verified": verified, "attack": best["attack"], "strength": best["strength"],
+            "accuracy": best.get("accuracy"), "p_value": best["marks"][kid].get("p_value"), "attacks_run": len(ran),
+            "removed_at_cost": None if cost is None else
+            {"attack": cost["attack"], "strength": cost["strength"], "accuracy": cost.get("accuracy")}}
+
+
+@dataclass
+class DistributionTable:
+    """How the model is distributed (rows) × each mark (columns): the strongest attack's result.
+
+    ``cells[distribution][key_id]``: ``verified`` (True: every attack of that setting within
+    ``max_drop`` of clean accuracy left the mark verifying at alpha; False: one removed it;
+    None: no attack of that setting was run), ``attack``/``strength`` (the attacker's best
+    attack: the removal that kept the most accuracy, or, when the mark survived, the one that
+    came closest), ``accuracy`` (the clean accuracy the attacker kept there), ``p_value``,
+    ``attacks_run``, ``removed_at_cost`` (a removal that cost more than ``max_drop``, if any).
+    Print it with rich (``Console().print(table)``); ``to_dict()`` is ``"distribution"`` in
+    ``robustness.json``.
+    """
+
+    alpha: float
+    max_drop: float | None
+    baseline_accuracy: float | None
+    marks: list[dict]
+    attacks: dict[str, list[str]]
+    cells: dict[str, dict[str, dict]]
+
+    def __getitem__(self, distribution: str) -> dict[str, dict]:
+        return self.cells[distribution]
+
+    def to_dict(self) -> dict:
+        return _plain({
+            "alpha": self.alpha, "max_drop": self.max_drop, "baseline_accuracy": self.baseline_accuracy,
+            "columns": [{"key_id": m["key_id"], "scheme": _scheme(m), "kind": m["kind"]} for m in self.marks],
+            "rows": [{"distribution": d, "meaning": DISTRIBUTIONS[d], "attacks": self.attacks[d],
+                      "cells": self.cells[d]} for d in DISTRIBUTIONS],
+        })
+
+    def cell_text(self, distribution: str, kid: str) -> str:
+        c = self.cells[distribution][kid]
+        if c["verified"] is None:
+            return "not attacked"
+        word = "verifies" if c["verified"] else "removed"
+        acc = "" if c["accuracy"] is None else f", acc {100 * c['accuracy']:.1f}%"
+        return f"{word}\n{c['attack']} {_fmt_strength(c['strength'])}{acc}"
+
+    def __rich__(self):
+        from rich import box
+        from rich.table import Table
+
+        base = "" if self.baseline_accuracy is None else f", unattacked accuracy {100 * self.baseline_accuracy:.1f}%"
+        t = Table(title=f"who can remove each mark — alpha {self.alpha:g}{base}", box=box.SIMPLE_HEAD,
+                  caption="cell: does the mark still verify after the attacker's strongest attack, which one, "
+                          "and the clean accuracy it kept"
+                          + ("" if self.max_drop is None else f" (removals costing > {100 * self.max_drop:g} points "
+                                                               "of accuracy don't count)"))
+        t.add_column("distribution", no_wrap=True)
+        for m in self.marks:
+            t.add_column(f"{_scheme(m)}\n{m['key_id'][:8]}")
+        for d in DISTRIBUTIONS:
+            cells = []
+            for m in self.marks:
+                text = "\n".join(markup_safe(line) for line in self.cell_text(d, m["key_id"]).split("\n"))
+                v = self.cells[d][m["key_id"]]["verified"]
+                cells.append(text if v is None else f"[{'green' if v else 'red'}]{text}[/]")
+            t.add_row(d, *cells)
+        return t
+
+
+def _distribution(report: "RobustnessReport", max_drop: float | None) -> DistributionTable:
+    base_acc = report.rows[0].get("accuracy") if report.rows else None
+    attacked = report.rows[1:]
+    by = {d: [r for r in attacked if d == "white-box" or attack_setting(r["attack"]) == d] for d in DISTRIBUTIONS}
+    return DistributionTable(
+        alpha=report.alpha, max_drop=max_drop, baseline_accuracy=base_acc, marks=report.marks,
+        attacks={d: list(dict.fromkeys(r["attack"] for r in rows)) for d, rows in by.items()},
+        cells={d: {m["key_id"]: _distribution_cell(_against(rows, m), m["key_id"], base_acc, max_drop)
+                   for m in report.marks} for d, rows in by.items()})
+
+
+def _against(rows: list[dict], mark: dict) -> list[dict]:
+    """The rows that attack ``mark``: a query filter does nothing to a mark in the weights."""
+    if mark["kind"] != "white-box":
+        return rows
+    return [r for r in rows if r["attack"] not in _QUERY_FILTERS]
 
 
 def _materialise(data, what: str):
@@ -479,7 +685,9 @@ def _accuracy(model: torch.nn.Module, test) -> float:
     model.eval()
     correct = total = 0
     for x, y in batches(test, batch_size=1024, device=dev, what="test"):
-        correct += int((model(x).argmax(1) == y).sum())
+        out = model(x)
+        # A NaN row is no answer (an API that refuses the input): never right.
+        correct += int(((out.argmax(1) == y) & ~out.isnan().any(1)).sum())
         total += len(y)
     return correct / total
 
@@ -554,15 +762,24 @@ def robustness_report(model: torch.nn.Module, marks, train=None, test=None, atta
     ``marks``: a key or a list of keys (WhiteBoxKey, DenseKey, TriggerKey), each checked
     with :func:`nnmark.verify` at ``alpha``. ``train``: the attacker's data, an ``(x, y)``
     pair or an iterable of batches, used by the training attacks (fine-tuning,
-    fine-pruning, overwriting); without it those attacks are skipped and the report says
-    so. ``test``: ``(x, y)`` for clean accuracy (None: accuracy not measured).
+    fine-pruning, overwriting; extraction and evasion read only its inputs); without it
+    those attacks are skipped and the report says so. ``test``: ``(x, y)`` for clean
+    accuracy (None: accuracy not measured; a NaN output row, a refusal, counts as wrong).
     ``attacks``: the grid — ``{name: [strengths]}``, a list of ``(name, strengths)`` pairs,
     or a list of names (their default strengths); None: :data:`DEFAULT_GRID`. Names:
     ``prune_global``, ``prune_layer`` (fraction pruned), ``fine_prune`` (fraction of
     channels), ``ftal``/``ftll``/``rtll``/``rtal`` and ``overwrite`` (epochs),
     ``quantize`` (bits), ``noise`` (std relative to each tensor's), ``permute`` and
     ``permute+realign`` (0: permutation only, 1: with rescaling; realigned to
-    ``reference``, by default the unattacked model). Each cell runs on a deep copy of
+    ``reference``, by default the unattacked model) — the white-box attacks, which hold
+    the weights — and the black-box ones, which only query the model (not in the default
+    grid): ``distill`` / ``distill_probs`` (query budget: a fresh copy of the
+    architecture trained on the model's top-1 labels / probabilities for that many of
+    ``train``'s inputs; the student is what gets verified) and ``evasion`` (false-alarm
+    rate: the model behind an out-of-distribution filter calibrated on ``train``'s inputs,
+    refusing what it flags; verified through the filter, so trigger sets are answered only
+    where the filter lets them through; a white-box mark reads the wrapped weights, which a
+    black-box verifier would not hold). ``ATTACKS[name].setting`` says which. Each cell runs on a deep copy of
     ``model`` (moved to ``device`` if given) with torch's RNG seeded from ``seed``;
     ``model`` itself is never changed. ``out_dir``: write ``robustness.json`` and one PNG
     per attack there. ``progress``: True for a progress bar on stderr, False for none,
@@ -644,6 +861,8 @@ def robustness_report(model: torch.nn.Module, marks, train=None, test=None, atta
                 torch.manual_seed(seed)
                 try:
                     rec = ATTACKS[name].run(attacked, s, ctx)
+                    if ATTACKS[name].returns_model:
+                        attacked = rec.model  # the student / the guard is what the owner now meets
                     row["error"] = None
                 except (ValueError, TypeError, RuntimeError) as exc:
                     # This attack cannot run on this model (e.g. no conv layer to fine-prune):
@@ -669,7 +888,8 @@ def robustness_report(model: torch.nn.Module, marks, train=None, test=None, atta
         n_train = len(train[0])
     report = RobustnessReport(
         rows=_plain(rows), marks=[_mark_info(k) for k in keys], alpha=alpha, seed=seed,
-        grid=[{"attack": n, "strengths": s, "strength_means": ATTACKS[n].strength} for n, s in grid],
+        grid=[{"attack": n, "strengths": s, "strength_means": ATTACKS[n].strength, "setting": ATTACKS[n].setting}
+              for n, s in grid],
         skipped=_plain(skipped),
         meta={"model": {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())},
               "train_samples": n_train, "test_samples": len(test[0]) if test is not None and is_pair(test) else None,
@@ -762,4 +982,37 @@ def plot_report(report: RobustnessReport, out_dir: str | os.PathLike) -> dict[st
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths[attack] = str(path)
+    paths["distribution"] = plot_distribution(report.distribution_table(), out / "distribution.png")
     return paths
+
+
+def plot_distribution(table: DistributionTable, path: str | os.PathLike) -> str:
+    """The distribution table as a PNG: one coloured cell per (distribution, mark); green: the
+    mark still verifies after the strongest attack, red: removed, grey: not attacked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = list(DISTRIBUTIONS), table.marks
+    fig, ax = plt.subplots(figsize=(max(7.5, 1.2 + 2.3 * len(cols)), 1.2 + 1.1 * len(rows)))
+    colour = {True: "#b7e1b0", False: "#f2b0a8", None: "#dddddd"}
+    for i, d in enumerate(rows):
+        for j, m in enumerate(cols):
+            ax.add_patch(plt.Rectangle((j, i), 1, 1, facecolor=colour[table.cells[d][m["key_id"]]["verified"]],
+                                       edgecolor="white", lw=2))
+            ax.text(j + 0.5, i + 0.5, table.cell_text(d, m["key_id"]), ha="center", va="center", fontsize=8)
+    ax.set_xlim(0, len(cols))
+    ax.set_ylim(len(rows), 0)
+    ax.set_xticks([j + 0.5 for j in range(len(cols))], [f"{_scheme(m)}\n{m['key_id'][:8]}" for m in cols], fontsize=8)
+    ax.set_yticks([i + 0.5 for i in range(len(rows))], rows)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    base = "" if table.baseline_accuracy is None else f"; unattacked accuracy {100 * table.baseline_accuracy:.1f}%"
+    ax.set_title(f"After the attacker's strongest attack: does each mark verify at alpha {table.alpha:g}?{base}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)

@@ -25,3 +25,11 @@ __all__ += ["ChannelStats", "channel_activations", "ChannelActivations"]
 from .forge import ForgeRecord, forge_key
 
 __all__ += ["forge_key", "ForgeRecord"]
+
+from .extraction import DistillRecord, distill
+
+__all__ += ["distill", "DistillRecord"]
+
+from .evasion import EvasionGuard, EvasionRecord, evasion_filter
+
+__all__ += ["evasion_filter", "EvasionGuard", "EvasionRecord"]

@@ -56,3 +56,40 @@ def batches(data: Any, batch_size: int = 64, shuffle: bool = False, generator: t
         yield x.to(device), y.to(device)
     if n == 0:
         raise ValueError(f"{what} yielded no batches")
+
+
+def collect_inputs(data: Any, limit: int | None = None, what: str = "data") -> torch.Tensor:
+    """The inputs of ``data`` as one tensor (on the CPU, or where the data is): ``data`` is
+    inputs alone (a tensor or array ``[m, ...]``), an ``(x, y)`` pair (``y`` is not read)
+    or an iterable of batches, each ``x`` or ``(x, y, ...)``. An iterable is read only
+    until ``limit`` inputs are in hand (None: to its end); the result is at most ``limit``
+    long."""
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        x = _tensor(data, what)
+        if x.dim() == 0:
+            raise ValueError(f"{what} must be inputs [m, ...], got a scalar")
+    elif is_pair(data):
+        x = _tensor(data[0], f"{what}[0] (inputs)")
+    elif data is None or isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"{what} must be inputs (a tensor [m, ...]), an (x, y) pair or an iterable of batches, "
+                        f"got {type(data).__name__}")
+    else:
+        parts, n = [], 0
+        for item in data:
+            xb = item[0] if isinstance(item, (tuple, list)) and item else item
+            xb = _tensor(xb, f"{what} batch inputs")
+            if xb.dim() == 0:
+                raise ValueError(f"{what}: a batch of inputs must be [b, ...], got a scalar")
+            if parts and xb.shape[1:] != parts[0].shape[1:]:
+                raise ValueError(f"{what}: batches of inputs {list(parts[0].shape[1:])} and {list(xb.shape[1:])} "
+                                 "per sample differ")
+            parts.append(xb)
+            n += len(xb)
+            if limit is not None and n >= limit:
+                break
+        if not parts:
+            raise ValueError(f"{what} yielded no batches")
+        x = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if len(x) == 0:
+        raise ValueError(f"{what} holds no inputs")
+    return x if limit is None else x[:limit]
