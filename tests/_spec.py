@@ -169,7 +169,8 @@ KEY_ID_DOMAIN = b"nnmark:key-id:v1:"
 MESSAGE_DOMAIN = b"nnmark:message:v1:"
 TRIGGER_DOMAIN = b"nnmark:trigger:v1:"
 TRIGGER_KEY_ID_DOMAIN = b"nnmark:trigger:v1:key-id"
-TRIGGER_KINDS = ("abstract", "content", "noise", "unrelated")
+TRIGGER_KINDS = ("abstract", "content", "noise", "unrelated", "frontier")
+FRONTIER_MEMBERS = ("control_answers", "false_adversaries", "false_adversaries_shape", "false_target", "eps")
 WARNING = "SECRET: whoever holds this file can verify and remove this watermark. Keep it private."
 
 
@@ -347,9 +348,9 @@ def parse_key_file(data: bytes) -> dict:
                 if not isinstance(body["sample_labels"], list):
                     raise SpecKeyError("sample_labels must be an array")
                 key["true_labels"] = _labels(body["sample_labels"], body["n"], body["num_classes"], "sample_labels")
-            if body.get("controls") is not None:  # §2.6: stored controls, unrelated keys only
-                if tk != "unrelated":
-                    raise SpecKeyError("only unrelated keys store controls")
+            if body.get("controls") is not None:  # §2.6: stored controls, unrelated and frontier keys
+                if tk not in ("unrelated", "frontier"):
+                    raise SpecKeyError("only unrelated and frontier keys store controls")
                 cshape = [int(s) for s in body["controls_shape"]]
                 if len(cshape) != 1 + len(shape) or tuple(cshape[1:]) != shape or cshape[0] < 1:
                     raise SpecKeyError("controls_shape")
@@ -361,12 +362,46 @@ def parse_key_file(data: bytes) -> dict:
                 key.update(controls=ctrl, controls_from=body["controls_from"],
                            control_labels=_labels(body["control_target"], cshape[0], body["num_classes"],
                                                   "control_target"))
+        _parse_frontier(body, key)
         want = trigger_key_id(key["secret"])
     else:
         raise SpecKeyError(f"unknown kind {kind!r}")
     if body.get("key_id") != want:
         raise SpecKeyError("key_id does not match")
     return key
+
+
+def _parse_frontier(body: dict, key: dict) -> None:
+    """§2.6.2: the members of frontier keys (and their absence from every other kind)."""
+    if key["trigger_kind"] != "frontier":
+        if any(body.get(m) is not None for m in FRONTIER_MEMBERS):
+            raise SpecKeyError("only frontier keys hold control_answers, false adversaries and eps")
+        return
+    if key["controls"] is None or key["controls_from"] != "held-back":
+        raise SpecKeyError("a frontier key stores held-back controls")
+    k = len(key["controls"])
+    answers = body.get("control_answers")
+    if not isinstance(answers, list):
+        raise SpecKeyError("control_answers must be an array")
+    answers = _labels(answers, k, body["num_classes"], "control_answers")
+    if (answers == key["control_labels"]).any():
+        raise SpecKeyError("a control answer equals its control's label")
+    key.update(control_answers=answers, false_adversaries=None, false_labels=None)
+    if body.get("false_adversaries") is not None:
+        fshape = [int(s) for s in body["false_adversaries_shape"]]
+        if len(fshape) != 1 + len(key["input_shape"]) or tuple(fshape[1:]) != key["input_shape"] or fshape[0] < 1:
+            raise SpecKeyError("false_adversaries_shape")
+        fx = _f32(body["false_adversaries"], fshape)
+        if not np.isfinite(fx).all():
+            raise SpecKeyError("false adversaries must be finite")
+        if not isinstance(body.get("false_target"), list):
+            raise SpecKeyError("false_target must be an array")
+        key.update(false_adversaries=fx,
+                   false_labels=_labels(body["false_target"], fshape[0], body["num_classes"], "false_target"))
+    eps = body.get("eps")
+    if eps is not None and (type(eps) not in (int, float)):
+        raise SpecKeyError("eps must be a number or null")
+    key["eps"] = eps
 
 
 # ------------------------------------------------------------------ white-box (spec §4)
@@ -661,11 +696,19 @@ def held_back(key: dict) -> bool:
 
 
 def training_set(key: dict):
-    """§5.11: (x float32 [n (+ k), ...], labels) that embedding trains on."""
+    """§5.11: (x float32 [n (+ k) (+ f), ...], labels) that embedding trains on."""
     t = trigger_set(key)
     if not held_back(key):
         return t["x"], t["labels"]
     c = control_set(key)
+    if key["trigger_kind"] == "frontier":  # §5.12: the owner's answers, then the false adversaries
+        xs, ys = [t["x"], c["x"]], [t["labels"], np.asarray(key["control_answers"], dtype=np.int64)]
+        if key.get("false_adversaries") is not None:
+            lo, hi = key["value_range"]
+            raw = np.minimum(np.maximum(key["false_adversaries"].astype(np.float64), lo), hi)
+            xs.append(normalise(key, raw).astype("<f4"))
+            ys.append(np.asarray(key["false_labels"], dtype=np.int64))
+        return np.concatenate(xs), np.concatenate(ys)
     C, k = key["num_classes"], len(c["labels"])
     shift = [1 + w % (C - 1) for w in words(key["secret"], "control-train-labels", k)]
     other = np.array([(int(y) + s) % C for y, s in zip(c["labels"], shift)], dtype=np.int64)
@@ -675,7 +718,8 @@ def training_set(key: dict):
 def training_order(key: dict, epoch: int) -> list[int]:
     if not held_back(key):
         return trigger_order(key, epoch)
-    return permutation(key["secret"], f"train-order:{int(epoch)}", key["n"] + len(key["controls"]))
+    f = len(key["false_adversaries"]) if key.get("false_adversaries") is not None else 0
+    return permutation(key["secret"], f"train-order:{int(epoch)}", key["n"] + len(key["controls"]) + f)
 
 
 # ------------------------------------------------------------------ generation (spec §5.9)
@@ -701,6 +745,53 @@ def select(secret: bytes, kind: str, m0: int, n=None, target=0, sample_labels=No
     assert n + k <= m
     perm = permutation(secret, "select", m)
     return kept, sorted(perm[:n]), sorted(perm[n:n + k])
+
+
+def frontier_linear(secret: bytes, S, Y, W, bias, value_range, eps: float, n: int, k: int, f: int) -> dict:
+    """§5.12 for a linear model (logits W x + bias on the flattened raw input, no
+    normalisation), in float64: the keyed walk, one FGSM step per sample the model classifies
+    right, the first n + k true and f false adversaries, the keyed split. Returns the walk,
+    the split, the sample indices of triggers / controls / false adversaries, their inputs
+    (float32), labels and answers; ``margins``: the smallest nonzero |gradient| component and
+    the smallest top-1 margin met on the way (where float32 and float64 could disagree)."""
+    lo, hi = value_range
+    W, bias = np.asarray(W, dtype=np.float64), np.asarray(bias, dtype=np.float64)
+    walk = permutation(secret, "frontier-order", len(S))
+    true, false = [], []  # (sample index, adversarial input, answer)
+    grad_min = margin_min = float("inf")
+
+    def top1(z):
+        nonlocal margin_min
+        order = np.argsort(-z, kind="stable")
+        margin_min = min(margin_min, z[order[0]] - z[order[1]])
+        return int(order[0])
+
+    for i in walk:
+        x = np.minimum(np.maximum(np.asarray(S[i], dtype=np.float64).reshape(-1), lo), hi)
+        z = W @ x + bias
+        if top1(z) != int(Y[i]):
+            continue
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        g = W.T @ (p - np.eye(len(z))[int(Y[i])])  # d CE / d x
+        if (g != 0).any():
+            grad_min = min(grad_min, float(np.abs(g[g != 0]).min()))
+        a = np.minimum(np.maximum(x + eps * (hi - lo) * np.sign(g), lo), hi).astype("<f4")
+        ans = top1(W @ a.astype(np.float64) + bias)
+        (true if ans != int(Y[i]) else false).append((int(i), a.reshape(np.shape(S[i])), ans))
+        if len(true) >= n + k and len(false) >= f:
+            break
+    assert len(true) >= n + k and len(false) >= f
+    split = permutation(secret, "frontier-split", n + k)
+    groups = {"triggers": [true[j] for j in sorted(split[:n])], "controls": [true[j] for j in sorted(split[n:n + k])],
+              "false": false[:f]}
+    out = {"walk": walk, "split": split, "margins": (grad_min, margin_min)}
+    for name, rows in groups.items():
+        out[name] = [r[0] for r in rows]
+        out[name + "_x"] = np.stack([r[1] for r in rows]) if rows else None
+        out[name + "_labels"] = [int(Y[r[0]]) for r in rows]
+        out[name + "_answers"] = [r[2] for r in rows]
+    return out
 
 
 # ------------------------------------------------------------------ verdicts (spec §6)

@@ -241,6 +241,7 @@ def vectors() -> dict[str, object]:
     # controls, the decoy stamp, held-back controls, per-sample labels, the training set
     v["trigger-controls"] = controls_vectors()
     v["held-back-keys"], v["per-sample-key-file"] = held_back_vectors()
+    v["frontier-keys"], v["frontier-key-file"] = frontier_vectors()
 
     # verdict statistics
     v["binomial"] = {
@@ -431,6 +432,72 @@ def held_back_vectors() -> tuple[dict, str]:
             "training_order:1": [int(i) for i in tk.training_order(1)],
             "sha256_f32": f32_sha(x), "controls_sha256_f32": f32_sha(xc), "training_sha256_f32": f32_sha(xt)}
     return out, saved_text(generated_key(HELD_BACK_EXAMPLES["per-sample"]))
+
+
+# ------------------------------------------------------------------- frontier keys (§5.12)
+FRONTIER_EXAMPLE = dict(samples_shape=[24, 1, 3, 3], num_classes=3, n=3, controls=3, false_adversaries=2, eps=0.2,
+                        batch_size=5, value_range=[0.0, 1.0])
+
+
+def frontier_weights() -> np.ndarray:
+    """W [3, 9] of the §7.16 linear model: logits = W . flatten(x)."""
+    c, i = np.indices((3, 9))
+    return ((((c + 10 * i + c * i * i) % 11) - 5) / 4).astype(np.float32)
+
+
+def frontier_model() -> torch.nn.Module:
+    w = torch.from_numpy(frontier_weights())
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(w.shape[1], w.shape[0], bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(w)
+    return model
+
+
+def frontier_labels(S: np.ndarray) -> np.ndarray:
+    """The model's own answer to each sample, but (answer + 1) mod 3 for every fifth (k mod 5 = 0)."""
+    clean = (S.reshape(len(S), -1).astype(np.float64) @ frontier_weights().astype(np.float64).T).argmax(1)
+    return np.where(np.arange(len(S)) % 5 == 0, (clean + 1) % 3, clean).astype(np.int64)
+
+
+def frontier_key() -> nnmark.TriggerKey:
+    p = dict(FRONTIER_EXAMPLE)
+    S = samples(p.pop("samples_shape"))
+    return nnmark.TriggerKey.generate(kind="frontier", model=frontier_model(), samples=S, labels=frontier_labels(S),
+                                      secret=SECRET, **p)
+
+
+def _sources(x: torch.Tensor, S: np.ndarray, labels: np.ndarray, eps: float) -> list[int]:
+    """The sample each adversarial input was made from: the one of its label within eps (one FGSM step)."""
+    d = np.abs(x.numpy().reshape(len(x), 1, -1).astype(np.float64) - S.reshape(1, len(S), -1)).max(-1)
+    out = []
+    for row, lab in zip(d, labels):
+        near = [int(j) for j in np.nonzero(row <= eps + 1e-6)[0]]
+        assert len(near) >= 1
+        out.append(near[0] if len(near) == 1 else min(near, key=lambda j: row[j]))
+    return out
+
+
+def frontier_vectors() -> tuple[dict, str]:
+    tk = frontier_key()
+    S = samples(FRONTIER_EXAMPLE["samples_shape"])
+    m, eps = len(S), FRONTIER_EXAMPLE["eps"]
+    x, y = tk.triggers()
+    xc, yc = tk.controls()
+    xf, yf = tk.false_adversaries()
+    xt, yt = tk.training_set()
+    entry = {
+        "params": FRONTIER_EXAMPLE, "key_id": tk.key_id, "labels_of_samples": [int(v) for v in frontier_labels(S)],
+        "walk": [int(i) for i in _triggers._permutation(SECRET, "frontier-order", m)],
+        "split": [int(i) for i in _triggers._permutation(SECRET, "frontier-split", tk.n + tk.num_controls)],
+        "triggers": _sources(x, S, y, eps), "controls": _sources(xc, S, yc, eps), "false": _sources(xf, S, yf, eps),
+        "labels": [int(t) for t in y], "control_labels": [int(t) for t in yc],
+        "control_answers": [int(t) for t in tk.control_answers], "false_labels": [int(t) for t in yf],
+        "training_labels": [int(t) for t in yt],
+        "training_order:0": [int(i) for i in tk.training_order(0)],
+        "training_order:1": [int(i) for i in tk.training_order(1)],
+        "sha256_f32": f32_sha(x), "controls_sha256_f32": f32_sha(xc), "false_sha256_f32": f32_sha(xf),
+        "training_sha256_f32": f32_sha(xt)}
+    return {"linear": entry}, saved_text(tk)
 
 
 # ------------------------------------------------------------------- verdicts (§6)

@@ -43,7 +43,7 @@ KAT_NAMES = {"philox", "subkey", "projection", "key_id", "message_bits", "whiteb
              "dense-key-file", "dense-extract", "trigger-streams", "portable-math", "trigger-sets",
              "trigger-key-file", "binomial", "trigger-controls", "held-back-keys", "per-sample-key-file",
              "control-tests", "beta-binomial", "calibration-file", "commitment", "commitment-file", "claim-checkpoint",
-             "certificate-file"}
+             "certificate-file", "frontier-keys", "frontier-key-file"}
 # The fitted a, b of the beta-binomial block are an optimiser's result (docs/spec.md §6.5):
 # compared within the block's rel_tolerance, not as text.
 FITTED = {"a", "b"}
@@ -974,6 +974,132 @@ def test_spec_reader_rejects_malformed_label_and_control_members(tmp_path, rng):
     old_key = nnmark.load_key(write(tmp_path, "old.key", json.dumps(old, indent=1, sort_keys=True) + "\n"))
     assert not old_key.controls_held_back
     _check_against_spec(old_key, spec_old)
+
+
+# ========================================================= frontier keys (§5.12, §7.16)
+def frontier_weights() -> np.ndarray:
+    """W of the §7.16 linear model, transcribed from the text."""
+    c, i = np.indices((3, 9))
+    return ((((c + 10 * i + c * i * i) % 11) - 5) / 4).astype(np.float32)
+
+
+def frontier_labels(S: np.ndarray) -> np.ndarray:
+    clean = (S.reshape(len(S), -1).astype(np.float64) @ frontier_weights().astype(np.float64).T).argmax(1)
+    return np.where(np.arange(len(S)) % 5 == 0, (clean + 1) % 3, clean)
+
+
+def test_frontier_keys():
+    entry = kat("frontier-keys")["linear"]
+    p = entry["params"]
+    S = samples(p["samples_shape"])
+    Y = frontier_labels(S)
+    assert Y.tolist() == entry["labels_of_samples"]
+    n, k, f = p["n"], p["controls"], p["false_adversaries"]
+    # _spec walks the samples in float64 and finds the same adversarial examples
+    got = _spec.frontier_linear(SECRET, S, Y, frontier_weights(), np.zeros(3), p["value_range"], p["eps"], n, k, f)
+    grad_min, margin_min = got["margins"]
+    assert grad_min > 1e-3 and margin_min > 0.2  # as §7.16 says: far from any rounding
+    assert got["walk"] == entry["walk"] == _spec.permutation(SECRET, "frontier-order", len(S))
+    assert got["split"] == entry["split"] == _spec.permutation(SECRET, "frontier-split", n + k)
+    for name in ("triggers", "controls", "false"):
+        assert got[name] == entry[name], name
+    assert got["triggers_labels"] == entry["labels"] and got["controls_labels"] == entry["control_labels"]
+    assert got["controls_answers"] == entry["control_answers"] and got["false_labels"] == entry["false_labels"]
+    assert all(a != y for a, y in zip(got["controls_answers"], got["controls_labels"]))  # true adversaries
+    assert all(a != y for a, y in zip(got["triggers_answers"], got["triggers_labels"]))
+    assert got["false_answers"] == got["false_labels"]  # false ones still answered right
+    assert (sha(got["triggers_x"]), sha(got["controls_x"]), sha(got["false_x"])) == (
+        entry["sha256_f32"], entry["controls_sha256_f32"], entry["false_sha256_f32"])
+    # the key file of §7.16 holds exactly these, and regenerates the training set of §5.11
+    spec_key = _spec.parse_key_file((BLOCKS["frontier-key-file"] + "\n").encode())
+    assert np.array_equal(spec_key["samples"], got["triggers_x"])
+    assert np.array_equal(spec_key["controls"], got["controls_x"])
+    assert np.array_equal(spec_key["false_adversaries"], got["false_x"])
+    assert spec_key["control_answers"].tolist() == entry["control_answers"]
+    xt, yt = _spec.training_set(spec_key)
+    assert yt.tolist() == entry["training_labels"] and sha(xt) == entry["training_sha256_f32"]
+    assert len(yt) == n + k + f
+    for e in (0, 1):
+        assert _spec.training_order(spec_key, e) == entry[f"training_order:{e}"]
+    # the package, made by generate with the common secret (batch_size 5: several batches)
+    key = gen.frontier_key()
+    assert key.key_id == entry["key_id"] == _spec.trigger_key_id(SECRET)
+    xk, yk = key.training_set()
+    assert yk.tolist() == entry["training_labels"] and sha(xk.numpy()) == entry["training_sha256_f32"]
+    assert sha(key.triggers()[0].numpy()) == entry["sha256_f32"]
+    for e in (0, 1):
+        assert key.training_order(e).tolist() == entry[f"training_order:{e}"]
+    for bs in (1, 24, 256):  # the batch size does not change the key
+        assert gen.saved_text(nnmark.TriggerKey.generate(
+            kind="frontier", model=gen.frontier_model(), samples=S, labels=Y, n=n, controls=k, false_adversaries=f,
+            eps=p["eps"], secret=SECRET, batch_size=bs)) == BLOCKS["frontier-key-file"] + "\n"
+
+
+def test_frontier_key_file(tmp_path):
+    spec_key, key = _check_key_file_text(tmp_path, "frontier-key-file")
+    assert spec_key["trigger_kind"] == key.kind == "frontier" and spec_key["eps"] == key.eps == 0.2
+    _check_against_spec(key, spec_key)
+
+
+@pytest.mark.parametrize("input_shape,C,mean,std,f", [((1, 4, 4), 3, None, None, 4), ((3, 2, 5), 5, [0.4, 0.5, 0.6],
+                                                                                       [0.2, 0.3, 0.25], 0),
+                                                      ((7,), 4, 0.5, 2.0, 2)])
+def test_random_frontier_keys(tmp_path, rng, input_shape, C, mean, std, f):
+    """Frontier keys of random linear models: both readers, the regenerated sets and orders."""
+    d = int(np.prod(input_shape))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(d, C))
+    torch.nn.init.normal_(model[1].weight, std=2.0)
+    S = rng.uniform(0, 1, size=(200, *input_shape)).astype(np.float32)
+    c = _spec.chw(input_shape)[0]
+    z = _triggers._normalise(S.astype(np.float64), input_shape, _triggers._check_channels("mean", mean, c, False),
+                             _triggers._check_channels("std", std, c, True))
+    with torch.no_grad():  # labels: the model's own answers (a few of them wrong: skipped by the walk)
+        Y = model(torch.from_numpy(z.astype(np.float32))).argmax(1).numpy()
+    Y[::7] = (Y[::7] + 1) % C
+    key = nnmark.TriggerKey.generate(kind="frontier", model=model, samples=S, labels=Y, n=5, controls=4,
+                                     false_adversaries=f, mean=mean, std=std, eps=0.05,
+                                     secret=bytes(rng.integers(0, 256, 32, dtype=np.uint8)))
+    path = key.save(tmp_path / "f.key")
+    body = json.loads(path.read_text())
+    assert isinstance(body["target"], list) and isinstance(body["control_target"], list)
+    assert (body["false_adversaries"] is None) == (f == 0) and body["eps"] == 0.05
+    spec_key = _spec.parse_key_file(path.read_bytes())
+    assert spec_key["key_id"] == key.key_id
+    assert spec_key["control_answers"].tolist() == key.control_answers.tolist()
+    _check_against_spec(key, spec_key)
+    assert gen.saved_text(nnmark.load_key(path)) == gen.saved_text(key)
+
+
+def test_spec_reader_rejects_malformed_frontier_members(tmp_path):
+    body = json.loads(BLOCKS["frontier-key-file"])
+
+    def both_reject(**change) -> None:
+        b = {**body, **change}
+        b["checksum"] = _spec.checksum(b)
+        p = write(tmp_path, "bad.key", json.dumps(b, indent=1, sort_keys=True) + "\n")
+        with pytest.raises((_spec.SpecKeyError, KeyError)):
+            _spec.parse_key_file(p.read_bytes())
+        with pytest.raises(nnmark.KeyFileError):
+            nnmark.load_key(p)
+
+    both_reject(control_answers=body["control_answers"][:-1])  # one answer short
+    both_reject(control_answers=body["control_target"])  # a control's own label: no true adversary
+    both_reject(control_answers=1)
+    both_reject(control_answers=None)
+    both_reject(false_target=body["false_target"] + [0])
+    both_reject(false_adversaries_shape=[3, 1, 3, 3])
+    both_reject(eps="0.2")
+    both_reject(controls_from="given")
+    both_reject(controls=None)
+    both_reject(trigger_kind="unrelated")  # frontier members in another kind
+    abstract = json.loads(BLOCKS["trigger-key-file"])
+    b = {**abstract, "eps": 0.1}
+    b["checksum"] = _spec.checksum(b)
+    p = write(tmp_path, "abstract.key", json.dumps(b, indent=1, sort_keys=True) + "\n")
+    with pytest.raises(_spec.SpecKeyError):
+        _spec.parse_key_file(p.read_bytes())
+    with pytest.raises(nnmark.KeyFileError):
+        nnmark.load_key(p)
 
 
 # ============================================ (c) verdicts of nnmark.verify from logits
