@@ -15,10 +15,20 @@ folder to keep or leak. Kinds:
   clipped to ``value_range``; label ``target``.
 - ``unrelated`` (Zhang et al. 2018): user-supplied out-of-distribution samples
   as given (clipped to ``value_range``); label ``target``.
+- ``frontier`` (Le Merrer, Perez, Tredan 2019): adversarial examples near the
+  decision boundary of the owner's trained model, made from user samples by one
+  FGSM step each (``TriggerKey.generate(kind="frontier", model=..., samples=...,
+  labels=...)``), labelled with their true labels; a keyed half of the "true
+  adversaries" (the model answers them wrong) are the triggers, the other half is
+  held back as controls, and "false adversaries" (still answered right) are
+  trained on too. Verified by Fisher's exact test of triggers against the
+  held-back half, exact for any model that never saw the key (a binomial at
+  1/num_classes is not: unmarked models answer many such triggers right).
 
-For ``content``, ``noise`` and ``unrelated`` the key file **contains the
-samples** (float32, base64) so the set regenerates from the file alone: the
-key file then holds those inputs too; treat it (as every key file) as secret.
+For ``content``, ``noise``, ``unrelated`` and ``frontier`` the key file
+**contains the samples** (float32, base64) so the set regenerates from the file
+alone: the key file then holds those inputs too; treat it (as every key file)
+as secret.
 
 Value range and normalisation follow the model's inputs: triggers are built
 and clipped in the raw range ``value_range = (lo, hi)`` (the range of the
@@ -417,6 +427,18 @@ class TriggerKey:
     value_range, mean, std, noise_std)`` builds one from explicit parts (``samples``
     used as given: the first ``n`` rows); :meth:`generate` makes a fresh one.
     ``triggers()`` returns ``(x, y)``; ``save`` / ``nnmark.load_key`` round-trip it.
+
+    Frontier keys (``kind="frontier"``, see :meth:`generate`) also hold the held-back
+    true adversaries (``controls``, ``controls_from="held-back"``), the owner's model's
+    answers to them (``control_answers``: what embedding keeps them at), the false
+    adversaries (``false_adversaries``, ``false_target``) and ``eps``. Their verdict rests
+    on the control test alone: the key split one set of true adversaries at random into
+    triggers and controls, so a model that never saw the key answers both alike (Fisher's
+    exact test, no calibration needed), while a marked one answers the triggers with their
+    true labels and the controls as the owner's model did. The binomial at 1/num_classes
+    is no null for these triggers: twelve independently trained unmarked digits models
+    answered 14-48% of them right (benchmarks/bench_frontier.py), and it would have called
+    20 of 36 (key, model) pairs marked at alpha 1e-6.
     """
 
     file_kind = _FILE_KIND  # the key file's "kind"; ``kind`` is the trigger kind
@@ -564,8 +586,8 @@ class TriggerKey:
         ``target``: label of content/noise/unrelated triggers (ignored for abstract): one
         int for all, or one label per sample (``[m]``, e.g. a published trigger set's own
         labels), kept with its samples through every selection.
-        ``controls`` (``unrelated`` only): inputs without the mark, stored in the key and
-        shown to a suspect beside the triggers; a model that answers the triggers' labels
+        ``controls`` (``unrelated``; for ``frontier`` see below): inputs without the mark,
+        stored in the key and shown to a suspect beside the triggers; a model that answers the triggers' labels
         just as often on them does not verify. An int holds back that many of the samples
         (default ``None``: the ``m - n`` left over, or half of them): the triggers are then
         a keyed random draw of the set, and the test of triggers against the rest is exact
@@ -599,8 +621,12 @@ class TriggerKey:
         the triggers against the held-back true adversaries (Fisher's exact test): for a
         model that never saw the key the two are a random split of one set, so the test is
         exact without a calibration. A binomial at 1/num_classes is *not*: independently
-        trained unmarked digits models answered 31-50% of such triggers right (they are
-        slight perturbations of real samples, with their true labels).
+        trained unmarked digits models answered 14-48% of such triggers right (they are
+        slight perturbations of real samples, with their true labels). The smallest p-value
+        the test can give is ``1 / C(n + controls, n)``: 12 + 12 reach 1e-6. ``eps``: the
+        FGSM step as a fraction of ``hi - lo`` (default 0.1: on digits about 40% of the
+        steps fool the model); ``false_adversaries=0`` keeps none. ``model``, ``labels``,
+        ``eps``, ``false_adversaries`` and ``batch_size`` apply to frontier keys only.
         """
         if kind not in KINDS:
             raise ValueError(f"unknown trigger kind {kind!r}; expected one of {list(KINDS)}")
@@ -1014,7 +1040,8 @@ class TriggerKey:
         if self.kind == "frontier":
             f = self._false
             out["control_answers"] = self._answers.tolist()
-            out["false_adversaries"] = base64.b64encode(f.astype("<f4").tobytes()).decode("ascii") if f is not None else None
+            out["false_adversaries"] = (base64.b64encode(f.astype("<f4").tobytes()).decode("ascii") if f is not None
+                                        else None)
             out["false_adversaries_shape"] = list(f.shape) if f is not None else None
             out["false_target"] = self._false_labels.tolist() if f is not None else None
             out["eps"] = self.eps
