@@ -11,7 +11,6 @@ import json
 import os
 import stat
 
-import numpy as np
 import pytest
 import torch
 
