@@ -176,7 +176,7 @@ class DeepSignsKey:
             raise ValueError(f"secret must be {SECRET_BYTES} bytes, got {got}")
         self._secret = bytes(secret)
         self.layer = _check_layer(layer)
-        self._bits = _keys._as_bits(bits)
+        self._bits = _keys.as_bits(bits)
         self.num_classes = _check_int("num_classes", num_classes, 2, MAX_CLASSES)
         self.classes = tuple(_check_classes(classes, self.num_classes, self.num_bits))
         self._inputs = _check_inputs(inputs)
@@ -189,7 +189,7 @@ class DeepSignsKey:
         stray = sorted(set(self._labels.tolist()) - set(self.classes))
         if stray:
             raise ValueError(f"inputs of classes {stray[:3]} are not among the chosen classes {list(self.classes)}")
-        _keys._min_bits_warning(self.num_bits)
+        _keys.min_bits_warning(self.num_bits)
 
     @classmethod
     def generate(cls, layer: str, samples: Any, labels: Any, bits: int = 64, classes: int | Sequence[int] = 2,
@@ -356,7 +356,7 @@ def _load_deepsigns(body: dict[str, Any]) -> DeepSignsKey:
     layer = body["layer"]
     if not isinstance(layer, str):
         raise TypeError(f"field 'layer' must be a string, got {type(layer).__name__}")
-    bits = _keys._bits_field(body)
+    bits = _keys.bits_field(body)
     num_classes = int_field(body, "num_classes", 2, MAX_CLASSES)
     classes = body["classes"]
     if not isinstance(classes, list) or not 1 <= len(classes) <= min(bits.size, num_classes) \
