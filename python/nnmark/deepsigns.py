@@ -119,7 +119,7 @@ def _check_inputs(inputs: Any) -> np.ndarray:
         raise ValueError(f"one input has {per} elements, more than {MAX_INPUT_ELEMENTS}")
     if n * per > MAX_TRIGGER_ELEMENTS:
         raise ValueError(f"{n} inputs of {per} elements hold {n * per} values, more than {MAX_TRIGGER_ELEMENTS}")
-    out = np.ascontiguousarray(arr, dtype=np.float32)
+    out = np.array(arr, dtype=np.float32, order="C", copy=True)  # the key's own copy: the caller's stays writable
     if not np.isfinite(out).all():
         raise ValueError("inputs contain NaN or Inf (or values beyond float32)")
     return out
