@@ -291,3 +291,44 @@ def test_robustness_report_with_a_deepsigns_key(zoo, tmp_path):
     assert all(r["error"] is None and r["marks"][key.key_id]["status"] == "ok" for r in rep.rows)
     text = (tmp_path / "rep" / "robustness.json").read_text()
     assert key.key_id in text and not any(part in text for part in (key._secret.hex()[:16],))
+
+
+# --------------------------------------------------------------------------- the adapters
+def test_penalty_hook_embeds_a_deepsigns_mark(tmp_path):
+    """The plain-torch adapter adds DeepSigns' gradient in optimizer.step(): the training
+    loop stays unchanged, and its state holds the key id and layer, never the secret."""
+    data = load_digits_split()
+    key = DeepSignsKey.generate(LAYER, data.x_train, data.y_train, bits=64, classes=2)
+    path = key.save(tmp_path / "ds.key")
+    torch.manual_seed(0)
+    model = DigitsNet()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    hook = nnmark.PenaltyHook(model, str(path), strength=0.1).attach(opt)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        order = torch.randperm(len(data.x_train), generator=g)
+        for i in range(0, len(order), 64):
+            idx = order[i:i + 64]
+            loss = torch.nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    v = nnmark.verify(key, model)
+    assert v.verified and hook.steps == 6 * 22 and hook.ber() == {key.key_id: v.ber}
+    state = hook.state_dict()
+    assert state["marks"] == [{"key_id": key.key_id, "carrier": LAYER, "strength": 0.1, "bits": 64}]
+    assert not _secret_shown(json.dumps(state)) and key._secret.hex() not in json.dumps(state)
+    # the same gradient as the penalty's, on every parameter up to the layer, none after it
+    emb = nnmark.integrations.Embedding(DeepSigns(key, strength=0.1))
+    model.zero_grad()
+    emb.add_penalty_grad(model)
+    ref = torch.autograd.grad(DeepSigns(key, strength=0.1).penalty(model), list(model.parameters()),
+                              allow_unused=True)
+    for (name, p), r in zip(model.named_parameters(), ref):
+        if r is None:
+            assert p.grad is None and name.startswith("classifier.3"), name
+        else:
+            assert torch.allclose(p.grad, r, rtol=1e-5, atol=1e-7), name
+    with pytest.raises(KeyError, match="layer"):
+        nnmark.PenaltyHook(torch.nn.Sequential(torch.nn.Linear(64, 10)), key)

@@ -426,18 +426,37 @@ class DeepSigns:
         after the layer get no gradient)."""
         return [p for p in model.parameters() if p.requires_grad]
 
-    def activations(self, model: torch.nn.Module) -> torch.Tensor:
-        """The layer's flattened activations ``[n, M]`` on the key's inputs (differentiable)."""
+    @staticmethod
+    def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+        """The module itself under DataParallel / DistributedDataParallel: their forward
+        belongs to the training step (DDP would expect a backward for it), so the key's
+        inputs run through the wrapped module."""
+        from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+        while isinstance(model, (DataParallel, DistributedDataParallel)):
+            model = model.module
+        return model
+
+    def layer_of(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model's submodule named by the key's layer (wrapper prefixes tolerated);
+        KeyError naming the layer when there is none."""
         from .inference import find_layer
 
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"penalty() needs a torch.nn.Module, got {type(model).__name__}")
+        model = self._unwrapped(model)
         layer = self._layers.get(model)
         if layer is None:
             try:
                 layer = self._layers[model] = find_layer(model, self.key.layer)
             except CheckpointError as exc:
                 raise KeyError(str(exc)) from None
+        return layer
+
+    def activations(self, model: torch.nn.Module) -> torch.Tensor:
+        """The layer's flattened activations ``[n, M]`` on the key's inputs (differentiable)."""
+        layer = self.layer_of(model)
+        model = self._unwrapped(model)
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
         dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
