@@ -332,3 +332,19 @@ def test_penalty_hook_embeds_a_deepsigns_mark(tmp_path):
             assert torch.allclose(p.grad, r, rtol=1e-5, atol=1e-7), name
     with pytest.raises(KeyError, match="layer"):
         nnmark.PenaltyHook(torch.nn.Sequential(torch.nn.Linear(64, 10)), key)
+
+
+def test_cli_verify_and_scan_need_arch(zoo, tmp_path):
+    from click.testing import CliRunner
+
+    from nnmark.cli import cli
+
+    key_path = zoo["key"].save(tmp_path / "ds.key")
+    model_path = tmp_path / "marked.safetensors"
+    save_file(zoo["marked"].state_dict(), str(model_path))
+    r = CliRunner().invoke(cli, ["verify", str(key_path), str(model_path)])
+    assert r.exit_code != 0 and "DeepSigns key runs the model" in r.output and "--arch" in r.output
+    r = CliRunner().invoke(cli, ["verify", str(key_path), str(model_path), "--arch", ARCH])
+    assert r.exit_code == 0 and "1/1 verified" in r.output, r.output
+    r = CliRunner().invoke(cli, ["scan", str(tmp_path), "--key", str(key_path), "--ledger", str(tmp_path / "l.db")])
+    assert r.exit_code != 0 and "--arch" in r.output

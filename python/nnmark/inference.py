@@ -2,8 +2,9 @@
 
 One model instance is built from the factory and kept; each checkpoint's
 tensors are copied into it in place and the (fixed) trigger batch is run
-through it (its output, or with ``layer=`` a hidden layer's output: DeepSigns). On CUDA the forward is captured once as a CUDA graph and replayed
-after each copy, since the parameters keep their addresses. The next
+through it, for its output (or, with ``layer=``, a hidden layer's: DeepSigns).
+On CUDA the forward is captured once as a CUDA graph and replayed after each
+copy, since the parameters keep their addresses. The next
 checkpoint is read from disk on a background thread while the current one
 runs, and only those two are held in memory at a time.
 """
