@@ -12,7 +12,9 @@ Measured: the marked models' clean accuracy against their twins', matches and p-
 every (key, null model) pair's p-value at alpha 1e-6 and 1e-2 (count verified; the
 promise at 1e-6 is 0); each key calibrated on the nulls (nnmark.calibrate: the fitted
 beta-binomial's dispersion, 0 for an exactly binomial null); cross-key pairs (marked model
-j with key i != j) for information.
+j with key i != j) for information; and, for information, marked model 0 through a small
+attack grid (robustness_report: pruning, quantisation, fine-tuning, fine-pruning; the
+attacker holds the training split).
 
   python benchmarks/bench_deepsigns.py [--keys 3] [--nulls 12] [--json out.json]
 """
@@ -34,6 +36,8 @@ from nnmark.demo import accuracy, load_digits_split, train  # noqa: E402
 
 LAYER = "classifier.1"
 EPOCHS, SETTLE = 30, 5
+ATTACKS = {"prune_global": [0.3, 0.5, 0.7, 0.9], "quantize": [8, 4, 2], "ftal": [1, 5], "rtal": [1, 5],
+           "fine_prune": [0.5, 0.9]}
 
 
 def main(argv=None) -> int:
@@ -81,6 +85,14 @@ def main(argv=None) -> int:
                      "false_positives_nominal": cal.false_positives})
     cross = [{"key": i, "model": j, "p_value": nnmark.verify(keys[i], marked[j]).p_value}
              for i in range(len(keys)) for j in range(len(keys)) if i != j]
+    rep = nnmark.robustness_report(marked[0], [keys[0]], train=(data.x_train, data.y_train),
+                                   test=(data.x_test, data.y_test), attacks=ATTACKS, progress=False)
+    attacked = [{"attack": r["attack"], "strength": r["strength"], "accuracy": r["accuracy"],
+                 **{k: r["marks"][keys[0].key_id][k] for k in ("verified", "matches", "p_value")}}
+                for r in rep.rows if not r.get("error")]
+    for r in attacked:
+        print(f"{r['attack']:>13} {r['strength']!s:>5}: accuracy {100 * r['accuracy']:.2f}%, {r['matches']}/64 bits, "
+              f"p = {r['p_value']:.3g}, verified {r['verified']}")
     ps = [p["p_value"] for p in pairs]
     summary = {
         "null_pairs": len(pairs), "verified_at_1e-6": sum(p <= 1e-6 for p in ps),
@@ -98,6 +110,7 @@ def main(argv=None) -> int:
     if args.json:
         out = {"bench": "bench_deepsigns", "args": vars(args), "summary": summary, "marked": rows,
                "null_accuracy": null_acc, "pairs": pairs, "calibrations": cals, "cross_key": cross,
+               "attacks_on_marked_0": attacked,
                "wall_s": wall, "other_load_cores": load.cores(wall), "cpu": cpu_model(),
                "git": git_state(Path(__file__).resolve().parent.parent)}
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")

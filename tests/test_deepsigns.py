@@ -348,3 +348,8 @@ def test_cli_verify_and_scan_need_arch(zoo, tmp_path):
     assert r.exit_code == 0 and "1/1 verified" in r.output, r.output
     r = CliRunner().invoke(cli, ["scan", str(tmp_path), "--key", str(key_path), "--ledger", str(tmp_path / "l.db")])
     assert r.exit_code != 0 and "--arch" in r.output
+
+
+def test_claims_refuse_deepsigns_keys_clearly():
+    with pytest.raises(TypeError, match="DeepSigns keys are not supported"):
+        nnmark.commit(_key())
