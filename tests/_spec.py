@@ -31,7 +31,9 @@ From the public specification docs/spec.md (the second half of this file):
 - the verdict with controls: top-1 hits, McNemar's and Fisher's exact tests, the
   beta-binomial null of a calibration (exact rationals from the stored float64 a, b),
   a maximum-likelihood fit of it (Newton's method: another optimiser than nnmark's),
-  and calibration files.
+  and calibration files;
+- DeepSigns keys (§9): their key files and key id, class means of given activations,
+  the projection under the subkey of "deepsigns:" + layer, extracted bits, the penalty.
 """
 from __future__ import annotations
 
@@ -169,6 +171,7 @@ KEY_ID_DOMAIN = b"nnmark:key-id:v1:"
 MESSAGE_DOMAIN = b"nnmark:message:v1:"
 TRIGGER_DOMAIN = b"nnmark:trigger:v1:"
 TRIGGER_KEY_ID_DOMAIN = b"nnmark:trigger:v1:key-id"
+DEEPSIGNS_KEY_ID_DOMAIN = b"nnmark:deepsigns:v1:key-id"
 TRIGGER_KINDS = ("abstract", "content", "noise", "unrelated", "frontier")
 FRONTIER_MEMBERS = ("control_answers", "false_adversaries", "false_adversaries_shape", "false_target", "eps")
 WARNING = "SECRET: whoever holds this file can verify and remove this watermark. Keep it private."
@@ -225,6 +228,10 @@ def dense_key_id(matrix) -> str:
 
 def trigger_key_id(secret: bytes) -> str:
     return hashlib.sha256(TRIGGER_KEY_ID_DOMAIN + b"\x00" + bytes(secret)).hexdigest()[:16]
+
+
+def deepsigns_key_id(secret: bytes) -> str:
+    return hashlib.sha256(DEEPSIGNS_KEY_ID_DOMAIN + b"\x00" + bytes(secret)).hexdigest()[:16]
 
 
 def message_bits(message, n: int) -> np.ndarray:
@@ -364,6 +371,9 @@ def parse_key_file(data: bytes) -> dict:
                                                   "control_target"))
         _parse_frontier(body, key)
         want = trigger_key_id(key["secret"])
+    elif kind == "deepsigns":
+        key.update(_deepsigns_members(body))
+        want = deepsigns_key_id(key["secret"])
     else:
         raise SpecKeyError(f"unknown kind {kind!r}")
     if body.get("key_id") != want:
@@ -402,6 +412,67 @@ def _parse_frontier(body: dict, key: dict) -> None:
     if eps is not None and (type(eps) not in (int, float)):
         raise SpecKeyError("eps must be a number or null")
     key["eps"] = eps
+
+
+def _deepsigns_members(body: dict) -> dict:
+    """§9.1: the members of a deepsigns key, strictly typed and consistent."""
+    layer = body["layer"]
+    if type(layer) is not str or not layer or len(layer) > 4096:
+        raise SpecKeyError("bad layer")
+    bits = _bits(body)
+    nc = body["num_classes"]
+    if type(nc) is not int or not 2 <= nc <= 1 << 20:
+        raise SpecKeyError("bad num_classes")
+    classes = body["classes"]
+    if type(classes) is not list or any(type(c) is not int for c in classes) or len(set(classes)) != len(classes) \
+            or not 1 <= len(classes) <= min(len(bits), nc) or any(not 0 <= c < nc for c in classes):
+        raise SpecKeyError("bad classes")
+    shape = body["inputs_shape"]
+    if type(shape) is not list or not 2 <= len(shape) <= 5 or any(type(d) is not int or d < 1 for d in shape):
+        raise SpecKeyError("bad inputs_shape")
+    per = int(np.prod(shape[1:]))
+    if shape[0] > 1 << 20 or per > 1 << 24 or shape[0] * per > 1 << 25:
+        raise SpecKeyError("inputs beyond the limits")
+    inputs = _f32(body["inputs"], shape)
+    if not np.isfinite(inputs).all():
+        raise SpecKeyError("inputs must be finite")
+    labels = body["labels"]
+    if type(labels) is not list or len(labels) != shape[0] or any(type(v) is not int for v in labels) \
+            or not set(labels) <= set(classes) or set(labels) != set(classes):
+        raise SpecKeyError("bad labels")
+    return {"secret": _secret(body), "layer": layer, "bits": bits, "num_classes": nc, "classes": list(classes),
+            "inputs": inputs, "labels": np.array(labels, dtype=np.int64)}
+
+
+# ------------------------------------------------------------------ DeepSigns (spec §9)
+def deepsigns_class_means(key: dict, activations) -> np.ndarray:
+    """§9.4: mu_j, the mean activation [M] of the inputs of class classes[j], in float64; [s, M]."""
+    a = np.asarray(activations, dtype=np.float64).reshape(len(key["labels"]), -1)
+    return np.stack([a[key["labels"] == c].mean(axis=0) for c in key["classes"]])
+
+
+def deepsigns_projections(key: dict, activations) -> np.ndarray:
+    """§9.3-9.4: p_t = X[t] . mu_{t mod s} under the subkey of "deepsigns:" + layer."""
+    mu = deepsigns_class_means(key, activations)
+    T, s = len(key["bits"]), len(key["classes"])
+    p = forward(mu, subkey(key["secret"], "deepsigns:" + key["layer"]), T)  # [s, T]
+    return np.array([p[t % s, t] for t in range(T)])
+
+
+def deepsigns_bits(key: dict, activations) -> np.ndarray:
+    return (deepsigns_projections(key, activations) > 0).astype(np.uint8)
+
+
+def deepsigns_penalty(key: dict, activations, strength: float, centre: float) -> tuple[float, float, float]:
+    """§9.5: (BCE sum, centre term, penalty) in float64."""
+    a = np.asarray(activations, dtype=np.float64).reshape(len(key["labels"]), -1)
+    p = deepsigns_projections(key, a)
+    b = key["bits"].astype(np.float64)
+    bce = float(np.sum(np.logaddexp(0.0, p) - b * p))
+    mu = deepsigns_class_means(key, a)
+    j = np.array([key["classes"].index(int(c)) for c in key["labels"]])
+    c = float(np.mean((a - mu[j]) ** 2))
+    return bce, c, strength * bce + centre * c
 
 
 # ------------------------------------------------------------------ white-box (spec §4)

@@ -256,7 +256,74 @@ def vectors() -> dict[str, object]:
     v["control-tests"] = control_test_vectors()
     v["beta-binomial"], v["calibration-file"] = calibration_vectors()
     v.update(claim_vectors(wkey, dkey, trigger_key(TRIGGER_EXAMPLES["abstract"])))
+    v["deepsigns-key-file"], v["deepsigns-extract"] = deepsigns_vectors()
     return v
+
+
+# ------------------------------------------------------------------- DeepSigns (§9)
+DS_LAYER = "fc"
+DS_CLASSES = [5, 2]
+DS_LABELS = [2, 5, 5, 2, 5, 2, 2, 5]
+
+
+def ds_inputs() -> np.ndarray:
+    """The §9.7 key's inputs [8, 4]: multiples of 1/8 (tests/test_spec.py builds them the same way)."""
+    i, j = np.indices((8, 4))
+    return (((3 * i + 5 * j + i * j) % 9 - 4) / 8).astype(np.float32)
+
+
+def ds_layer_weights() -> tuple[np.ndarray, np.ndarray]:
+    """The §9.7 model's layer ``fc`` (Linear 4 -> 8): W [8, 4] and b [8], multiples of 1/4 and 1/8."""
+    j, i = np.indices((8, 4))
+    return (((5 * j + 3 * i) % 7 - 3) / 4).astype(np.float32), ((np.arange(8) % 3 - 1) / 8).astype(np.float32)
+
+
+def ds_model() -> torch.nn.Module:
+    """fc (the marked layer), a ReLU and a head: only fc's output matters to the mark."""
+    from collections import OrderedDict
+
+    m = torch.nn.Sequential(OrderedDict(fc=torch.nn.Linear(4, 8), act=torch.nn.ReLU(), head=torch.nn.Linear(8, 10)))
+    w, b = ds_layer_weights()
+    with torch.no_grad():
+        m.fc.weight.copy_(torch.from_numpy(w))
+        m.fc.bias.copy_(torch.from_numpy(b))
+        m.head.weight.zero_()
+        m.head.bias.zero_()
+    return m.eval()
+
+
+def ds_key() -> nnmark.DeepSignsKey:
+    bits = nnmark.message_bits("ACME Corp, model v3", 24)
+    return nnmark.DeepSignsKey(SECRET, DS_LAYER, bits, DS_CLASSES, ds_inputs(), DS_LABELS, 10)
+
+
+def deepsigns_vectors() -> tuple[str, dict]:
+    key = ds_key()
+    model = ds_model()
+    carrier = "deepsigns:" + DS_LAYER
+    d = hashlib.sha256(SECRET + b"nnmark:projection:v1:" + carrier.encode()).hexdigest()
+    k0, k1 = key.subkey()
+    wm = nnmark.DeepSigns(key, strength=0.1, centre=0.01)
+    with torch.no_grad():
+        act = wm.activations(model)  # [8, 8]
+        means = key.averaging() @ act
+        p = key.project(means)
+        p, bce, centre = wm.losses(model)
+        penalty = float(wm.penalty(model))
+    a = act.double().numpy()
+    assert np.array_equal(a * 32, np.round(a * 32))  # dyadic: exact in float32
+    m = means.double().numpy()
+    pd = p.double().numpy()
+    assert np.array_equal(pd * 128, np.round(pd * 128)) and np.abs(pd).min() >= 1 / 128
+    verdict = nnmark.verify(key, model, alpha=1e-6)
+    return saved_text(key), {
+        "subkey_carrier": carrier, "sha256": d, "k0": f"{k0:08x}", "k1": f"{k1:08x}",
+        "activations_times_32": [[int(x) for x in row] for row in np.round(a * 32)],
+        "class_means_times_128": [[int(x) for x in row] for row in np.round(m * 128)],
+        "projections_times_128": [int(x) for x in np.round(pd * 128)],
+        "extracted_bits": bitstring(nnmark.extract(key, model)), "matches": verdict.matches,
+        "p_value": verdict.p_value, "threshold_at_1e-6": verdict.threshold,
+        "bce_sum": float(bce), "centre_term": float(centre), "penalty_strength_0.1_centre_0.01": penalty}
 
 
 # ------------------------------------------------------------------- claims (§8)

@@ -13,6 +13,9 @@
 (d) Ownership claims (§7.15, §8): commitments recomputed from the key files of the
     document alone, the checkpoint rebuilt and stamped, the certificate checked by
     nnmark and by the standalone docs/check_claim.py.
+(e) DeepSigns keys (§9): the known answers of §9.7 (key file, subkey, activations, class
+    means, projections, bits, penalty), and random keys saved by nnmark whose bits _spec
+    reproduces from the marked layer's activations.
 
 Philox on random inputs, the projection against _spec and the subkey are covered by
 test_philox.py / test_projection.py / test_keys.py; this file does not repeat them.
@@ -43,7 +46,7 @@ KAT_NAMES = {"philox", "subkey", "projection", "key_id", "message_bits", "whiteb
              "dense-key-file", "dense-extract", "trigger-streams", "portable-math", "trigger-sets",
              "trigger-key-file", "binomial", "trigger-controls", "held-back-keys", "per-sample-key-file",
              "control-tests", "beta-binomial", "calibration-file", "commitment", "commitment-file", "claim-checkpoint",
-             "certificate-file", "frontier-keys", "frontier-key-file"}
+             "certificate-file", "frontier-keys", "frontier-key-file", "deepsigns-key-file", "deepsigns-extract"}
 # The fitted a, b of the beta-binomial block are an optimiser's result (docs/spec.md §6.5):
 # compared within the block's rel_tolerance, not as text.
 FITTED = {"a", "b"}
@@ -1297,3 +1300,101 @@ def test_certificate_file(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "claim holds: 32/32 bits" in r.stdout
 
+
+
+# ============================================================== (e) DeepSigns (§9)
+def ds_inputs() -> np.ndarray:
+    i, j = np.indices((8, 4))
+    return (((3 * i + 5 * j + i * j) % 9 - 4) / 8).astype(np.float32)
+
+
+def ds_layer() -> tuple[np.ndarray, np.ndarray]:
+    j, i = np.indices((8, 4))
+    return (((5 * j + 3 * i) % 7 - 3) / 4).astype(np.float32), ((np.arange(8) % 3 - 1) / 8).astype(np.float32)
+
+
+def test_deepsigns_key_file_and_extraction(tmp_path):
+    spec_key, key = _check_key_file_text(tmp_path, "deepsigns-key-file")
+    assert spec_key["kind"] == "deepsigns" and isinstance(key, nnmark.DeepSignsKey)
+    assert spec_key["layer"] == "fc" and spec_key["classes"] == [5, 2] and spec_key["num_classes"] == 10
+    assert np.array_equal(spec_key["inputs"], ds_inputs()) and spec_key["labels"].tolist() == [2, 5, 5, 2, 5, 2, 2, 5]
+    assert bitstring(spec_key["bits"]) == kat("message_bits")["bits"][:24]
+    assert spec_key["key_id"] == _spec.deepsigns_key_id(SECRET) == key.key_id
+    v = kat("deepsigns-extract")
+    d = hashlib.sha256(SECRET + b"nnmark:projection:v1:" + v["subkey_carrier"].encode()).hexdigest()
+    assert v["subkey_carrier"] == "deepsigns:fc" and d == v["sha256"]
+    assert _spec.subkey(SECRET, "deepsigns:fc") == (int(v["k0"], 16), int(v["k1"], 16)) == key.subkey()
+    w, b = ds_layer()
+    a = ds_inputs().astype(np.float64) @ w.T.astype(np.float64) + b  # the layer fc, exact (dyadic)
+    assert (a * 32).tolist() == v["activations_times_32"]
+    assert (_spec.deepsigns_class_means(spec_key, a) * 128).tolist() == v["class_means_times_128"]
+    assert (_spec.deepsigns_projections(spec_key, a) * 128).tolist() == v["projections_times_128"]
+    bits = _spec.deepsigns_bits(spec_key, a)
+    assert bitstring(bits) == v["extracted_bits"]
+    matches = int((bits == spec_key["bits"]).sum())
+    assert matches == v["matches"] == 15
+    assert v["p_value"] == pytest.approx(float(_spec.binomial_sf(matches, 24, Fraction(1, 2))), rel=1e-12)
+    assert _spec.binomial_threshold(24, 1e-6, Fraction(1, 2)) == v["threshold_at_1e-6"]
+    bce, centre, pen = _spec.deepsigns_penalty(spec_key, a, 0.1, 0.01)
+    assert (bce, centre, pen) == pytest.approx((v["bce_sum"], v["centre_term"], v["penalty_strength_0.1_centre_0.01"]),
+                                               rel=1e-6)
+    # nnmark on the model the document describes
+    model = gen.ds_model()
+    assert np.array_equal(model.fc.weight.detach().numpy(), w) and np.array_equal(model.fc.bias.detach().numpy(), b)
+    assert bitstring(nnmark.extract(key, model)) == v["extracted_bits"]
+    verdict = nnmark.verify(key, model, alpha=1e-6)
+    assert (verdict.matches, verdict.p_value, verdict.threshold) == (v["matches"], v["p_value"],
+                                                                   v["threshold_at_1e-6"])
+    assert float(nnmark.DeepSigns(key, strength=0.1, centre=0.01).penalty(model)) == \
+        v["penalty_strength_0.1_centre_0.01"]
+    assert "15 of the 24 bits match" in SPEC.read_text(encoding="utf-8")
+
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self, rng):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+        self.head = torch.nn.Linear(3 * 5 * 6, 4)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.from_numpy(_dyadic(rng, tuple(p.shape), denom=8)))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("T,classes", [(64, [3]), (100, [0, 2, 1]), (33, [1, 3])])
+def test_random_deepsigns_keys(tmp_path, rng, T, classes):
+    """nnmark's key files read by _spec; a conv layer's [n, 3, 5, 6] output flattened in C
+    order; 2 or 4 inputs per class and dyadic values, so every mean and projection is exact."""
+    per = [2 if i % 2 else 4 for i in range(len(classes))]
+    labels = np.repeat(classes, per)
+    perm = rng.permutation(len(labels))
+    x = _dyadic(rng, (len(labels), 2, 5, 6), denom=8)[perm]
+    labels = labels[perm]
+    key = nnmark.DeepSignsKey(rng.bytes(32), "conv", rng.integers(0, 2, T), classes, x, labels, 4)
+    spec_key = _spec.parse_key_file(key.save(tmp_path / "d.key").read_bytes())
+    assert spec_key["key_id"] == key.key_id and np.array_equal(spec_key["inputs"], x)
+    models = [_ConvNet(rng).eval() for _ in range(3)]
+    got = nnmark.extract(key, models).numpy()
+    for m, g in zip(models, got):
+        with torch.no_grad():
+            a = m.conv(torch.from_numpy(x)).double().numpy()  # [n, 3, 5, 6]
+        assert np.array_equal(_spec.deepsigns_bits(spec_key, a.reshape(len(x), -1)), g)
+        np.testing.assert_allclose(_spec.deepsigns_projections(spec_key, a.reshape(len(x), -1)),
+                                   key.project(key.averaging() @ torch.from_numpy(a.reshape(len(x), -1)).float())
+                                   .double().numpy(), rtol=0, atol=1e-9)
+
+
+def test_spec_reader_rejects_malformed_deepsigns_members(tmp_path):
+    key = gen.ds_key()
+    body = json.loads(key.save(tmp_path / "k.key").read_text())
+    for member, value in [("classes", [5, 5]), ("classes", [5]), ("labels", [2] * 8), ("labels", [2, 5] * 3),
+                          ("inputs_shape", [8, 5]), ("layer", ""), ("num_classes", 1), ("classes", [5, 2.0])]:
+        bad = dict(body, **{member: value})
+        bad["checksum"] = _spec.checksum(bad)
+        p = write(tmp_path, "bad.key", json.dumps(bad, indent=1, sort_keys=True) + "\n")
+        with pytest.raises(_spec.SpecKeyError):
+            _spec.parse_key_file(p.read_bytes())
+        with pytest.raises(nnmark.KeyFileError):
+            nnmark.load_key(p)

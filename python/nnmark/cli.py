@@ -119,7 +119,8 @@ def keygen(carrier, bits, reduction, message, shape, output, force):
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per checkpoint on stdout: the row `nnmark scan --json` prints for it.")
 @click.option("--arch", default=None, metavar="MODULE:FACTORY",
-              help="Trigger keys: the function that builds the model (e.g. mypkg.models:resnet18 or file.py:make).")
+              help="Trigger and DeepSigns keys: the function that builds the model (e.g. mypkg.models:resnet18 "
+                   "or file.py:make).")
 @click.option("--null-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Chance match rate under the null (default 1/2 per bit, 1/classes per trigger).")
 @click.option("--calibration", "calibration", default=None, type=click.Path(dir_okay=False, path_type=Path),
@@ -142,8 +143,9 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, calibration, devic
     except nnmark.KeyFileError as exc:
         _error(exc)
         sys.exit(EXIT_ERROR)
-    if isinstance(k, nnmark.TriggerKey) and arch is None:
-        raise click.UsageError("a trigger key runs the model: pass --arch MODULE:FACTORY")
+    if isinstance(k, (nnmark.TriggerKey, nnmark.DeepSignsKey)) and arch is None:
+        raise click.UsageError(f"a {'DeepSigns' if isinstance(k, nnmark.DeepSignsKey) else 'trigger'} key runs the "
+                               f"model: pass --arch MODULE:FACTORY")
     if calibration is not None and null_rate is not None:
         raise click.UsageError("--calibration and --null-rate both set the null: give one")
     start = time.perf_counter()
@@ -210,7 +212,7 @@ def verify(key, checkpoints, alpha, as_json, arch, null_rate, calibration, devic
 @click.argument("key", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("null_checkpoints", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--alpha", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
-@click.option("--arch", default=None, metavar="MODULE:FACTORY", help="Trigger keys: the model factory.")
+@click.option("--arch", default=None, metavar="MODULE:FACTORY", help="Trigger and DeepSigns keys: the model factory.")
 @click.option("--null-rate", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="The nominal chance rate to compare with (default 1/2 per bit, 1/classes per trigger).")
 @click.option("--device", default=None, help="Where carriers are projected / models run, e.g. cuda (default: cpu).")

@@ -64,14 +64,15 @@ def _left_out_lines(counts: dict, examples: dict) -> list[str]:
 @click.command("scan")
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--key", "keys", multiple=True, required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="A key file (white-box or trigger); repeat for several keys. One row per (file, key).")
+              help="A key file (white-box, DeepSigns or trigger); repeat for several keys. One row per (file, key).")
 @click.option("--ledger", "ledger", default=None, type=click.Path(dir_okay=False, path_type=Path),
               help="SQLite ledger of results (created if missing; a re-run skips unchanged files). "
                    "Default: $NNMARK_LEDGER, else ./nnmark-ledger.sqlite.")
 @click.option("--alpha", default=1e-6, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Significance level: verified iff p_value <= alpha.")
 @click.option("--arch", default=None, metavar="MODULE:FACTORY",
-              help="Trigger keys: the function that builds the model (e.g. mypkg.models:resnet18 or file.py:make).")
+              help="Trigger and DeepSigns keys: the function that builds the model (e.g. mypkg.models:resnet18 "
+                   "or file.py:make).")
 @click.option("--device", default=None, help="Where carriers are projected and trigger models run, e.g. cuda.")
 @click.option("--workers", default=None, type=click.IntRange(1), help="Loader threads (default: CPU count, 2 to 8).")
 @click.option("--batch-size", default=None, type=click.IntRange(1),
@@ -142,8 +143,8 @@ def scan_cmd(paths, keys, ledger, alpha, arch, device, workers, batch_size, as_j
     except nnmark.KeyFileError as exc:
         err.print(f"error: {inert(exc)}", markup=False, soft_wrap=True)
         sys.exit(EXIT_ERROR)
-    if any(isinstance(k, nnmark.TriggerKey) for k in loaded) and arch is None:
-        raise click.UsageError("a trigger key runs the model: pass --arch MODULE:FACTORY")
+    if any(isinstance(k, (nnmark.TriggerKey, nnmark.DeepSignsKey)) for k in loaded) and arch is None:
+        raise click.UsageError("trigger and DeepSigns keys run the model: pass --arch MODULE:FACTORY")
     ledger_path = ledger if ledger is not None else default_ledger_path()
     out = sys.stdout if as_json else None
     # Ray workers read the key files themselves: keys never travel, their paths do.

@@ -72,6 +72,8 @@ def commitment_hash(key, created: str, statement: str | None = None, spec: int =
 def _key_shape(key) -> tuple[str, str | None, int]:
     """(kind, carrier or None, bits or triggers) of a key, as a commitment states them."""
     kind = key.file_kind
+    if kind == "deepsigns":  # its claims would run the model on a file: spec §8 does not cover that yet
+        raise TypeError("ownership claims take white-box, dense and trigger keys; DeepSigns keys are not supported")
     return kind, (None if kind == "trigger" else key.carrier), len(key)
 
 

@@ -2,8 +2,9 @@
 
 One model instance is built from the factory and kept; each checkpoint's
 tensors are copied into it in place and the (fixed) trigger batch is run
-through it. On CUDA the forward is captured once as a CUDA graph and replayed
-after each copy, since the parameters keep their addresses. The next
+through it, for its output (or, with ``layer=``, a hidden layer's: DeepSigns).
+On CUDA the forward is captured once as a CUDA graph and replayed after each
+copy, since the parameters keep their addresses. The next
 checkpoint is read from disk on a background thread while the current one
 runs, and only those two are held in memory at a time.
 """
@@ -75,12 +76,49 @@ def align_state_dict(sd: Mapping[str, torch.Tensor], expected: Sequence[str]) ->
                                                              f"{len(missing)} tensors missing, e.g. {missing[:3]}")
 
 
-class TriggerRunner:
-    """Runs one fixed input batch through many checkpoints of one architecture."""
+def find_layer(model: torch.nn.Module, layer: str) -> torch.nn.Module:
+    """The submodule of ``model`` named ``layer`` (as ``named_modules`` names it; wrapper
+    prefixes such as ``module.`` tolerated); CheckpointError(invalid, MissingLayer) if none."""
+    from .carriers import find_name
 
-    def __init__(self, factory: Factory, x: torch.Tensor, device=None, cuda_graph: bool | None = None):
+    modules = dict(model.named_modules())
+    try:
+        return modules[find_name(modules, layer)]
+    except (KeyError, ValueError) as exc:
+        msg = str(exc.args[0] if exc.args else exc).replace("carrier", "layer").replace("tensors", "modules")
+        raise CheckpointError("invalid", "MissingLayer", f"the model has no layer {layer!r}: {msg}") from None
+
+
+class _LayerTap:
+    """Keeps the output of one submodule on each forward: ``[B, M]``, flattened in C order."""
+
+    def __init__(self, model: torch.nn.Module, layer: str):
+        self.layer = layer
+        self.out: torch.Tensor | None = None
+        self.handle = find_layer(model, layer).register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output) -> None:
+        if not isinstance(output, torch.Tensor):
+            raise CheckpointError("invalid", "InferenceError", f"layer {self.layer!r} returns "
+                                                               f"{type(output).__name__}, not a tensor")
+        self.out = output.reshape(output.shape[0], -1) if output.dim() > 1 else output.reshape(-1, 1)
+
+    def take(self) -> torch.Tensor:
+        out, self.out = self.out, None
+        if out is None:
+            raise CheckpointError("invalid", "InferenceError", f"layer {self.layer!r} did not run in the forward pass")
+        return out
+
+
+class TriggerRunner:
+    """Runs one fixed input batch through many checkpoints of one architecture: the
+    model's output, or with ``layer`` that submodule's output ``[B, M]``."""
+
+    def __init__(self, factory: Factory, x: torch.Tensor, device=None, cuda_graph: bool | None = None,
+                 layer: str | None = None):
         device = torch.device(device) if device is not None else x.device
         self.model = load_factory(factory)().to(device).eval()
+        self.tap = _LayerTap(self.model, layer) if layer is not None else None
         self.x = x.to(device)
         self.device = device
         # What a checkpoint holds: parameters and persistent buffers (not persistent=False ones).
@@ -99,12 +137,16 @@ class TriggerRunner:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up (cuDNN autotuning, lazy init) outside the capture
-                self.model(self.x)
+                self._forward()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.out = self.model(self.x)
+            self.out = self._forward()  # with a layer: its output, which each replay rewrites
         self.graph = graph
+
+    def _forward(self) -> torch.Tensor:
+        out = self.model(self.x)
+        return out if self.tap is None else self.tap.take()
 
     def align(self, sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The tensors of ``sd`` this model needs (read now, if ``sd`` is lazy), checked
@@ -135,7 +177,7 @@ class TriggerRunner:
         if self.graph is not None:
             self.graph.replay()
             return self.out.clone()
-        return self.model(self.x)
+        return self._forward()
 
 
 def _prepare(source, runner: TriggerRunner | None):
@@ -145,6 +187,8 @@ def _prepare(source, runner: TriggerRunner | None):
     try:
         if isinstance(source, torch.nn.Module):
             return source
+        if isinstance(runner, CheckpointError):
+            return runner
         if isinstance(source, (str, os.PathLike)):
             with open_checkpoint(source) as ck:
                 return runner.align(ck.state_dict())
@@ -157,27 +201,41 @@ def _prepare(source, runner: TriggerRunner | None):
 
 
 @torch.no_grad()
-def _run_module(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Runs a user's module in eval mode on its own device, leaving its mode as found."""
+def _run_module(model: torch.nn.Module, x: torch.Tensor, layer: str | None = None) -> torch.Tensor:
+    """Runs a user's module in eval mode on its own device, leaving its mode (every
+    submodule's) as found; with ``layer``, returns that submodule's output ``[B, M]``."""
     dev = next((t.device for t in model.parameters()), x.device)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
+    tap = _LayerTap(model, layer) if layer is not None else None
     try:
-        return model.eval()(x.to(dev))
+        out = model.eval()(x.to(dev))
+        return out if tap is None else tap.take()
     finally:
-        model.train(was_training)
+        if tap is not None:
+            tap.handle.remove()
+        for m, mode in modes:
+            m.training = mode
 
 
 def trigger_logits(factory, sources: Sequence, x: torch.Tensor, device=None, cuda_graph: bool | None = None,
-                   progress: Callable[[int], None] | None = None):
+                   progress: Callable[[int], None] | None = None, layer: str | None = None,
+                   reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """Runs ``x`` through every source; returns ``(logits [K, B, C], errors)``.
 
     ``errors[k]`` is None, or the CheckpointError that kept source k from running
     (its logits row is then NaN). Memory: the model, one checkpoint being run and
-    one being read ahead.
+    one being read ahead. ``layer``: return that submodule's output ``[B, M]`` (flattened)
+    instead of the logits; ``reduce``: applied to each source's output before it is kept
+    (e.g. class means of the activations: ``[K, *reduce(out).shape]`` is returned).
     """
     sources = list(sources)
     needs_arch = [s for s in sources if not isinstance(s, torch.nn.Module)]
-    runner = TriggerRunner(factory, x, device, cuda_graph) if needs_arch else None
+    runner: TriggerRunner | CheckpointError | None = None
+    if needs_arch:
+        try:
+            runner = TriggerRunner(factory, x, device, cuda_graph, layer=layer)
+        except CheckpointError as exc:  # e.g. the architecture has no such layer: every file's row says so
+            runner = exc
     errors: list[CheckpointError | None] = [None] * len(sources)
     rows: list[torch.Tensor | None] = [None] * len(sources)
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -189,10 +247,11 @@ def trigger_logits(factory, sources: Sequence, x: torch.Tensor, device=None, cud
                 if isinstance(item, CheckpointError):
                     raise item
                 if isinstance(item, torch.nn.Module):
-                    rows[k] = _run_module(item, x).float()
+                    out = _run_module(item, x, layer).float()
                 else:
                     runner.load(item, aligned=True)
-                    rows[k] = runner.logits().float()
+                    out = runner.logits().float()
+                rows[k] = out if reduce is None else reduce(out)
             except CheckpointError as exc:
                 errors[k] = exc
             except RuntimeError as exc:  # e.g. a dtype the architecture cannot take

@@ -113,7 +113,8 @@ def projection_subkeys(secrets: bytes, carrier: str) -> np.ndarray:
     return np.frombuffer(digests, dtype="<u4").reshape(-1, 2).astype(np.uint32)
 
 
-def _as_bits(bits: Any) -> np.ndarray:
+def as_bits(bits: Any) -> np.ndarray:
+    """Owner bits as uint8 ``[T]``: a non-empty 1-D sequence of 0/1, at most MAX_BITS (every key kind)."""
     if isinstance(bits, (str, bytes)):
         raise TypeError("bits must be a sequence of 0/1 values (use message=... to derive bits from text)")
     arr = np.asarray(bits.cpu() if isinstance(bits, torch.Tensor) else bits)
@@ -203,7 +204,8 @@ def _check_shape(shape: Any) -> tuple[int, ...] | None:
     return dims
 
 
-def _min_bits_warning(n: int) -> None:
+def min_bits_warning(n: int) -> None:
+    """Warns that a key of ``n`` bits can never verify at the default alpha (every key kind)."""
     if n < 20:  # 2^-20 ~ 1e-6: fewer bits can never reach the default alpha
         warnings.warn(f"a key with {n} bits can never verify at alpha=1e-6 (needs >= 20 bits)", stacklevel=3)
 
@@ -221,7 +223,7 @@ class WhiteBoxKeyBase:
     def __init__(self, carrier, bits, reduction, shape, order="torch"):
         self.carrier = _check_carrier(carrier)
         self.reduction = _check_reduction(reduction)
-        self._bits = _as_bits(bits)
+        self._bits = as_bits(bits)
         self.shape = _check_shape(shape)
         if order not in ("torch", "keras"):
             raise ValueError(f"order must be 'torch' or 'keras', got {show(order)}")
@@ -313,7 +315,7 @@ class WhiteBoxKey(WhiteBoxKeyBase):
             raise ValueError(f"secret must be {SECRET_BYTES} bytes, got {got}")
         super().__init__(carrier, bits, reduction, shape)
         self._secret = bytes(secret)
-        _min_bits_warning(self.num_bits)
+        min_bits_warning(self.num_bits)
 
     @classmethod
     def generate(cls, carrier: str = "features.3.weight", bits: int = 256, reduction: str = "filter_mean",
@@ -404,7 +406,7 @@ class DenseKey(WhiteBoxKeyBase):
         if not torch.isfinite(x).all():
             raise ValueError("matrix contains NaN or Inf")
         self._matrix = x.to(torch.float32).contiguous()
-        _min_bits_warning(self.num_bits)
+        min_bits_warning(self.num_bits)
 
     @classmethod
     def from_uchida(cls, w_path: str | os.PathLike, b_path: str | os.PathLike, *, carrier: str,
@@ -595,7 +597,8 @@ def key_body(key) -> dict[str, Any]:
 # -- strict fields (TypeError/ValueError naming the field; load_key adds the file) --------------
 
 
-def _bits_field(body: dict[str, Any]) -> np.ndarray:
+def bits_field(body: dict[str, Any]) -> np.ndarray:
+    """A key file's ``num_bits`` and ``bits`` members, strictly checked (every key kind with bits)."""
     t = int_field(body, "num_bits", 1, MAX_BITS)
     bits = body["bits"]
     if not isinstance(bits, str):
@@ -615,12 +618,12 @@ def _shape_field(body: dict[str, Any], name: str = "shape") -> tuple[int, ...] |
 
 
 def _load_whitebox(body: dict[str, Any]) -> WhiteBoxKey:
-    return WhiteBoxKey(secret_field(body, nbytes=SECRET_BYTES), _check_carrier(body["carrier"]), _bits_field(body),
+    return WhiteBoxKey(secret_field(body, nbytes=SECRET_BYTES), _check_carrier(body["carrier"]), bits_field(body),
                        _check_reduction(body["reduction"]), _shape_field(body))
 
 
 def _load_dense(body: dict[str, Any]) -> DenseKey:
-    bits = _bits_field(body)
+    bits = bits_field(body)
     rows, cols = int_list(body, "matrix_shape", 2, 2)
     if rows != bits.size:
         raise ValueError(f"field 'matrix_shape' says {rows} rows, num_bits says {bits.size}")

@@ -135,9 +135,9 @@ def _run_fine_prune(model, s, ctx):
 def _overwrite_target(marks):
     # The classic overwrite embeds a second white-box mark in the owner's carrier; with
     # only trigger keys, a second trigger set. The attacker's key is fresh, never the owner's.
-    from .triggers import TriggerKey
+    from .keys import WhiteBoxKeyBase
 
-    white = [k for k in marks if not isinstance(k, TriggerKey)]
+    white = [k for k in marks if isinstance(k, WhiteBoxKeyBase)]  # weights: Uchida's penalty can overwrite
     return (white or list(marks))[0]
 
 
@@ -313,10 +313,11 @@ def parse_attack(text: str) -> tuple[str, list | None]:
 
 
 def _is_key(obj) -> bool:
+    from .deepsigns import DeepSignsKey
     from .keys import DenseKey, WhiteBoxKey
     from .triggers import TriggerKey
 
-    return isinstance(obj, (WhiteBoxKey, DenseKey, TriggerKey))
+    return isinstance(obj, (WhiteBoxKey, DenseKey, TriggerKey, DeepSignsKey))
 
 
 def _plain(obj, depth: int = 0):
@@ -365,11 +366,15 @@ def _mark_kind(key) -> str:
 
 
 def _mark_info(key) -> dict:
+    from .deepsigns import DeepSignsKey
     from .triggers import TriggerKey
 
     if isinstance(key, TriggerKey):
         return {"key_id": key.key_id, "kind": "black-box", "type": "TriggerKey", "n": int(key.n),
                 "trigger_kind": key.kind, "num_classes": int(key.num_classes)}
+    if isinstance(key, DeepSignsKey):  # white-box: it reads a hidden layer's activations
+        return {"key_id": key.key_id, "kind": "white-box", "type": "DeepSignsKey", "n": int(key.num_bits),
+                "layer": key.layer, "classes": list(key.classes)}
     return {"key_id": key.key_id, "kind": "white-box", "type": type(key).__name__, "n": int(key.num_bits),
             "carrier": key.carrier, "reduction": key.reduction}
 
@@ -759,7 +764,7 @@ def robustness_report(model: torch.nn.Module, marks, train=None, test=None, atta
                       progress=True, reference: torch.nn.Module | None = None) -> RobustnessReport:
     """Runs a grid of attacks × strengths on copies of ``model`` and verifies every mark after each.
 
-    ``marks``: a key or a list of keys (WhiteBoxKey, DenseKey, TriggerKey), each checked
+    ``marks``: a key or a list of keys (WhiteBoxKey, DenseKey, TriggerKey, DeepSignsKey), each checked
     with :func:`nnmark.verify` at ``alpha``. ``train``: the attacker's data, an ``(x, y)``
     pair or an iterable of batches, used by the training attacks (fine-tuning,
     fine-pruning, overwriting; extraction and evasion read only its inputs); without it
@@ -792,7 +797,8 @@ def robustness_report(model: torch.nn.Module, marks, train=None, test=None, atta
         raise ValueError("marks: give at least one key")
     for k in keys:
         if not _is_key(k):
-            raise TypeError(f"marks must be keys (WhiteBoxKey, DenseKey or TriggerKey), got {type(k).__name__}")
+            raise TypeError(f"marks must be keys (WhiteBoxKey, DenseKey, TriggerKey or DeepSignsKey), got "
+                            f"{type(k).__name__}")
     ids = [k.key_id for k in keys]
     if len(set(ids)) != len(ids):
         raise ValueError("marks: the same key is given twice")

@@ -24,15 +24,16 @@ def verify(key, source, *, alpha: float = 1e-6, arch=None, null_rate: float | No
     """Checks ``key``'s watermark in one source or a list of sources.
 
     Args:
-        key: a white-box key (:class:`~nnmark.WhiteBoxKey`, :class:`~nnmark.DenseKey`)
-            or a :class:`~nnmark.TriggerKey`.
+        key: a white-box key (:class:`~nnmark.WhiteBoxKey`, :class:`~nnmark.DenseKey`,
+            :class:`~nnmark.DeepSignsKey`) or a :class:`~nnmark.TriggerKey`.
         source: a module, a state dict, a checkpoint path (safetensors, torch zip or
             legacy, Lightning ``.ckpt``, a Hugging Face shard index), a carrier tensor
             (white-box keys), or a list of them, checked in one batch (one native
             projection per carrier shape).
         alpha: significance level: a source verifies iff its p-value <= alpha.
-        arch: for trigger keys, the model factory (a callable or ``"module:function"``)
-            that state dicts and files are loaded into; modules run themselves.
+        arch: for trigger and DeepSigns keys, the model factory (a callable or
+            ``"module:function"``) that state dicts and files are loaded into; modules run
+            themselves.
         null_rate: the chance match rate under the null hypothesis (default 1/2 per bit,
             1/num_classes per trigger).
         calibration: a :class:`~nnmark.Calibration` of this key (or its file), from
@@ -67,8 +68,9 @@ def verify(key, source, *, alpha: float = 1e-6, arch=None, null_rate: float | No
         raise ValueError("verify() got an empty list of sources")
     if check.trigger:
         if arch is None and any(not isinstance(s, torch.nn.Module) for s in sources):
-            raise ValueError("a trigger key checks a model by running it: pass arch= (a model factory or "
-                             "'module:function') to verify state dicts or checkpoint files")
+            raise ValueError(f"a {'DeepSigns' if key.kind == 'deepsigns' else 'trigger'} key checks a model by "
+                             f"running it: pass arch= (a model factory or 'module:function') to verify state dicts "
+                             f"or checkpoint files")
         if arch is not None:
             from .inference import load_factory
 
@@ -117,7 +119,7 @@ def calibrate(key, null_models, *, alpha: float = 1e-6, arch=None, null_rate: fl
                                f"({bad[0].error_class}): {bad[0].detail}")
     counts = [int(v.matches) for v in verdicts]
     a, b = fit_beta_binomial(counts, check.bits, check.p0)
-    kind = f"trigger:{key.kind}" if check.trigger else "whitebox"
+    kind = getattr(check, "calibration_kind", None) or (f"trigger:{key.kind}" if check.trigger else "whitebox")
     try:
         ours = version("nnmark")
     except PackageNotFoundError:  # pragma: no cover - run from a source tree

@@ -275,6 +275,10 @@ def extract(key, source: Source, *, device=None) -> torch.Tensor:
         ValueError: a source cannot be checked (its label, the reason and the status
             a verdict would report: absent, invalid, corrupt, unsafe, unsupported, io_error).
     """
+    from .deepsigns import extract as deepsigns_extract, is_deepsigns_key
+
+    if is_deepsigns_key(key):  # activations, not weights: it runs the model (modules only here)
+        return deepsigns_extract(key, source, device=device)
     check_key(key)
     batch = isinstance(source, (list, tuple))
     sources = list(source) if batch else [source]

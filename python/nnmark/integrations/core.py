@@ -1,7 +1,8 @@
 """What every training-stack adapter shares: the marks, the penalty, its gradient, the state.
 
-An adapter owns one :class:`Embedding`: a list of :class:`nnmark.Uchida` regularizers
-(white-box marks) and optionally a :class:`nnmark.TriggerMixer` (black-box marks).
+An adapter owns one :class:`Embedding`: a list of regularizers -- :class:`nnmark.Uchida`
+(white-box marks in weights) and :class:`nnmark.DeepSigns` (white-box marks in
+activations) -- and optionally a :class:`nnmark.TriggerMixer` (black-box marks).
 Its state (steps done, the mixer's cursor, which keys) holds key ids only, never
 a secret, so trainers may save it in their checkpoints.
 """
@@ -13,9 +14,12 @@ from typing import Any
 
 import torch
 
+from ..deepsigns import DeepSigns, DeepSignsKey
 from ..keys import WhiteBoxKeyBase, load_key
 from ..triggers import TriggerKey, TriggerMixer
 from ..whitebox import Uchida
+
+Regularizer = Uchida | DeepSigns
 
 STATE_VERSION = 1
 
@@ -24,9 +28,9 @@ def _is_path(m: Any) -> bool:
     return isinstance(m, (str, os.PathLike))
 
 
-def as_regularizers(marks: Any, strength: float = 0.01) -> list[Uchida]:
-    """``marks``: an Uchida regularizer, a white-box key or key-file path (wrapped at
-    ``strength``), or a list of them."""
+def as_regularizers(marks: Any, strength: float = 0.01) -> list[Regularizer]:
+    """``marks``: an Uchida or DeepSigns regularizer, a white-box or DeepSigns key or
+    key-file path (wrapped at ``strength``), or a list of them."""
     if marks is None:
         return []
     items = list(marks) if isinstance(marks, (list, tuple)) else [marks]
@@ -37,19 +41,33 @@ def as_regularizers(marks: Any, strength: float = 0.01) -> list[Uchida]:
             if isinstance(m, TriggerKey):
                 raise TypeError("a trigger key file was given in marks: pass it as mixer= (its triggers are "
                                 "mixed into batches)")
-        if isinstance(m, Uchida):
+        if isinstance(m, (Uchida, DeepSigns)):
             out.append(m)
         elif isinstance(m, WhiteBoxKeyBase):
             out.append(Uchida(m, strength=strength))
+        elif isinstance(m, DeepSignsKey):
+            out.append(DeepSigns(m, strength=strength))
         elif isinstance(m, TriggerKey):
             raise TypeError("a TriggerKey is embedded by mixing its triggers into batches: "
                             "pass mixer=nnmark.TriggerMixer(tkey) instead of listing it in marks")
         else:
-            raise TypeError(f"marks must be nnmark.Uchida regularizers or white-box keys, got {type(m).__name__}")
+            raise TypeError(f"marks must be nnmark.Uchida or nnmark.DeepSigns regularizers, or white-box keys "
+                            f"(WhiteBoxKey, DenseKey, DeepSignsKey), got {type(m).__name__}")
     ids = [r.key.key_id for r in out]
     if len(set(ids)) != len(ids):
         raise ValueError(f"the same key is listed twice in marks: {ids}")
     return out
+
+
+def parameters_of(r: Regularizer, model: torch.nn.Module) -> list[torch.Tensor]:
+    """The tensors a regularizer's penalty moves: Uchida's carrier, or every trainable
+    parameter for DeepSigns (those before its layer get a gradient)."""
+    return r.parameters(model) if isinstance(r, DeepSigns) else [r.parameter(model)]
+
+
+def where(r: Regularizer) -> str:
+    """What a mark is embedded in, as states and messages name it: a carrier or a layer."""
+    return r.key.layer if isinstance(r, DeepSigns) else r.key.carrier
 
 
 def _no_autocast(device: torch.device):
@@ -127,17 +145,28 @@ class Embedding:
         return self._last
 
     def carriers(self, model: torch.nn.Module) -> list[torch.Tensor]:
-        return [r.parameter(model) for r in self.regularizers]
+        """One tensor per mark: its carrier (Uchida), or the model's first trainable parameter
+        (DeepSigns; its layer is resolved here, so that a missing one fails early)."""
+        out = []
+        for r in self.regularizers:
+            if isinstance(r, DeepSigns):
+                r.layer_of(model)
+            params = parameters_of(r, model)
+            if not params:
+                raise ValueError(f"the model has no trainable parameter for the mark in {where(r)!r}")
+            out.append(params[0])
+        return out
 
     @staticmethod
-    def _total(regs: list[Uchida], model: torch.nn.Module) -> torch.Tensor:
+    def _total(regs: list[Regularizer], model: torch.nn.Module) -> torch.Tensor:
         """Sum of ``regs``' penalties, autocast off; refuses a frozen carrier while training."""
-        carriers = [r.parameter(model) for r in regs]
+        params = [parameters_of(r, model) for r in regs]
         if torch.is_grad_enabled():
-            for r, w in zip(regs, carriers):
-                if not w.requires_grad:  # the penalty would be a constant: no mark, and no error
-                    raise ValueError(f"carrier {r.key.carrier!r} does not require grad: the mark cannot be embedded")
-        with _no_autocast(carriers[0].device):
+            for r, ws in zip(regs, params):
+                if not ws or not any(w.requires_grad for w in ws):  # a constant penalty: no mark, and no error
+                    what = "layer" if isinstance(r, DeepSigns) else "carrier"
+                    raise ValueError(f"{what} {where(r)!r} does not require grad: the mark cannot be embedded")
+        with _no_autocast(next((ws[0].device for ws in params if ws), torch.device("cpu"))):
             total = regs[0].penalty(model)
             for r in regs[1:]:
                 total = total + r.penalty(model).to(total.device)
@@ -157,17 +186,22 @@ class Embedding:
         ``optimizer``: the one about to step; marks whose carrier it does not update are
         left out of this step."""
         regs = self.regularizers
+        owned = None
         if optimizer is not None:
             owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            regs = [r for r in regs if id(r.parameter(model)) in owned]
+            regs = [r for r in regs if any(id(w) in owned for w in parameters_of(r, model))]
         if not regs:
             return
         with torch.enable_grad():
             total = self._total(regs, model)
-            unique = list({id(w): w for w in (r.parameter(model) for r in regs)}.values())
-            grads = torch.autograd.grad(total, unique)
+            unique = list({id(w): w for r in regs for w in parameters_of(r, model)
+                           if owned is None or id(w) in owned}.values())
+            # DeepSigns reaches only the parameters up to its layer: the others get no gradient
+            grads = torch.autograd.grad(total, unique, allow_unused=True)
         with torch.no_grad():
             for w, g in zip(unique, grads):
+                if g is None:
+                    continue
                 if w.grad is None:
                     w.grad = g.to(w.dtype).contiguous()
                 else:
@@ -186,7 +220,7 @@ class Embedding:
         return {
             "version": STATE_VERSION,
             "steps": self.steps,
-            "marks": [{"key_id": r.key.key_id, "carrier": r.key.carrier, "strength": r.strength,
+            "marks": [{"key_id": r.key.key_id, "carrier": where(r), "strength": r.strength,
                        "bits": r.key.num_bits} for r in self.regularizers],
             "mixer": self.mixer.state_dict() if self.mixer is not None else None,
         }

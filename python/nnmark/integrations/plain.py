@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from .core import Embedding
+from .core import Embedding, parameters_of, where
 
 
 class PenaltyHook:
     """Embeds white-box ``marks`` in ``model`` through ``optimizer.step()``.
 
-    ``marks``: white-box keys or key-file paths (each at ``strength``) or
-    :class:`nnmark.Uchida` regularizers, one or a list. ``mixer``: an optional
+    ``marks``: white-box or DeepSigns keys or key-file paths (each at ``strength``) or
+    :class:`nnmark.Uchida` / :class:`nnmark.DeepSigns` regularizers, one or a list. ``mixer``: an optional
     :class:`nnmark.TriggerMixer` (or a trigger key / key-file path, ``per_batch`` a step)
     whose cursor is saved with this hook's state (call ``hook.mix(x, y)`` in the loop,
     or use ``mixer.collate`` in the DataLoader). ``state_dict()`` holds no secret: save
@@ -60,9 +60,9 @@ class PenaltyHook:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"attach() needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        for r, w in zip(self.embedding.regularizers, self.embedding.carriers(self.model)):
-            if id(w) not in owned:
-                raise ValueError(f"the optimizer does not update carrier {r.key.carrier!r}: "
+        for r in self.embedding.regularizers:
+            if not any(id(w) in owned for w in parameters_of(r, self.model)):
+                raise ValueError(f"the optimizer does not update carrier {where(r)!r}: "
                                  "pass the model's parameters (or a group holding it) to the optimizer")
 
         def pre_step(opt, args, kwargs):

@@ -142,7 +142,8 @@ def scan(keys, paths, *, ledger=None, alpha: float = 1e-6, arch=None, device=Non
     alpha = checks[0].alpha
     if any(c.trigger for c in checks):
         if arch is None:
-            raise ValueError("trigger keys run the model: pass arch= (a model factory or 'module:function')")
+            raise ValueError("trigger and DeepSigns keys run the model: pass arch= (a model factory or "
+                             "'module:function')")
         from ..inference import load_factory
 
         load_factory(arch)  # a bad arch is a usage error, found before any file is read

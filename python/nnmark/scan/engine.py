@@ -56,14 +56,20 @@ def load_keys(keys) -> list:
 
 
 def make_check(key, alpha: float = 1e-6, null_rate: float | None = None, calibration=None):
-    """The check of one key: :class:`WhiteBoxCheck` or :class:`TriggerCheck`; ``calibration``
-    (a :class:`~nnmark.calibration.Calibration` of this key) replaces the nominal null."""
+    """The check of one key: :class:`WhiteBoxCheck`, :class:`TriggerCheck` or
+    :class:`~nnmark.deepsigns.DeepSignsCheck` (it runs the model like a trigger check);
+    ``calibration`` (a :class:`~nnmark.calibration.Calibration` of this key) replaces the
+    nominal null."""
+    from ..deepsigns import DeepSignsCheck, is_deepsigns_key
+
     if is_trigger_key(key):
         return TriggerCheck(key, alpha, null_rate, calibration)
+    if is_deepsigns_key(key):
+        return DeepSignsCheck(key, alpha, null_rate, calibration)
     if isinstance(key, WhiteBoxKeyBase):
         return WhiteBoxCheck(key, alpha, null_rate, calibration)
-    raise TypeError(f"a key must be a white-box key (nnmark.WhiteBoxKey, nnmark.DenseKey) or a trigger key "
-                    f"(nnmark.TriggerKey), got {type(key).__name__}")
+    raise TypeError(f"a key must be a white-box key (nnmark.WhiteBoxKey, nnmark.DenseKey, nnmark.DeepSignsKey) or "
+                    f"a trigger key (nnmark.TriggerKey), got {type(key).__name__}")
 
 
 def load_calibrations(calibration) -> dict:
@@ -500,7 +506,8 @@ def scan_batch(targets: Sequence[str | os.PathLike], keys, *, alpha: float = 1e-
     files) of some of the keys."""
     checks = make_checks(keys, alpha, null_rate, calibration)
     if any(c.trigger for c in checks) and arch is None:
-        raise ValueError("trigger keys run the model: pass arch= (a model factory or 'module:function')")
+        raise ValueError("trigger and DeepSigns keys run the model: pass arch= (a model factory or "
+                         "'module:function')")
     targets = [os.fspath(t) for t in targets]
     return check_sources(targets, checks, arch=arch, device=device, labels=targets, known=known, manifest=manifest,
                          max_batch_bytes=max_batch_bytes)
