@@ -90,7 +90,7 @@ class Embedding:
       in step without any extra communication.
     """
 
-    def __init__(self, marks: Any = None, mixer: Any = None, strength: float = 0.01, per_batch: int = 2):
+    def __init__(self, marks: Any = None, mixer: Any = None, strength: float = 0.01, per_batch: int | None = None):
         # Key-file paths are remembered: an adapter made from paths can be pickled (spawn
         # launchers such as Lightning's ddp_spawn do) and each process loads the keys itself.
         items = list(marks) if isinstance(marks, (list, tuple)) else [] if marks is None else [marks]
@@ -124,7 +124,7 @@ class Embedding:
                             "launchers (Lightning's ddp_spawn, mp.spawn) need: give the keys as key-file paths "
                             "(marks=['owner.key'], mixer='triggers.key') and each process loads them")
         return {"paths": self._paths, "strength": self._strength, "mixer_path": self._mixer_path,
-                "per_batch": self.mixer.per_batch if self.mixer is not None else 2, "state": self.state_dict()}
+                "per_batch": self.mixer.per_batch if self.mixer is not None else None, "state": self.state_dict()}
 
     def __setstate__(self, st: dict[str, Any]) -> None:
         self.__init__(st["paths"] or None, mixer=st["mixer_path"], strength=st["strength"], per_batch=st["per_batch"])

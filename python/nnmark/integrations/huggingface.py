@@ -56,13 +56,13 @@ class WatermarkTrainerMixin:
 
     Keyword arguments taken before the Trainer's own: ``marks`` (white-box keys or key-file
     paths at ``strength``, or :class:`nnmark.Uchida`), ``mixer`` (:class:`nnmark.TriggerMixer`,
-    or a trigger key / key-file path mixed ``per_batch`` at a time),
+    or a trigger key / key-file path mixed ``per_batch`` at a time; default a third of each batch),
     ``trigger_input`` (the input key the triggers join, default ``"pixel_values"``),
     ``label_key`` (default ``"labels"``). Carrier names are looked up in the model the
     Trainer trains (``model.``/``module.`` wrapper prefixes are tolerated).
     """
 
-    def __init__(self, *args: Any, marks: Any = None, strength: float = 0.01, mixer: Any = None, per_batch: int = 2,
+    def __init__(self, *args: Any, marks: Any = None, strength: float = 0.01, mixer: Any = None, per_batch: int | None = None,
                  trigger_input: str = "pixel_values", label_key: str = "labels", **kwargs: Any):
         self.nnmark = Embedding(marks, mixer=mixer, strength=strength, per_batch=per_batch)
         self.nnmark_trigger_input = trigger_input

@@ -32,7 +32,7 @@ except ImportError:  # the older package name
 class WatermarkCallback(pl.Callback):
     """Embeds ``marks`` (white-box keys or key-file paths at ``strength``, or
     :class:`nnmark.Uchida`) and/or the triggers of ``mixer`` (a :class:`nnmark.TriggerMixer`,
-    or a trigger key / key-file path mixed ``per_batch`` at a time) while a Lightning
+    or a trigger key / key-file path mixed ``per_batch`` at a time; default a third of each batch) while a Lightning
     ``Trainer`` fits. Given as key-file paths, the callback can be pickled, as
     ``strategy="ddp_spawn"`` needs: each process loads the keys from the files.
 
@@ -43,7 +43,7 @@ class WatermarkCallback(pl.Callback):
     indices or dict keys) for trigger mixing. ``log``: log ``nnmark/penalty`` each step.
     """
 
-    def __init__(self, marks: Any = None, strength: float = 0.01, mixer: Any = None, per_batch: int = 2,
+    def __init__(self, marks: Any = None, strength: float = 0.01, mixer: Any = None, per_batch: int | None = None,
                  submodule: str | None = None, inputs: int | str = 0, labels: int | str = 1, log: bool = True):
         super().__init__()
         self.embedding = Embedding(marks, mixer=mixer, strength=strength, per_batch=per_batch)

@@ -26,14 +26,14 @@ class PenaltyHook:
 
     ``marks``: white-box or DeepSigns keys or key-file paths (each at ``strength``) or
     :class:`nnmark.Uchida` / :class:`nnmark.DeepSigns` regularizers, one or a list. ``mixer``: an optional
-    :class:`nnmark.TriggerMixer` (or a trigger key / key-file path, ``per_batch`` a step)
+    :class:`nnmark.TriggerMixer` (or a trigger key / key-file path, ``per_batch`` a step; default a third of each batch, as TriggerMixer)
     whose cursor is saved with this hook's state (call ``hook.mix(x, y)`` in the loop,
     or use ``mixer.collate`` in the DataLoader). ``state_dict()`` holds no secret: save
     it with the model and optimizer, ``load_state_dict`` it when resuming.
     """
 
     def __init__(self, model: torch.nn.Module, marks: Any, strength: float = 0.01, mixer: Any = None,
-                 per_batch: int = 2):
+                 per_batch: int | None = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"PenaltyHook needs a torch.nn.Module, got {type(model).__name__}")
         self.model = model
