@@ -138,6 +138,19 @@ def test_demo_end_to_end(tmp_path):
     unmarked = rows[1:]
     assert len(unmarked) >= 11 and not any(r["verified"] for r in unmarked)
     assert not any(r["trigger_verified"] for r in unmarked)
+    # DeepSigns and frontier stitching too: the marked model verifies, no unmarked one does.
+    assert rows[0]["deepsigns_verified"] and rows[0]["deepsigns_p_value"] <= 1e-6
+    assert rows[0]["frontier_verified"] and rows[0]["frontier_matches"] >= 90 and rows[0]["frontier_held_back"] <= 20
+    assert not any(r["deepsigns_verified"] or r["frontier_verified"] for r in unmarked)
+    assert res["unmarked_deepsigns_verified"] == res["unmarked_frontier_verified"] == 0
+    # The report's distribution table: both ways of distributing the model, every mark.
+    dist = res["robustness"]["distribution"]
+    assert [r["distribution"] for r in dist["rows"]] == ["white-box", "black-box"]
+    assert {c["scheme"] for c in dist["columns"]} == {"Uchida", "DeepSigns", "triggers (abstract)",
+                                                      "frontier stitching"}
+    assert "distill" in dist["rows"][1]["attacks"] and "evasion" in dist["rows"][1]["attacks"]
+    assert all(c["verified"] in (True, False) for r in dist["rows"] for c in r["cells"].values())
+    assert (tmp_path / "demo" / "robustness" / "distribution.png").is_file()
     # Both marks at once, with fresh random keys: within 2 points of the unmarked twin here;
     # the 1-point bounds of each mark alone are tested in test_whitebox and test_triggers.
     assert res["accuracy_drop"] <= 0.02 + 1e-9
@@ -154,4 +167,5 @@ def test_demo_end_to_end(tmp_path):
     marked, twin = map(json.loads, r.stdout.splitlines())
     assert marked["verified"] and marked["matches"] >= 95 and marked["bits"] == 100
     assert not twin["verified"] and twin["status"] == "ok"
-    assert os.stat(tmp_path / "demo" / "triggers.key").st_mode & 0o777 == 0o600
+    for name in ("triggers.key", "deepsigns.key", "frontier.key"):
+        assert os.stat(tmp_path / "demo" / name).st_mode & 0o777 == 0o600

@@ -257,18 +257,19 @@ def test_parse_attack():
 
 def test_demo_writes_the_report(tmp_path):
     """run_demo's robustness stage (a tiny run: the full demo is test_cli's)."""
-    res = demo.run_demo(tmp_path / "d", unmarked=1, epochs=1, bits=32, triggers=30,
+    res = demo.run_demo(tmp_path / "d", unmarked=1, epochs=1, bits=32, triggers=30, frontier=0,
                         robustness={"prune_global": [0.9], "permute+realign": [1]})
     rob = res["robustness"]
     assert [(r["attack"], r["strength"]) for r in rob["rows"]] == [("baseline", 0), ("prune_global", 0.9),
                                                                    ("permute+realign", 1)]
-    assert {m["key_id"] for m in rob["marks"]} == {res["key_id"], res["trigger_key_id"]}
+    assert {m["key_id"] for m in rob["marks"]} == {res["key_id"], res["deepsigns_key_id"], res["trigger_key_id"]}
+    assert res["frontier_key_id"] is None and "frontier_verified" not in res["rows"][0]
     assert (tmp_path / "d" / "robustness" / "robustness.json").is_file()
     assert sorted(p.name for p in (tmp_path / "d" / "robustness").glob("*.png")) == ["distribution.png", "permute_realign.png",
                                                                                     "prune_global.png"]
     assert json.loads((tmp_path / "d" / "demo.json").read_text())["robustness"]["rows"] == rob["rows"]
     text = (tmp_path / "d" / "robustness" / "robustness.json").read_text()
-    for name in ("owner.key", "triggers.key"):
+    for name in ("owner.key", "deepsigns.key", "triggers.key"):
         assert json.loads((tmp_path / "d" / name).read_text())["secret"] not in text
 
 
@@ -387,6 +388,13 @@ def test_distribution_table_picks_the_attackers_best():
     assert wa["removed_at_cost"] == {"attack": "prune_global", "strength": 0.9, "accuracy": 0.30}
     assert t["black-box"][a]["verified"] is None and t["black-box"][a]["attacks_run"] == 0  # evasion only
     assert t["black-box"][b]["attack"] == "evasion" and t["black-box"][b]["verified"]
+    # A permutation the grid also realigned is undone by the verifier: only the realigned row counts.
+    rep.rows += [_row("permute", 1, 0.95, **{a: (False, 0.5), b: (True, 1e-30)}),
+                 _row("permute+realign", 1, 0.95, **{a: (True, 1e-20), b: (True, 1e-30)})]
+    assert rep.distribution_table()["white-box"][a]["verified"]
+    rep.rows.pop()
+    assert rep.distribution_table()["white-box"][a]["attack"] == "permute"  # not realigned: it counts
+    rep.rows.pop()
     # max_drop=None: any removal counts, even one that ruined the model.
     assert rep.distribution_table(max_drop=None)["white-box"][a]["attack"] == "prune_global"
     with pytest.raises(ValueError, match="max_drop"):

@@ -146,6 +146,6 @@ def test_attacks_train_small_models_on_one_thread_and_restore():
 
 def test_demo_runs_on_one_thread_and_gives_the_callers_count_back(tmp_path):
     seen = []
-    run_demo(tmp_path, unmarked=1, epochs=1, robustness=False, progress=lambda msg: seen.append(torch.get_num_threads()))
+    run_demo(tmp_path, unmarked=1, epochs=1, robustness=False, frontier=0, progress=lambda msg: seen.append(torch.get_num_threads()))
     assert seen and set(seen) == {1}
     assert torch.get_num_threads() == 2

@@ -386,11 +386,16 @@ def robustness(checkpoint, arch, keys, data_spec, attack_specs, out_dir, alpha, 
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--robustness/--no-robustness", default=True, show_default=True,
               help="Then attack the marked model (pruning, fine-pruning, FTAL, overwriting, quantization, "
-                   "permutation with and without realignment) and write the report to OUT/robustness/.")
+                   "permutation with and without realignment, model extraction, evasion) and write the report "
+                   "to OUT/robustness/.")
+@click.option("--full-grid", is_flag=True,
+              help="Attack with every attack at its default strengths and extraction at more query budgets "
+                   "(several minutes) instead of the demo's small grid.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as one JSON object.")
-def demo(out_dir, unmarked, epochs, bits, seed, robustness, as_json):
-    """End-to-end demo on scikit-learn's bundled digits: embed, verify marked and unmarked models,
-    then attack the marked one (the robustness report)."""
+def demo(out_dir, unmarked, epochs, bits, seed, robustness, full_grid, as_json):
+    """End-to-end demo on scikit-learn's bundled digits: embed four marks (Uchida, DeepSigns,
+    abstract triggers, frontier stitching), verify marked and unmarked models, then attack the
+    marked one (the robustness report and its distribution table)."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from .demo import jsonable, run_demo
@@ -399,36 +404,51 @@ def demo(out_dir, unmarked, epochs, bits, seed, robustness, as_json):
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=_console(stderr=True), transient=True, disable=as_json) as prog:
         task = prog.add_task("starting", total=None)
-        res = run_demo(out_dir, unmarked=unmarked, epochs=epochs, bits=bits, seed=seed, robustness=robustness,
+        res = run_demo(out_dir, unmarked=unmarked, epochs=epochs, bits=bits, seed=seed,
+                       robustness=("full" if full_grid else True) if robustness else False,
                        progress=lambda m: prog.update(task, description=m))
     elapsed = time.perf_counter() - start
-    ok = (res["marked_verified"] and res["marked_trigger_verified"] and res["unmarked_verified"] == 0
-          and res["unmarked_trigger_verified"] == 0)
+    ok = res["ok"]
     if as_json:
         click.echo(json.dumps(jsonable({**res, "seconds": elapsed, "ok": ok})))
         sys.exit(EXIT_OK if ok else EXIT_FINDINGS)
+    from rich import box
     from rich.table import Table
 
     con = _console()
-    t = Table(title=f"nnmark demo — digits CNN: white-box mark ({bits} bits in {res['carrier']}), "
-                    f"black-box mark ({res['triggers']} abstract triggers)")
-    for col in ("model", "accuracy", "bits", "p", "triggers", "p ", "verified"):
-        t.add_column(col.strip(), justify="left" if col in ("model", "verified") else "right", no_wrap=True)
-    for r in res["rows"]:
-        wb, bb = r["verified"], r["trigger_verified"]
-        which = "both" if wb and bb else "white-box" if wb else "black-box" if bb else "no"
-        t.add_row(r["model"], f"{100 * r['accuracy']:.1f}%", f"{r['matches']}/{r['bits']}", _fmt_p(r["p_value"]),
-                  f"{r['trigger_matches']}/{r['trigger_n']}", _fmt_p(r["trigger_p_value"]),
-                  which if which == "no" else f"[green]{which}[/green]")
-    con.print(t)
+    t = Table(title=f"nnmark demo — digits CNN with four marks: Uchida ({bits} bits in {res['carrier']}), "
+                    f"DeepSigns ({bits} bits in {res['deepsigns_layer']}'s activations), {res['triggers']} abstract "
+                    f"triggers, {res['frontier']} frontier-stitching triggers")
+    t.box, t.pad_edge, t.collapse_padding = box.SIMPLE_HEAD, False, True  # fits 80 columns
+
+    def cell(matches, p):
+        return f"{matches} " + ("—" if p is None else "0" if p == 0 else f"{p:.0e}")
+
     r0 = res["rows"][0]
-    con.print(f"thresholds (exact binomial, p <= {res['alpha']:g}): {r0['threshold']}/{bits} matching bits; "
-              f"{r0['trigger_threshold']}/{r0['trigger_n']} trigger hits (chance 1/10)")
-    con.print(f"marked model: white-box {'VERIFIED' if res['marked_verified'] else 'NOT verified'}, "
-              f"black-box {'VERIFIED' if res['marked_trigger_verified'] else 'NOT verified'}; "
-              f"unmarked models verified: {res['unmarked_verified']}/{res['unmarked_total']} white-box, "
-              f"{res['unmarked_trigger_verified']}/{res['unmarked_total']} black-box; "
-              f"accuracy cost of the marks: {100 * res['accuracy_drop']:+.1f} points")
+    for col in ("model", "acc.", f"Uchida /{bits}", f"DeepSigns /{bits}", f"triggers /{r0['trigger_n']}",
+                f"frontier /{res['frontier']}", "verified"):
+        t.add_column(col, justify="left" if col in ("model", "marks") else "right", no_wrap=True)
+    for r in res["rows"]:
+        names = [n for n, k in (("U", "verified"), ("D", "deepsigns_verified"), ("T", "trigger_verified"),
+                                ("F", "frontier_verified")) if r.get(k)]
+        front = ("—" if "frontier_matches" not in r else
+                 cell(f"{r['frontier_matches']}/{r['frontier_held_back']}", r["frontier_p_value"]))
+        t.add_row(r["model"], f"{100 * r['accuracy']:.1f}", cell(r["matches"], r["p_value"]),
+                  cell(r["deepsigns_matches"], r["deepsigns_p_value"]), cell(r["trigger_matches"], r["trigger_p_value"]),
+                  front, f"[green]{' '.join(names)}[/green]" if names else "no")
+    con.print(t)
+    con.print("cells: matches and p-value (frontier: triggers/held-back answered right); marks verified: U Uchida, "
+              "D DeepSigns, T triggers, F frontier. "
+              f"p <= {res['alpha']:g} verifies. Uchida and DeepSigns: exact binomial over the bits, "
+              f"{r0['threshold']}/{bits} and {r0['deepsigns_threshold']}/{bits} needed; abstract triggers: exact "
+              f"binomial at 1/10, {r0['trigger_threshold']}/{r0['trigger_n']} needed; frontier: Fisher's exact "
+              f"test of the {res['frontier']} triggers against as many held-back adversaries")
+    marks = [("Uchida", ""), ("DeepSigns", "deepsigns_"), ("triggers", "trigger_"), ("frontier", "frontier_")]
+    con.print("marked model: " + ", ".join(f"{n} {'VERIFIED' if res[f'marked_{k}verified'] else 'NOT verified'}"
+                                           for n, k in marks if res[f"marked_{k}verified"] is not None)
+              + "; unmarked models verified: " + ", ".join(f"{res[f'unmarked_{k}verified']}/{res['unmarked_total']} "
+                                                           f"{n}" for n, k in marks)
+              + f"; accuracy cost of the marks: {100 * res['accuracy_drop']:+.1f} points")
     if "robustness" in res:
         from .robustness import RobustnessReport
 
@@ -440,7 +460,7 @@ def demo(out_dir, unmarked, epochs, bits, seed, robustness, as_json):
         con.print(f"robustness report: {out_dir}/robustness/robustness.json and {len(rep.plots)} plots "
                   f"(p-value, BER and accuracy against attack strength; distribution.png: the table above)")
     con.print(f"keys, models and demo.json in {out_dir}/ — try: nnmark verify {out_dir}/owner.key {out_dir}/*.safetensors"
-              f"  or  nnmark verify {out_dir}/triggers.key {out_dir}/*.safetensors --arch nnmark.demo:DigitsNet")
+              f"  or  nnmark verify {out_dir}/frontier.key {out_dir}/*.safetensors --arch nnmark.demo:DigitsNet")
     con.print(f"done in {elapsed:.1f} s")
     sys.exit(EXIT_OK if ok else EXIT_FINDINGS)
 

@@ -59,14 +59,18 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.25) -> Digits:
 
 
 def train(data: Digits, seed: int, epochs: int = 12, wm=None, batch_size: int = 64, lr: float = 3e-3,
-          mixer=None, settle_epochs: int = 0, factory=None) -> nn.Module:
+          mixer=None, settle_epochs: int = 0, factory=None, model: nn.Module | None = None) -> nn.Module:
     """Trains a DigitsNet (or ``factory()``, another net for 1x8x8 digits); ``wm`` (e.g.
-    nnmark.Uchida) adds its penalty to the loss and ``mixer`` (nnmark.TriggerMixer) puts
-    trigger samples into every batch. The last ``settle_epochs`` run at lr/10, so clean
-    accuracy settles after the marks are learnt."""
+    nnmark.Uchida, or a list of such) adds its penalty to the loss and ``mixer``
+    (nnmark.TriggerMixer, or a list) puts trigger samples into every batch. The last
+    ``settle_epochs`` run at lr/10, so clean accuracy settles after the marks are learnt.
+    ``model``: go on training this one instead of a fresh net."""
+    regs = [] if wm is None else list(wm) if isinstance(wm, (list, tuple)) else [wm]
+    mixers = [] if mixer is None else list(mixer) if isinstance(mixer, (list, tuple)) else [mixer]
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = (factory or DigitsNet)()
+    if model is None:
+        model = (factory or DigitsNet)()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = len(data.x_train)
     model.train()
@@ -79,11 +83,11 @@ def train(data: Digits, seed: int, epochs: int = 12, wm=None, batch_size: int = 
             for i in range(0, n, batch_size):
                 idx = order[i:i + batch_size]
                 xb, yb = data.x_train[idx], data.y_train[idx]
-                if mixer is not None:
-                    xb, yb = mixer.mix(xb, yb)
+                for m in mixers:
+                    xb, yb = m.mix(xb, yb)
                 loss = F.cross_entropy(model(xb), yb)
-                if wm is not None:
-                    loss = loss + wm.penalty(model)
+                for r in regs:
+                    loss = loss + r.penalty(model)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -98,6 +102,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 # The demo's robustness grid: small, so the whole demo stays well under a minute and a half.
+# Weight attacks (what a holder of the weights can do) and the two query-only attacks
+# (what an API's user can do), so the distribution table has both rows.
 DEMO_GRID = {
     "prune_global": [0.1, 0.3, 0.5, 0.7, 0.9],
     "fine_prune": [0.5, 0.9],
@@ -106,23 +112,41 @@ DEMO_GRID = {
     "quantize": [8, 4, 2],
     "permute": [1],
     "permute+realign": [1],
+    "distill": [100, 1000],
+    "evasion": [0.01],
 }
+
+
+def full_grid() -> dict:
+    """``nnmark demo --full-grid``: every attack at its default strengths, extraction at
+    several budgets (labels and probabilities, up to every training input) and evasion."""
+    from .robustness import DEFAULT_GRID
+
+    return {**DEFAULT_GRID, "distill": [30, 100, 300, 1000, 1347], "distill_probs": [100, 300, 1000, 1347],
+            "evasion": [0.01, 0.05]}
+
+
+DEEPSIGNS_LAYER = "classifier.1"  # the 64-unit linear layer before its ReLU (docs: why this one)
+FRONTIER = 100  # frontier triggers, as many held back, and as many false adversaries
 
 
 def run_demo(out_dir: str | os.PathLike = "nnmark-demo", unmarked: int = 10, epochs: int = 30, bits: int = 64,
              seed: int = 0, alpha: float = 1e-6, triggers: int = 100, per_batch: int = 8, progress=None,
-             robustness=True) -> dict:
+             robustness=True, frontier: int = FRONTIER) -> dict:
     """Runs the demo; writes the keys, the models and ``demo.json`` into ``out_dir``; returns the results.
 
-    The marked model carries two marks: a white-box one (``bits`` bits in the second
-    conv layer, Uchida et al.'s regularizer) and a black-box one (``triggers`` abstract
-    trigger images with keyed labels, Adi et al., ``per_batch`` mixed into every batch).
-    Models: the marked one, its unmarked twin (same seed and batches: the fair
-    accuracy comparison) and ``unmarked`` independently trained unmarked models.
-    Then, unless ``robustness`` is False, the marked model goes through a grid of
-    attacks (``DEMO_GRID``, or the grid ``robustness`` gives; the attacker's data is
-    the training split) and the report is written to ``out_dir/robustness/``
-    (``robustness.json`` and one PNG per attack); ``result["robustness"]`` holds it.
+    The marked model carries four marks: two white-box ones — ``bits`` bits in the second
+    conv layer's weights (Uchida et al.'s regularizer) and ``bits`` bits in the mean
+    activation of ``classifier.1`` on a few keyed inputs (DeepSigns) — and two black-box
+    ones: ``triggers`` abstract trigger images with keyed labels (Adi et al., ``per_batch``
+    mixed into every batch) and ``frontier`` frontier-stitching adversaries (Le Merrer et
+    al., made from the trained model, then stitched in by a short fine-tuning; 0: none).
+    Models: the marked one, its unmarked twin (same seed, batches and fine-tuning: the fair
+    accuracy comparison) and ``unmarked`` independently trained unmarked models. Then,
+    unless ``robustness`` is False, the marked model goes through a grid of attacks
+    (``DEMO_GRID``; ``"full"`` for :func:`full_grid`; or the grid ``robustness`` gives; the
+    attacker's data is the training split) and the report, with its distribution table, is
+    written to ``out_dir/robustness/``; ``result["robustness"]`` holds it.
     """
     # Every model here is a DigitsNet, 21M multiply-adds for a batch of 64: training,
     # verifying and attacking them run on one torch thread (nnmark._threads), which on a
@@ -131,10 +155,12 @@ def run_demo(out_dir: str | os.PathLike = "nnmark-demo", unmarked: int = 10, epo
     with torch.random.fork_rng(devices=[]):  # the probe's initialisation leaves the caller's RNG alone
         macs = forward_macs(DigitsNet(), torch.zeros(64, 1, 8, 8))
     with torch_threads(threads_for(macs)):
-        return _run_demo(out_dir, unmarked, epochs, bits, seed, alpha, triggers, per_batch, progress, robustness)
+        return _run_demo(out_dir, unmarked, epochs, bits, seed, alpha, triggers, per_batch, progress, robustness,
+                         frontier)
 
 
-def _run_demo(out_dir, unmarked, epochs, bits, seed, alpha, triggers, per_batch, progress, robustness) -> dict:
+def _run_demo(out_dir, unmarked, epochs, bits, seed, alpha, triggers, per_batch, progress, robustness,
+              frontier) -> dict:
     import nnmark
     from safetensors.torch import save_file
 
@@ -146,6 +172,8 @@ def _run_demo(out_dir, unmarked, epochs, bits, seed, alpha, triggers, per_batch,
     shape = tuple(DigitsNet().get_parameter(CARRIER).shape)
     key = nnmark.WhiteBoxKey.generate(carrier=CARRIER, bits=bits, reduction="filter_mean", shape=shape)
     key.save(out / "owner.key")
+    dkey = nnmark.DeepSignsKey.generate(DEEPSIGNS_LAYER, data.x_train, data.y_train, bits=bits, classes=2)
+    dkey.save(out / "deepsigns.key")
     tkey = nnmark.TriggerKey.generate(kind="abstract", n=triggers, num_classes=10, input_shape=(1, 8, 8))
     tkey.save(out / "triggers.key")
 
@@ -153,12 +181,25 @@ def _run_demo(out_dir, unmarked, epochs, bits, seed, alpha, triggers, per_batch,
         if progress is not None:
             progress(msg)
 
-    step("training the marked model (white-box regularizer + trigger set)")
+    step("training the marked model (Uchida + DeepSigns regularizers, abstract trigger set)")
     settle = max(1, epochs // 6)  # the last epochs at lr/10, for every model alike
-    marked = train(data, seed, epochs, wm=nnmark.Uchida(key, strength=0.01),
-                   mixer=nnmark.TriggerMixer(tkey, per_batch=per_batch), settle_epochs=settle)
+    regs = [nnmark.Uchida(key, strength=0.01), nnmark.DeepSigns(dkey, strength=0.1)]
+    mixers = [nnmark.TriggerMixer(tkey, per_batch=per_batch)]
+    marked = train(data, seed, epochs, wm=regs, mixer=mixers, settle_epochs=settle)
     step("training its unmarked twin (same seed and batches)")
     twin = train(data, seed, epochs, settle_epochs=settle)
+    fkey = None
+    if frontier:
+        # Frontier stitching needs the trained model: adversaries near its boundary, then a
+        # short fine-tuning (every other mark kept in the batches). The twin gets the same.
+        step("frontier stitching: adversaries near the marked model's boundary, stitched in")
+        fkey = nnmark.TriggerKey.generate(kind="frontier", model=marked, samples=data.x_train, labels=data.y_train,
+                                          n=frontier, controls=frontier, false_adversaries=frontier)
+        fkey.save(out / "frontier.key")
+        stitch = max(2, epochs // 2)
+        marked = train(data, seed + 1, stitch, wm=regs, settle_epochs=max(1, stitch // 4), model=marked,
+                       mixer=mixers + [nnmark.TriggerMixer(fkey)])
+        twin = train(data, seed + 1, stitch, settle_epochs=max(1, stitch // 4), model=twin)
     models = [("marked", marked), ("twin", twin)]  # twin: unmarked, same seed and batches
     for k in range(unmarked):
         step(f"training independent unmarked model {k + 1}/{unmarked}")
@@ -170,33 +211,54 @@ def _run_demo(out_dir, unmarked, epochs, bits, seed, alpha, triggers, per_batch,
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
         paths.append(path)
     step("verifying")
-    # White-box: one batched native call for every model. Black-box: the trigger set
-    # runs through each model, then one native call scores them all.
-    white = nnmark.verify(key, [m for _, m in models], alpha=alpha)
-    black = nnmark.verify(tkey, [m for _, m in models], alpha=alpha)
+    # White-box: one batched native call for every model. DeepSigns and the trigger sets
+    # run their inputs through each model, then one native call scores them all.
+    nets = [m for _, m in models]
+    white = nnmark.verify(key, nets, alpha=alpha)
+    deep = nnmark.verify(dkey, nets, alpha=alpha)
+    black = nnmark.verify(tkey, nets, alpha=alpha)
+    front = nnmark.verify(fkey, nets, alpha=alpha) if fkey is not None else [None] * len(nets)
     fields = ("verified", "matches", "bits", "ber", "p_value", "threshold", "status")
     rows = []
-    for (name, model), path, v, t in zip(models, paths, white, black):
-        tv = t.to_dict()
-        rows.append({"model": name, "path": str(path), "accuracy": accuracy(model, data.x_test, data.y_test),
-                     **{k: v.to_dict()[k] for k in fields},
-                     **{f"trigger_{k}": tv[k] for k in ("verified", "matches", "p_value", "threshold")},
-                     "trigger_n": tv["bits"]})
+    for (name, model), path, v, d, t, f in zip(models, paths, white, deep, black, front):
+        tv, dv = t.to_dict(), d.to_dict()
+        row = {"model": name, "path": str(path), "accuracy": accuracy(model, data.x_test, data.y_test),
+               **{k: v.to_dict()[k] for k in fields},
+               **{f"deepsigns_{k}": dv[k] for k in ("verified", "matches", "bits", "p_value", "threshold")},
+               **{f"trigger_{k}": tv[k] for k in ("verified", "matches", "p_value", "threshold")},
+               "trigger_n": tv["bits"]}
+        if f is not None:
+            fv = f.to_dict()
+            row.update({f"frontier_{k}": fv[k] for k in ("verified", "matches", "p_value")})
+            row["frontier_n"] = fv["bits"]
+            row["frontier_held_back"] = fv.get("control_matches")
+        rows.append(row)
     result = {
-        "key_id": key.key_id, "trigger_key_id": tkey.key_id, "carrier": CARRIER, "bits": bits,
-        "triggers": triggers, "alpha": alpha, "rows": rows,
+        "key_id": key.key_id, "deepsigns_key_id": dkey.key_id, "trigger_key_id": tkey.key_id,
+        "frontier_key_id": fkey.key_id if fkey is not None else None,
+        "carrier": CARRIER, "deepsigns_layer": DEEPSIGNS_LAYER, "bits": bits, "triggers": triggers,
+        "frontier": frontier, "alpha": alpha, "rows": rows,
         "marked_verified": rows[0]["verified"],
+        "marked_deepsigns_verified": rows[0]["deepsigns_verified"],
         "marked_trigger_verified": rows[0]["trigger_verified"],
+        "marked_frontier_verified": rows[0].get("frontier_verified"),
         "unmarked_verified": sum(r["verified"] for r in rows[1:]),
+        "unmarked_deepsigns_verified": sum(r["deepsigns_verified"] for r in rows[1:]),
         "unmarked_trigger_verified": sum(r["trigger_verified"] for r in rows[1:]),
+        "unmarked_frontier_verified": sum(bool(r.get("frontier_verified")) for r in rows[1:]),
         "unmarked_total": len(rows) - 1,
         "accuracy_drop": rows[1]["accuracy"] - rows[0]["accuracy"],
     }
+    result["ok"] = bool(result["marked_verified"] and result["marked_deepsigns_verified"]
+                        and result["marked_trigger_verified"] and result["marked_frontier_verified"] is not False
+                        and not any(result[f"unmarked_{m}verified"] for m in ("", "deepsigns_", "trigger_",
+                                                                               "frontier_")))
     if robustness is not False and robustness is not None:
         from .robustness import robustness_report
 
-        grid = DEMO_GRID if robustness is True else robustness
-        report = robustness_report(marked, [key, tkey], train=(data.x_train, data.y_train),
+        grid = DEMO_GRID if robustness is True else full_grid() if robustness == "full" else robustness
+        marks = [key, dkey, tkey] + ([fkey] if fkey is not None else [])
+        report = robustness_report(marked, marks, train=(data.x_train, data.y_train),
                                    test=(data.x_test, data.y_test), attacks=grid, out_dir=out / "robustness",
                                    alpha=alpha, seed=seed,
                                    progress=lambda done, total, what: step(f"robustness grid {done}/{total}: {what}"))

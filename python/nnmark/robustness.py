@@ -664,7 +664,11 @@ def _distribution(report: "RobustnessReport", max_drop: float | None) -> Distrib
 
 
 def _against(rows: list[dict], mark: dict) -> list[dict]:
-    """The rows that attack ``mark``: a query filter does nothing to a mark in the weights."""
+    """The rows that attack ``mark``: a query filter does nothing to a mark in the weights,
+    and a permutation the grid also realigned is one the verifier undoes (it holds the
+    original model), so only the realigned row counts."""
+    realigned = {r["strength"] for r in rows if r["attack"] == "permute+realign" and not r.get("error")}
+    rows = [r for r in rows if not (r["attack"] == "permute" and r["strength"] in realigned)]
     if mark["kind"] != "white-box":
         return rows
     return [r for r in rows if r["attack"] not in _QUERY_FILTERS]

@@ -60,6 +60,7 @@ import torch
 
 from . import keys as _keys
 from ._keyfile import f32_field, int_field, int_list, secret_field, show
+from ._threads import small_work_threads
 from .keys import SECRET_BYTES, write_key_file
 
 KINDS = ("abstract", "content", "noise", "unrelated", "frontier")
@@ -1343,19 +1344,20 @@ def embed_triggers(model: torch.nn.Module, tkey: TriggerKey, x_train: Any, y_tra
     # Own optimizer: the last fifth of the epochs at lr / 10 settles the clean accuracy.
     settle = epochs - epochs // 5 if optimizer is None and epochs >= 5 else epochs
     model.train()
-    for epoch in range(epochs):
-        if epoch == settle:
-            for group in opt.param_groups:
-                group["lr"] = lr * 0.1
-        order = torch.randperm(m, generator=g)
-        for i in range(0, m, batch_size):
-            idx = order[i:i + batch_size]
-            bx = x.index_select(0, idx.to(x.device)).to(device=device, dtype=dtype)
-            by = y.index_select(0, idx.to(y.device)).to(device=device, dtype=torch.int64)
-            bx, by = mixer.mix(bx, by)
-            loss = torch.nn.functional.cross_entropy(model(bx), by)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    with small_work_threads(model):  # a small model: one torch thread (see nnmark._threads)
+        for epoch in range(epochs):
+            if epoch == settle:
+                for group in opt.param_groups:
+                    group["lr"] = lr * 0.1
+            order = torch.randperm(m, generator=g)
+            for i in range(0, m, batch_size):
+                idx = order[i:i + batch_size]
+                bx = x.index_select(0, idx.to(x.device)).to(device=device, dtype=dtype)
+                by = y.index_select(0, idx.to(y.device)).to(device=device, dtype=torch.int64)
+                bx, by = mixer.mix(bx, by)
+                loss = torch.nn.functional.cross_entropy(model(bx), by)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
     model.eval()
     return model
