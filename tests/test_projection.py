@@ -11,7 +11,7 @@ import torch
 
 import _spec
 import nnmark
-from conftest import ISAS, num_threads, requires_cuda, use_isa
+from conftest import ISAS, num_threads, on_cuda_sim, requires_cuda, use_isa
 from nnmark.ops import keyed_projection_transpose
 
 N_VALUES = [1, 7, 17, 255, 257, 1000, 4099]
@@ -36,6 +36,11 @@ def _x_int8(subkey, T, N) -> np.ndarray:
 
 def _x(subkey, T, N) -> np.ndarray:
     return _x_int8(subkey, T, N).astype(np.float64)
+
+
+def _skip_big_on_sim(N, T):
+    if N * T > 10**6 and on_cuda_sim():
+        pytest.skip("the largest size does not run on the CUDA simulator (time)")
 
 
 def _random_carrier(rng, C, N, dtype, device) -> torch.Tensor:
@@ -69,6 +74,7 @@ def _close(got: torch.Tensor, ref: np.ndarray, atol: float) -> None:
 @pytest.mark.parametrize("T", T_VALUES)
 @pytest.mark.parametrize("N", N_VALUES)
 def test_forward_matches_spec(backend, N, T, dtype, rng):
+    _skip_big_on_sim(N, T)
     sk = _subkey_for(N, T)
     X = _x(sk, T, N)
     for C in (None, 1, 3):  # None: a single [N] carrier
@@ -87,6 +93,7 @@ def test_forward_matches_spec(backend, N, T, dtype, rng):
 @pytest.mark.parametrize("T", T_VALUES)
 @pytest.mark.parametrize("N", N_VALUES)
 def test_transpose_matches_spec(backend, N, T, dtype, rng):
+    _skip_big_on_sim(N, T)
     sk = _subkey_for(N, T)
     X = _x(sk, T, N)
     for C in (None, 1, 3):
@@ -102,6 +109,7 @@ def test_transpose_matches_spec(backend, N, T, dtype, rng):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("N,T", [(1, 1), (17, 129), (257, 64), (1000, 31), (4099, 256)])
 def test_backward_is_transpose(backend, N, T, dtype, rng):
+    _skip_big_on_sim(N, T)
     sk = _subkey_for(N, T)
     X = _x(sk, T, N)
     for C in (None, 3):
