@@ -113,6 +113,38 @@ def _on(device: str):
         yield device
 
 
+class Gpu:
+    """Where a CPU/CUDA parity test runs its CUDA side: a real GPU ("cuda") or the CUDA
+    simulator ("cudasim": CPU tensors, the ops run on it inside ``run()``)."""
+
+    def __init__(self, name: str, order: str = "forward", seed: int = 0):
+        self.name, self.order, self.seed = name, order, seed
+
+    def put(self, t: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """A copy of ``t`` on the device; with ``offset``, a view ``offset`` elements into a larger
+        buffer (so not 16-byte aligned)."""
+        dev = "cuda" if self.name == "cuda" else "cpu"
+        buf = torch.ones(t.numel() + offset + 3, dtype=t.dtype, device=dev)
+        view = buf[offset:offset + t.numel()].view(t.shape)
+        view.copy_(t)
+        return view
+
+    def run(self):
+        return use_cuda_sim(self.order, self.seed) if self.name == "cudasim" else contextlib.nullcontext()
+
+
+GPUS = (["cuda"] if CUDA else []) + SIM_PARAMS
+
+
+@pytest.fixture(params=GPUS)
+def gpu(request) -> Gpu:
+    """A real GPU and/or the CUDA simulator (none: the test is skipped)."""
+    return Gpu(request.param)
+
+
+gpu_side = gpu  # the same fixture, for tests whose own variable is named ``gpu``
+
+
 @pytest.fixture(params=DEVICES + SIM_PARAMS)
 def device(request) -> str:
     with _on(request.param) as dev:
