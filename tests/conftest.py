@@ -117,8 +117,8 @@ class Gpu:
     """Where a CPU/CUDA parity test runs its CUDA side: a real GPU ("cuda") or the CUDA
     simulator ("cudasim": CPU tensors, the ops run on it inside ``run()``)."""
 
-    def __init__(self, name: str, order: str = "forward", seed: int = 0):
-        self.name, self.order, self.seed = name, order, seed
+    def __init__(self, name: str, order: str = "forward", seed: int = 0, module=None):
+        self.name, self.order, self.seed, self.module = name, order, seed, module  # module: another simulator build
 
     def put(self, t: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """A copy of ``t`` on the device; with ``offset``, a view ``offset`` elements into a larger
@@ -130,7 +130,9 @@ class Gpu:
         return view
 
     def run(self):
-        return use_cuda_sim(self.order, self.seed) if self.name == "cudasim" else contextlib.nullcontext()
+        if self.name == "cudasim":
+            return use_cuda_sim(self.order, self.seed, self.module)
+        return contextlib.nullcontext()
 
 
 GPUS = (["cuda"] if CUDA else []) + SIM_PARAMS
