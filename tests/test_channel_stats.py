@@ -385,3 +385,10 @@ def test_channel_activations_errors():
     with pytest.raises(TypeError, match="must be an .x, y. pair of tensors or an iterable"):
         channel_activations(model, "fc", 42)
     assert model.training  # restored after the failures too
+
+
+def test_accumulators_version_counters_are_bumped():
+    sums, positives = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.int64)
+    vs, vp = sums._version, positives._version
+    channel_stats(torch.randn(4, 3, 5), sums, positives)
+    assert sums._version > vs and positives._version > vp

@@ -313,3 +313,19 @@ def test_prune_magnitude_cuda_equals_cpu(scope):
     assert rc.thresholds == rg.thresholds and rc.pruned == rg.pruned
     for name, value in cpu.state_dict().items():
         assert torch.equal(gpu.state_dict()[name].cpu(), value), name
+
+
+def test_in_place_writes_bump_version_counters():
+    # autograd must see that a tensor it saved was changed by the native op
+    w = torch.randn(100, requires_grad=True)
+    y = w * 1.0
+    z = (y * y).sum()  # saves y for the backward
+    before = y._version
+    ops.prune_smallest([y.detach()], 10)
+    assert y._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()
+    with torch.inference_mode():
+        t = torch.randn(50)
+    ops.prune_smallest([t], 5)  # inference tensors have no counter: no error
+    assert int((t == 0).sum()) >= 5
