@@ -7,6 +7,9 @@
   <= "avx512", up to ``nnmark._C_cpu.detected_isa()``); the ``isa`` fixture forces
   one with ``set_isa`` and restores the original afterwards.
 - ``backend``: (device, isa) pairs: cpu under every ISA, plus cuda.
+- ``cudasim``: when nnmark was built with the CUDA simulator (NNMARK_CUDA_SIM=ON),
+  ``device`` and ``backend`` also take the value "cudasim": the test gets "cpu" tensors
+  and every op runs the CUDA kernels' code on the simulator (tests/_cudasim.py).
 - Seeds: every test starts from seeds derived from its own node id (stable
   across runs, different between tests); ``rng`` is a numpy Generator seeded so.
 """
@@ -23,6 +26,8 @@ import torch
 import nnmark
 from nnmark import _C_cpu
 
+from _cudasim import SIM, use_cuda_sim
+
 CUDA = bool(nnmark.build_info()["cuda"]) and torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 requires_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA GPU")
@@ -34,6 +39,8 @@ ISAS = ALL_ISAS[: ALL_ISAS.index(_DETECTED) + 1] if _DETECTED in ALL_ISAS else (
 # (device, isa) pairs: the CPU under every SIMD path, CUDA once (the ISA does not apply).
 BACKENDS = [("cpu", i) for i in ISAS] + ([("cuda", None)] if CUDA else [])
 BACKEND_IDS = [f"cpu-{i}" if d == "cpu" else d for d, i in BACKENDS]
+# The device fixtures' values: the devices, plus the simulator when built.
+SIM_PARAMS = ["cudasim"] if SIM is not None else []
 
 
 @contextlib.contextmanager
@@ -89,9 +96,61 @@ def devices() -> list[str]:
     return list(DEVICES)
 
 
-@pytest.fixture(params=DEVICES)
+def on_cuda_sim() -> bool:
+    """Whether the ops run on the CUDA simulator now (inside a "cudasim" test): big sizes skip it."""
+    from nnmark import _ext
+
+    return not isinstance(_ext.cpu, type(_C_cpu))
+
+
+@contextlib.contextmanager
+def _on(device: str):
+    """Yields the torch device for ``device``; "cudasim" is "cpu" with the ops on the simulator."""
+    if device == "cudasim":
+        with use_cuda_sim():
+            yield "cpu"
+    else:
+        yield device
+
+
+class Gpu:
+    """Where a CPU/CUDA parity test runs its CUDA side: a real GPU ("cuda") or the CUDA
+    simulator ("cudasim": CPU tensors, the ops run on it inside ``run()``)."""
+
+    def __init__(self, name: str, order: str = "forward", seed: int = 0, module=None):
+        self.name, self.order, self.seed, self.module = name, order, seed, module  # module: another simulator build
+
+    def put(self, t: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """A copy of ``t`` on the device; with ``offset``, a view ``offset`` elements into a larger
+        buffer (so not 16-byte aligned)."""
+        dev = "cuda" if self.name == "cuda" else "cpu"
+        buf = torch.ones(t.numel() + offset + 3, dtype=t.dtype, device=dev)
+        view = buf[offset:offset + t.numel()].view(t.shape)
+        view.copy_(t)
+        return view
+
+    def run(self):
+        if self.name == "cudasim":
+            return use_cuda_sim(self.order, self.seed, self.module)
+        return contextlib.nullcontext()
+
+
+GPUS = (["cuda"] if CUDA else []) + SIM_PARAMS
+
+
+@pytest.fixture(params=GPUS)
+def gpu(request) -> Gpu:
+    """A real GPU and/or the CUDA simulator (none: the test is skipped)."""
+    return Gpu(request.param)
+
+
+gpu_side = gpu  # the same fixture, for tests whose own variable is named ``gpu``
+
+
+@pytest.fixture(params=DEVICES + SIM_PARAMS)
 def device(request) -> str:
-    return request.param
+    with _on(request.param) as dev:
+        yield dev
 
 
 @pytest.fixture(params=ISAS)
@@ -100,12 +159,12 @@ def isa(request):
         yield request.param
 
 
-@pytest.fixture(params=BACKENDS, ids=BACKEND_IDS)
+@pytest.fixture(params=BACKENDS + [(s, None) for s in SIM_PARAMS], ids=BACKEND_IDS + SIM_PARAMS)
 def backend(request):
     """Yields the device string; on the CPU with the SIMD path forced (and restored after)."""
     dev, name = request.param
-    with use_isa(name):
-        yield dev
+    with use_isa(name), _on(dev) as torch_dev:
+        yield torch_dev
 
 
 @pytest.fixture(autouse=True)

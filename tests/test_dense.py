@@ -119,14 +119,18 @@ def test_dense_device_mismatch_cuda():
         nnmark.dense_projection(torch.ones(5, device="cuda"), torch.ones(3, 5))
 
 
-@requires_cuda
-def test_dense_cpu_cuda_parity(rng):
+def test_dense_cpu_cuda_parity(gpu, rng):
     X = torch.from_numpy(rng.standard_normal((256, 576)))
     w = torch.from_numpy(rng.standard_normal((3, 576)))
     p_cpu = nnmark.dense_projection(w, X)
-    p_gpu = nnmark.dense_projection(w.cuda(), X.cuda())
+    wg = gpu.put(w).requires_grad_(True)
+    with gpu.run():
+        p_gpu = nnmark.dense_projection(wg, gpu.put(X))
+        p_gpu.sum().backward()
     assert torch.equal((p_gpu > 0).cpu(), p_cpu > 0)
-    torch.testing.assert_close(p_gpu.cpu(), p_cpu, rtol=0, atol=1e-9 * 24 * float(X.abs().max() * w.abs().max()))
+    torch.testing.assert_close(p_gpu.detach().cpu(), p_cpu, rtol=0,
+                               atol=1e-9 * 24 * float(X.abs().max() * w.abs().max()))
+    torch.testing.assert_close(wg.grad.cpu(), X.sum(0).expand(3, -1), rtol=0, atol=1e-9 * 16 * float(X.abs().max()))
 
 
 # ---------------------------------------------------------------------------- DenseKey

@@ -427,3 +427,47 @@ def test_cuda_graph_equals_eager(tmp_path, x):
     # reversed order through the graph: the same rows
     rev, _ = trigger_logits(Net, sources[::-1], xc)
     assert torch.allclose(rev.flip(0)[ok], graph[ok], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- device errors fail the run
+class _Failing(nn.Module):
+    """A module source whose forward raises ``exc`` (a device error, mocked on the CPU)."""
+
+    def __init__(self, exc: BaseException):
+        super().__init__()
+        self.fc = nn.Linear(1, 1)
+        self.exc = exc
+
+    def forward(self, x):
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: an illegal memory access was encountered"),
+    RuntimeError("nnmark: CUDA error at x.cu:12 in `cudaMallocAsync(...)`: out of memory"),
+], ids=["oom", "fault", "nnmark-oom"])
+def test_device_errors_fail_the_run_instead_of_marking_the_checkpoint_invalid(x, exc):
+    good = make_net(1)
+    with pytest.raises(type(exc), match=str(exc)[:20]):
+        trigger_logits(None, [good, _Failing(exc), good], x)
+
+
+def test_other_runtime_errors_still_mark_only_that_checkpoint_invalid(x):
+    good = make_net(1)
+    logits, errors = trigger_logits(None, [good, _Failing(RuntimeError("mat1 and mat2 shapes cannot be multiplied")),
+                                           good], x)
+    assert errors[0] is None and errors[2] is None
+    assert (errors[1].status, errors[1].error_class) == ("invalid", "InferenceError")
+    assert torch.equal(logits[0], direct(good, x)) and torch.isnan(logits[1]).all()
+
+
+def test_a_device_error_while_reading_ahead_fails_the_run(x, monkeypatch):
+    from nnmark import inference
+
+    def boom(self, sd):
+        raise torch.OutOfMemoryError("CUDA out of memory while loading")
+
+    monkeypatch.setattr(inference.TriggerRunner, "align", boom)
+    with pytest.raises(torch.OutOfMemoryError):
+        trigger_logits(lambda: make_net(0), [state(make_net(1))], x)

@@ -11,7 +11,7 @@ import torch
 
 import _spec
 import nnmark
-from conftest import ISAS, num_threads, requires_cuda, use_isa
+from conftest import ISAS, num_threads, on_cuda_sim, requires_cuda, use_isa
 from nnmark.ops import keyed_projection_transpose
 
 N_VALUES = [1, 7, 17, 255, 257, 1000, 4099]
@@ -36,6 +36,11 @@ def _x_int8(subkey, T, N) -> np.ndarray:
 
 def _x(subkey, T, N) -> np.ndarray:
     return _x_int8(subkey, T, N).astype(np.float64)
+
+
+def _skip_big_on_sim(N, T):
+    if N * T > 10**6 and on_cuda_sim():
+        pytest.skip("the largest size does not run on the CUDA simulator (time)")
 
 
 def _random_carrier(rng, C, N, dtype, device) -> torch.Tensor:
@@ -69,6 +74,7 @@ def _close(got: torch.Tensor, ref: np.ndarray, atol: float) -> None:
 @pytest.mark.parametrize("T", T_VALUES)
 @pytest.mark.parametrize("N", N_VALUES)
 def test_forward_matches_spec(backend, N, T, dtype, rng):
+    _skip_big_on_sim(N, T)
     sk = _subkey_for(N, T)
     X = _x(sk, T, N)
     for C in (None, 1, 3):  # None: a single [N] carrier
@@ -87,6 +93,7 @@ def test_forward_matches_spec(backend, N, T, dtype, rng):
 @pytest.mark.parametrize("T", T_VALUES)
 @pytest.mark.parametrize("N", N_VALUES)
 def test_transpose_matches_spec(backend, N, T, dtype, rng):
+    _skip_big_on_sim(N, T)
     sk = _subkey_for(N, T)
     X = _x(sk, T, N)
     for C in (None, 1, 3):
@@ -102,6 +109,7 @@ def test_transpose_matches_spec(backend, N, T, dtype, rng):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("N,T", [(1, 1), (17, 129), (257, 64), (1000, 31), (4099, 256)])
 def test_backward_is_transpose(backend, N, T, dtype, rng):
+    _skip_big_on_sim(N, T)
     sk = _subkey_for(N, T)
     X = _x(sk, T, N)
     for C in (None, 3):
@@ -255,26 +263,29 @@ def test_isas_agree_on_bits(rng):
 
 
 # ---------------------------------------------------------------------------- CPU / CUDA parity
-@requires_cuda
 @pytest.mark.parametrize("N,T", [(1, 1), (255, 129), (4099, 256), (70_000, 1000)])
-def test_cpu_cuda_parity(N, T, rng):
+def test_cpu_cuda_parity(gpu, N, T, rng):
+    if gpu.name == "cudasim" and N * T > 10**7:
+        pytest.skip("the largest size does not run on the simulator (time)")
     sk = _subkey_for(N, T)
     w = torch.from_numpy(rng.standard_normal((3, N)))
+    wi = torch.from_numpy(rng.integers(-8, 9, size=(3, N)).astype(np.float32))
+    w32 = w.float()
+    gp = torch.from_numpy(rng.standard_normal((3, T)))
     p_cpu = nnmark.keyed_projection(w, sk, T)
-    p_gpu = nnmark.keyed_projection(w.cuda(), sk, T)
-    assert p_gpu.is_cuda
+    with gpu.run():
+        p_gpu = nnmark.keyed_projection(gpu.put(w), sk, T)
+        pi_gpu = nnmark.keyed_projection(gpu.put(wi), sk, T).cpu()
+        p32_gpu = nnmark.keyed_projection(gpu.put(w32), sk, T).cpu()
+        g_gpu = keyed_projection_transpose(gpu.put(gp), sk, N).cpu()
+    assert p_gpu.is_cuda == (gpu.name == "cuda")
     assert torch.equal((p_gpu > 0).cpu(), p_cpu > 0)
     torch.testing.assert_close(p_gpu.cpu(), p_cpu, rtol=0, atol=_atol(1e-9, N, w))
     # float32, integer-valued carriers: sums are exact, so values and bits match exactly
-    wi = torch.from_numpy(rng.integers(-8, 9, size=(3, N)).astype(np.float32))
-    assert torch.equal(nnmark.keyed_projection(wi.cuda(), sk, T).cpu(), nnmark.keyed_projection(wi, sk, T))
+    assert torch.equal(pi_gpu, nnmark.keyed_projection(wi, sk, T))
     # float32, random carriers: close
-    w32 = w.float()
-    torch.testing.assert_close(nnmark.keyed_projection(w32.cuda(), sk, T).cpu(),
-                               nnmark.keyed_projection(w32, sk, T), rtol=0, atol=_atol(1e-4, N, w32))
-    gp = torch.from_numpy(rng.standard_normal((3, T)))
-    torch.testing.assert_close(keyed_projection_transpose(gp.cuda(), sk, N).cpu(),
-                               keyed_projection_transpose(gp, sk, N), rtol=0, atol=_atol(1e-9, T, gp))
+    torch.testing.assert_close(p32_gpu, nnmark.keyed_projection(w32, sk, T), rtol=0, atol=_atol(1e-4, N, w32))
+    torch.testing.assert_close(g_gpu, keyed_projection_transpose(gp, sk, N), rtol=0, atol=_atol(1e-9, T, gp))
 
 
 @requires_cuda

@@ -206,47 +206,37 @@ def _mixed(seed, sizes, dtypes, ties):
     return [t.to(dtypes[i % len(dtypes)]) for i, t in enumerate(_tensors(seed, sizes, torch.float64, ties))]
 
 
-def _to_cuda(t, offset):
-    """A CUDA copy of t; with `offset`, a view starting `offset` elements into a larger
-    buffer, so not 16-byte aligned (the kernels' scalar head and tail)."""
-    if not offset:
-        return t.cuda()
-    buf = torch.ones(t.numel() + offset + 3, dtype=t.dtype, device="cuda")
-    view = buf[offset:offset + t.numel()]
-    view.copy_(t)
-    return view
-
-
-def _cuda_matches_cpu(ts, ks, offset=0):
+def cuda_matches_cpu(gpu, ts, ks, offset=0):
+    """Select and prune on the CUDA side (`gpu`, views `offset` elements into their buffers:
+    the kernels' scalar head and tail) give the CPU's answers, bit for bit."""
     for k in ks:
         sel = ops.magnitude_threshold(ts, k)
-        dev = [_to_cuda(t, offset) for t in ts]
+        dev = [gpu.put(t, offset) for t in ts]
         assert offset == 0 or all(d.data_ptr() % 16 != 0 for d in dev)
-        assert ops.magnitude_threshold(dev, k) == sel, k
         work = [t.clone() for t in ts]
         assert ops.prune_smallest(work, k) == sel
-        assert ops.prune_smallest(dev, k) == sel
+        with gpu.run():
+            assert ops.magnitude_threshold(dev, k) == sel, k
+            assert ops.prune_smallest(dev, k) == sel
         for got, want in zip(dev, work):
             got = got.cpu()
             assert torch.equal(got == 0, want == 0), k  # the same weights pruned
             assert torch.equal(got, want), k
 
 
-@requires_cuda
 @pytest.mark.parametrize("dtypes", [[torch.float32], [torch.float64], [torch.float16], [torch.bfloat16],
                                     [torch.float16, torch.float32, torch.bfloat16], [torch.bfloat16, torch.float64]],
                          ids=["f32", "f64", "f16", "bf16", "mixed16-32", "mixed-64"])
 @pytest.mark.parametrize("sizes", [[1], [7, 0, 300], [16384, 16385, 0, 5], [70_000, 3, 50_001]])
 @pytest.mark.parametrize("ties", [False, True])
-def test_cuda_select_and_prune_equal_cpu(dtypes, sizes, ties):
+def test_cuda_select_and_prune_equal_cpu(gpu, dtypes, sizes, ties):
     ts = _mixed(sum(sizes) + 7, sizes, dtypes, ties)
     total = sum(sizes)
-    _cuda_matches_cpu(ts, sorted({1, total, max(1, total // 2), max(1, total // 3), max(1, total - 1)}))
+    cuda_matches_cpu(gpu, ts, sorted({1, total, max(1, total // 2), max(1, total // 3), max(1, total - 1)}))
 
 
-@requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_unaligned_views_and_partial_ties(dtype):
+def test_cuda_unaligned_views_and_partial_ties(gpu, dtype):
     # views 1 element into their buffers: the kernels' unaligned head and tail; ties at
     # every level, so k in the middle of a level prunes only the first ties, in order
     ts = _mixed(8, [40_000, 17, 33_333], [dtype], ties=True)
@@ -254,12 +244,11 @@ def test_cuda_unaligned_views_and_partial_ties(dtype):
     flat = torch.cat([t.double().abs() for t in ts])
     level = float(flat.sort().values[total // 2])
     below, equal = int((flat < level).sum()), int((flat == level).sum())
-    _cuda_matches_cpu(ts, [below + 1, below + equal // 2, below + equal - 1, total // 5], offset=1)
+    cuda_matches_cpu(gpu, ts, [below + 1, below + equal // 2, below + equal - 1, total // 5], offset=1)
 
 
-@requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_special_values(dtype):
+def test_cuda_special_values(gpu, dtype):
     t = torch.randn(5000, dtype=torch.float64).to(dtype)
     t[::7] = 0.0
     t[3::11] = -0.0
@@ -270,19 +259,19 @@ def test_cuda_special_values(dtype):
     ts = [t[:1234], t[1234:1235], t[1235:]]
     for k in (1, 600, 2500, 4500, 4700, 4990, 5000):
         want = ops.magnitude_threshold(ts, k)
-        got = ops.magnitude_threshold([x.cuda() for x in ts], k)
-        assert got[1:] == want[1:] and (got[0] == want[0] or (got[0] != got[0] and want[0] != want[0])), k
-        work, dev = [x.clone() for x in ts], [x.cuda() for x in ts]
+        work, dev = [x.clone() for x in ts], [gpu.put(x) for x in ts]
         ops.prune_smallest(work, k)
-        ops.prune_smallest(dev, k)
+        with gpu.run():
+            got = ops.magnitude_threshold(dev, k)
+            ops.prune_smallest(dev, k)
+        assert got[1:] == want[1:] and (got[0] == want[0] or (got[0] != got[0] and want[0] != want[0])), k
         for g, w in zip(dev, work):
             assert torch.equal(g.cpu() == 0, w == 0), k
             assert torch.equal(g.cpu().nan_to_num(7.0), w.nan_to_num(7.0)), k
 
 
-@requires_cuda
 @pytest.mark.parametrize("kind", ["normal", "levels", "zeros"])
-def test_cuda_float32_bitwise_equals_cpu_fast_path(kind):
+def test_cuda_float32_bitwise_equals_cpu_fast_path(gpu, kind):
     # 1.3M float32: the CPU takes its sampled fast path; results, pruned bits included
     # (-0.0 ties at a zero threshold too), are the same
     g = torch.Generator().manual_seed(12)
@@ -295,8 +284,10 @@ def test_cuda_float32_bitwise_equals_cpu_fast_path(kind):
             t[: t.numel() // 8] = -0.0
     total = sum(t.numel() for t in ts)
     for k in (1, total // 3, total // 2, total):
-        work, dev = [t.clone() for t in ts], [t.cuda() for t in ts]
-        assert ops.prune_smallest(dev, k) == ops.prune_smallest(work, k), k
+        work, dev = [t.clone() for t in ts], [gpu.put(t) for t in ts]
+        want = ops.prune_smallest(work, k)
+        with gpu.run():
+            assert ops.prune_smallest(dev, k) == want, k
         for got, want in zip(dev, work):
             assert torch.equal(got.cpu().view(torch.int32), want.view(torch.int32)), k
 
@@ -322,3 +313,19 @@ def test_prune_magnitude_cuda_equals_cpu(scope):
     assert rc.thresholds == rg.thresholds and rc.pruned == rg.pruned
     for name, value in cpu.state_dict().items():
         assert torch.equal(gpu.state_dict()[name].cpu(), value), name
+
+
+def test_in_place_writes_bump_version_counters():
+    # autograd must see that a tensor it saved was changed by the native op
+    w = torch.randn(100, requires_grad=True)
+    y = w * 1.0
+    z = (y * y).sum()  # saves y for the backward
+    before = y._version
+    ops.prune_smallest([y.detach()], 10)
+    assert y._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.backward()
+    with torch.inference_mode():
+        t = torch.randn(50)
+    ops.prune_smallest([t], 5)  # inference tensors have no counter: no error
+    assert int((t == 0).sum()) >= 5

@@ -1,10 +1,13 @@
 // _C_cuda: the optional module. Same ops as _C_cpu on device pointers, plus the
 // device index (made current for the call) and the caller's CUDA stream.
+// Built a second time against the CUDA simulator (NNMARK_CUDA_SIM=ON) as _C_cudasim,
+// where "device pointers" are host pointers (docs/cuda_sim.md).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cuda_runtime.h>
 
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -15,6 +18,10 @@
 #include "ops/projection.h"
 #include "ops/trigger_verify.h"
 
+#ifndef NNMARK_CUDA_MODULE
+#define NNMARK_CUDA_MODULE _C_cuda
+#endif
+
 namespace py = pybind11;
 using namespace nnmark;
 
@@ -23,7 +30,7 @@ template <typename T>
 T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
 }  // namespace
 
-PYBIND11_MODULE(_C_cuda, m) {
+PYBIND11_MODULE(NNMARK_CUDA_MODULE, m) {
   m.doc() = "nnmark CUDA kernels";
 
   m.def("projection_forward",
@@ -137,6 +144,21 @@ PYBIND11_MODULE(_C_cuda, m) {
     cudaRuntimeGetVersion(&v);
     return v;
   });
+#ifdef NNMARK_CUDA_SIM
+  m.attr("simulated") = true;
+  // The order the simulator runs threads (between barriers) and blocks in.
+  m.def("set_schedule", [](const std::string& order, uint64_t seed) {
+    using nnmark_sim::Order;
+    NNMARK_CHECK_ARG(order == "forward" || order == "reverse" || order == "shuffle",
+                     "order must be 'forward', 'reverse' or 'shuffle', got '", order, "'");
+    nnmark_sim::set_schedule(order == "forward" ? Order::kForward : order == "reverse" ? Order::kReverse : Order::kShuffle,
+                             seed);
+  }, py::arg("order"), py::arg("seed") = 0);
+  m.def("fail_next_mallocs", &nnmark_sim::fail_next_mallocs, py::arg("n"));
+  m.def("live_allocations", &nnmark_sim::live_allocations);
+#else
+  m.attr("simulated") = false;
+#endif
 #ifdef NNMARK_CUDA_ARCHS
   m.attr("archs") = NNMARK_CUDA_ARCHS;
 #endif

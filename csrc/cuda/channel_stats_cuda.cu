@@ -199,7 +199,7 @@ void finish(const Scratch& scr, int64_t np, int64_t C, int64_t nsc, double* sums
             cudaStream_t stream) {
   if (scr.sum == nullptr) return;
   constexpr int kFinish = 128;
-  finish_kernel<<<static_cast<unsigned>(ceil_div(C, kFinish)), kFinish, 0, stream>>>(scr.sum, scr.pos, np, C, nsc,
+  NNMARK_LAUNCH(static_cast<unsigned>(ceil_div(C, kFinish)), kFinish, 0, stream, finish_kernel)(scr.sum, scr.pos, np, C, nsc,
                                                                                      sums, positives);
   NNMARK_CUDA_CHECK(cudaGetLastError());
   NNMARK_CUDA_CHECK(cudaFreeAsync(scr.sum, stream));
@@ -225,7 +225,7 @@ void launch_rows_g(const ChannelStatsArgs& a, cudaStream_t stream) {
   check_grid(blocks);
   const Scratch scr = take_scratch(nbb, C, nsc, stream);
   auto* positives = reinterpret_cast<long long*>(a.positives);
-  rows_kernel<In, V, G><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+  NNMARK_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream, rows_kernel<In, V, G>)(
       static_cast<const In*>(a.x), B, C, S, nsc, static_cast<int>(cw), ncb, bblock, scr.sum, scr.pos, a.sums,
       positives);
   NNMARK_CUDA_CHECK(cudaGetLastError());
@@ -250,7 +250,7 @@ void launch(const ChannelStatsArgs& a, cudaStream_t stream) {
     check_grid(nrb * ncb);
     const Scratch scr = take_scratch(nrb, C, 1, stream);
     auto* positives = reinterpret_cast<long long*>(a.positives);
-    cols_kernel<In><<<static_cast<unsigned>(nrb * ncb), dim3(kColX, kColY), 0, stream>>>(
+    NNMARK_LAUNCH(static_cast<unsigned>(nrb * ncb), dim3(kColX, kColY), 0, stream, cols_kernel<In>)(
         static_cast<const In*>(a.x), R, C, ncb, rblock, scr.sum, scr.pos, a.sums, positives);
     NNMARK_CUDA_CHECK(cudaGetLastError());
     finish(scr, nrb, C, 1, a.sums, positives, stream);

@@ -6,14 +6,29 @@
 #include <stdexcept>
 #include <string>
 
+// A failed call also sets CUDA's last error; it is read (and so cleared) before the
+// throw, so that once the caller has handled a recoverable error (out of memory, a bad
+// launch shape) the next good call does not report it again. Sticky errors (a device
+// fault) stay: the runtime keeps returning them until the process ends.
 #define NNMARK_CUDA_CHECK(call)                                                        \
   do {                                                                                 \
     const cudaError_t nnmark_err_ = (call);                                            \
-    if (nnmark_err_ != cudaSuccess)                                                    \
+    if (nnmark_err_ != cudaSuccess) {                                                  \
+      (void)cudaGetLastError();                                                        \
       throw std::runtime_error(std::string("nnmark: CUDA error at ") + __FILE__ + ":" + \
                                std::to_string(__LINE__) + " in `" #call "`: " +        \
                                cudaGetErrorString(nnmark_err_));                       \
+    }                                                                                  \
   } while (0)
+
+// kernel<<<grid, block, smem, stream>>>(args) is written
+// NNMARK_LAUNCH(grid, block, smem, stream, kernel)(args), and dynamic shared memory
+// NNMARK_DYNAMIC_SHARED(type, name), so that the simulator (csrc/cudasim/sim.h, which
+// defines both its own way) can build the same sources with a host compiler.
+#ifndef NNMARK_LAUNCH
+#define NNMARK_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define NNMARK_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 
 namespace nnmark {
 

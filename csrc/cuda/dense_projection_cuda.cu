@@ -56,7 +56,7 @@ template <typename In, typename Acc>
 void launch_forward(const DenseForwardArgs& a, cudaStream_t stream) {
   NNMARK_CHECK_ARG(a.T <= 2147483647 && a.C <= 65535, "too many rows or carriers for the CUDA path: T=",
                    a.T, " C=", a.C);
-  dense_forward_kernel<In, Acc><<<dim3(static_cast<unsigned>(a.T), static_cast<unsigned>(a.C)), kThreads, 0, stream>>>(
+  NNMARK_LAUNCH(dim3(static_cast<unsigned>(a.T), static_cast<unsigned>(a.C)), kThreads, 0, stream, dense_forward_kernel<In, Acc>)(
       static_cast<const Acc*>(a.x), static_cast<const In*>(a.w), a.N, a.T, static_cast<Acc*>(a.p));
   NNMARK_CUDA_CHECK(cudaGetLastError());
 }
@@ -80,10 +80,10 @@ void dense_backward_cuda(const DenseBackwardArgs& a, uintptr_t stream_handle) {
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   const dim3 grid(static_cast<unsigned>((a.N + kThreads - 1) / kThreads), static_cast<unsigned>(a.C));
   if (a.x_dtype == kFloat64)
-    dense_backward_kernel<double><<<grid, kThreads, 0, stream>>>(
+    NNMARK_LAUNCH(grid, kThreads, 0, stream, dense_backward_kernel<double>)(
         static_cast<const double*>(a.x), static_cast<const double*>(a.gp), a.N, a.T, static_cast<double*>(a.gw));
   else
-    dense_backward_kernel<float><<<grid, kThreads, 0, stream>>>(
+    NNMARK_LAUNCH(grid, kThreads, 0, stream, dense_backward_kernel<float>)(
         static_cast<const float*>(a.x), static_cast<const float*>(a.gp), a.N, a.T, static_cast<float*>(a.gw));
   NNMARK_CUDA_CHECK(cudaGetLastError());
 }

@@ -479,9 +479,9 @@ MagnitudeSelection select(const MagnitudeList& list, int64_t total, int64_t k, c
   for (int hi = kKeyBits; hi > 0; hi -= kDigitBits, ++pass) {
     const int bits = std::min(kDigitBits, hi);
     u64* h = hist + static_cast<size_t>(pass) * kBins;
-    digit_histogram_kernel<Key><<<grid, kThreads, 0, stream>>>(table, n, state, hi, bits, h);
+    NNMARK_LAUNCH(grid, kThreads, 0, stream, digit_histogram_kernel<Key>)(table, n, state, hi, bits, h);
     NNMARK_CUDA_CHECK(cudaGetLastError());
-    choose_bucket_kernel<<<1, kScanThreads, 0, stream>>>(h, 1 << bits, hi - bits, state);
+    NNMARK_LAUNCH(1, kScanThreads, 0, stream, choose_bucket_kernel)(h, 1 << bits, hi - bits, state);
     NNMARK_CUDA_CHECK(cudaGetLastError());
   }
   SelectState out{};
@@ -525,12 +525,12 @@ void prune(const MagnitudeList& list, int64_t total, int64_t k, const MagnitudeS
   long long* tie_rank = partial ? reinterpret_cast<long long*>(scratch.get() + rank_off) : nullptr;
   NNMARK_CUDA_CHECK(cudaMemcpyAsync(scratch.get(), chunks.data(), table_bytes, cudaMemcpyHostToDevice, stream));
   if (partial) {
-    tie_count_kernel<Key><<<grid_for(tie_count_kernel<Key>, n), kThreads, 0, stream>>>(table, n, tkey, tie_rank);
+    NNMARK_LAUNCH(grid_for(tie_count_kernel<Key>, n), kThreads, 0, stream, tie_count_kernel<Key>)(table, n, tkey, tie_rank);
     NNMARK_CUDA_CHECK(cudaGetLastError());
-    exclusive_scan_kernel<<<1, kScanThreads, 0, stream>>>(tie_rank, n);
+    NNMARK_LAUNCH(1, kScanThreads, 0, stream, exclusive_scan_kernel)(tie_rank, n);
     NNMARK_CUDA_CHECK(cudaGetLastError());
   }
-  prune_kernel<Key><<<grid_for(prune_kernel<Key>, n), kThreads, 0, stream>>>(table, n, tkey, ties, tie_rank);
+  NNMARK_LAUNCH(grid_for(prune_kernel<Key>, n), kThreads, 0, stream, prune_kernel<Key>)(table, n, tkey, ties, tie_rank);
   NNMARK_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kThreads)
 projection_backward_kernel(const Acc* __restrict__ gp,  // [C, T]
                            int64_t N, int64_t T, int64_t b0, int64_t b1, uint32_t k0, uint32_t k1,
                            bool accumulate, Acc* __restrict__ gw) {  // [C, N]
-  extern __shared__ unsigned char smem_raw[];
+  NNMARK_DYNAMIC_SHARED(unsigned char, smem_raw);
   Acc* g = reinterpret_cast<Acc*>(smem_raw);  // [(b1 - b0) * 128] rows b0*128.., zero past T
   const int64_t c = blockIdx.y;
   const int64_t rows = (b1 - b0) * kRows;
@@ -144,11 +144,11 @@ void launch_forward(const ProjectionForwardArgs& a, cudaStream_t stream) {
     const size_t bytes = static_cast<size_t>(gx) * Cs * Tpad * sizeof(Acc);
     NNMARK_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&partial), bytes, stream));
     const dim3 grid(gx, static_cast<unsigned>(nblk), static_cast<unsigned>(Cs));
-    projection_forward_kernel<In, Acc><<<grid, kThreads, 0, stream>>>(
+    NNMARK_LAUNCH(grid, kThreads, 0, stream, projection_forward_kernel<In, Acc>)(
         static_cast<const In*>(a.w) + c0 * a.N, a.N, Tpad, a.k0, a.k1, partial);
     NNMARK_CUDA_CHECK(cudaGetLastError());
     const int64_t outs = Cs * a.T;
-    reduce_partials_kernel<Acc><<<static_cast<unsigned>((outs + 255) / 256), 256, 0, stream>>>(
+    NNMARK_LAUNCH(static_cast<unsigned>((outs + 255) / 256), 256, 0, stream, reduce_partials_kernel<Acc>)(
         partial, gx, Cs, a.T, Tpad, static_cast<Acc*>(a.p) + c0 * a.T);
     NNMARK_CUDA_CHECK(cudaGetLastError());
     NNMARK_CUDA_CHECK(cudaFreeAsync(partial, stream));
@@ -167,7 +167,7 @@ void launch_backward(const ProjectionBackwardArgs& a, cudaStream_t stream) {
     for (int64_t b0 = 0; b0 < nblk; b0 += tile) {
       const int64_t b1 = std::min(nblk, b0 + tile);
       const size_t smem = static_cast<size_t>(b1 - b0) * kRows * sizeof(Acc);
-      projection_backward_kernel<Acc><<<dim3(gx, static_cast<unsigned>(Cs)), kThreads, smem, stream>>>(
+      NNMARK_LAUNCH(dim3(gx, static_cast<unsigned>(Cs)), kThreads, smem, stream, projection_backward_kernel<Acc>)(
           static_cast<const Acc*>(a.gp) + c0 * a.T, a.N, a.T, b0, b1, a.k0, a.k1, b0 > 0,
           static_cast<Acc*>(a.gw) + c0 * a.N);
       NNMARK_CUDA_CHECK(cudaGetLastError());

@@ -143,14 +143,14 @@ void launch(const TriggerVerifyArgs& a, cudaStream_t stream) {
   const In* logits = static_cast<const In*>(a.logits);
   const unsigned grid = static_cast<unsigned>(items);
   if (a.C <= 16)
-    trigger_tile_kernel<In, Acc, 1><<<grid, kThreads, 0, stream>>>(logits, a.labels, a.B, a.C, tiles, partial);
+    NNMARK_LAUNCH(grid, kThreads, 0, stream, trigger_tile_kernel<In, Acc, 1>)(logits, a.labels, a.B, a.C, tiles, partial);
   else if (a.C <= 128)
-    trigger_tile_kernel<In, Acc, 8><<<grid, kThreads, 0, stream>>>(logits, a.labels, a.B, a.C, tiles, partial);
+    NNMARK_LAUNCH(grid, kThreads, 0, stream, trigger_tile_kernel<In, Acc, 8>)(logits, a.labels, a.B, a.C, tiles, partial);
   else
-    trigger_tile_kernel<In, Acc, 32><<<grid, kThreads, 0, stream>>>(logits, a.labels, a.B, a.C, tiles, partial);
+    NNMARK_LAUNCH(grid, kThreads, 0, stream, trigger_tile_kernel<In, Acc, 32>)(logits, a.labels, a.B, a.C, tiles, partial);
   NNMARK_CUDA_CHECK(cudaGetLastError());
   constexpr int kFinish = 128;
-  trigger_finish_kernel<<<static_cast<unsigned>((a.K + kFinish - 1) / kFinish), kFinish, 0, stream>>>(
+  NNMARK_LAUNCH(static_cast<unsigned>((a.K + kFinish - 1) / kFinish), kFinish, 0, stream, trigger_finish_kernel)(
       partial, a.K, a.B, tiles, a.null_rate, a.hits, a.margin, a.p_value);
   NNMARK_CUDA_CHECK(cudaGetLastError());
   NNMARK_CUDA_CHECK(cudaFreeAsync(partial, stream));

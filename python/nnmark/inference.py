@@ -180,6 +180,23 @@ class TriggerRunner:
         return self._forward()
 
 
+# What a failing device says: these end the run instead of marking one checkpoint
+# invalid (after an out-of-memory error every later checkpoint may fail the same way,
+# and after a device fault every later CUDA call does).
+_DEVICE_ERROR_TEXT = ("CUDA error", "CUDA out of memory", "CUBLAS_STATUS", "cuDNN error", "CUDNN_STATUS",
+                      "device-side assert", "out of memory", "HIP error")
+
+
+def is_device_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the device failing (out of memory, a fault), not the checkpoint."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    accel = getattr(torch, "AcceleratorError", None)  # torch >= 2.8: CUDA errors raise it
+    if accel is not None and isinstance(exc, accel):
+        return True
+    return isinstance(exc, RuntimeError) and any(t in str(exc) for t in _DEVICE_ERROR_TEXT)
+
+
 def _prepare(source, runner: TriggerRunner | None):
     """A source made ready to run, on the read-ahead thread: a module, or the tensors the
     model needs (read here: from files, or from a lazy state dict), or the
@@ -197,6 +214,8 @@ def _prepare(source, runner: TriggerRunner | None):
         return CheckpointError("unsupported", "UnsupportedSource", f"a source must be a module, a state dict or a "
                                                                    f"checkpoint path, got {type(source).__name__}")
     except Exception as exc:  # noqa: BLE001 - one source's problem, reported in its row
+        if is_device_error(exc):
+            raise
         return error_of(exc, os.fspath(source) if isinstance(source, (str, os.PathLike)) else None)
 
 
@@ -255,6 +274,8 @@ def trigger_logits(factory, sources: Sequence, x: torch.Tensor, device=None, cud
             except CheckpointError as exc:
                 errors[k] = exc
             except RuntimeError as exc:  # e.g. a dtype the architecture cannot take
+                if is_device_error(exc):  # the device, not this checkpoint: fail the run loudly
+                    raise
                 errors[k] = CheckpointError("invalid", "InferenceError", f"running the checkpoint failed: "
                                                                          f"{str(exc).splitlines()[0]}")
             if progress is not None:

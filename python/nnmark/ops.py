@@ -373,6 +373,15 @@ def _list_args(ts: list[torch.Tensor]) -> tuple[list[int], list[int], list[int]]
     return [t.data_ptr() for t in ts], [t.numel() for t in ts], [DTYPE_CODES[t.dtype] for t in ts]
 
 
+def _written(*tensors: torch.Tensor) -> None:
+    """Bumps the version counters of tensors a native op wrote in place (as torch's own
+    in-place ops do), so autograd sees that saved tensors changed. Inference-mode
+    tensors have no counter."""
+    ts = [t for t in tensors if not t.is_inference()]
+    if ts:
+        torch.autograd.graph.increment_version(ts)
+
+
 def _cuda_args(device: torch.device) -> tuple[int, int]:
     """Device index and the current stream's handle, for a _C_cuda call."""
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -415,6 +424,7 @@ def prune_smallest(tensors, k: int) -> tuple[float, int, int]:
         _ext.cuda_module().magnitude_prune(*_list_args(ts), int(k), thr, below, equal, *_cuda_args(device))
     else:
         _ext.cpu.magnitude_prune(*_list_args(ts), int(k), thr, below, equal)
+    _written(*ts)
     return thr, below, equal
 
 
@@ -477,4 +487,5 @@ def channel_stats(x, sums=None, positives=None) -> tuple[torch.Tensor, torch.Ten
                                          positives.data_ptr(), a.device, a.stream)
     else:
         _ext.cpu.channel_stats(a.ptr, a.dtype, B, C, S, channels_last, sums.data_ptr(), positives.data_ptr())
+    _written(sums, positives)
     return sums, positives

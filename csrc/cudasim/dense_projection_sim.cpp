@@ -1,0 +1,2 @@
+// dense_projection_cuda.cu built for the host against the CUDA simulator (sim.h).
+#include "cuda/dense_projection_cuda.cu"

@@ -1,0 +1,3 @@
+// Stand-in for CUDA's <math_constants.h> in the simulator build (csrc/cudasim/sim.h).
+#pragma once
+#include "cudasim/sim.h"
