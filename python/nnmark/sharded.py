@@ -39,6 +39,10 @@ def layout(t) -> str:
     return f"placements {tuple(t.placements)} on a {mesh.ndim}-D device mesh of shape {tuple(mesh.shape)}"
 
 
+# What the marks communicated in this process (benchmarks read it): all-reduces and bytes.
+COMM = {"all_reduces": 0, "bytes": 0}
+
+
 class _SumOverRanks(torch.autograd.Function):
     """All-reduce (sum) of the partial projections; the backward is the identity (see the
     module docstring: each rank's penalty is the same function of the summed ``p``)."""
@@ -49,6 +53,8 @@ class _SumOverRanks(torch.autograd.Function):
 
         out = part.contiguous().clone()
         dist.all_reduce(out, group=group)
+        COMM["all_reduces"] += 1
+        COMM["bytes"] += out.numel() * out.element_size()
         return out
 
     @staticmethod
