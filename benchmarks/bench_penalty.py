@@ -35,6 +35,12 @@ Check (before timing, at one model state): the carrier's gradient with the hook
 each equal the plain gradient plus d(penalty)/d(carrier) computed directly
 (allclose); after timing, the hook has run at every one of its steps.
 
+Two more cases (--cases): "compiled" times torch.compile(fullgraph=True) of forward + loss
+with and without Uchida.penalty in the loss (backward and step eager; graph breaks counted
+with torch._dynamo.explain); "sharded" runs FSDP2 (fully_shard per BasicBlock and the root)
+in 2 processes over gloo on the CPU, with and without PenaltyHook, and reports the bytes
+the mark communicates per step (nnmark.sharded.COMM: one all-reduce of T floats).
+
 Usage:
   python benchmarks/bench_penalty.py                     # batch 32x3x112x112, 5 rounds x 10 steps
   python benchmarks/bench_penalty.py --quick             # smoke run: tiny batch, few steps
@@ -358,6 +364,186 @@ def _markdown(res: dict, meta: dict, targets: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ================================================================== compiled and sharded cases
+def _interleaved(fns: dict, rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Per side, the median step time of each round; sides interleaved step by step (order rotated)."""
+    names = list(fns)
+    for i in range(warmup):
+        for n in names:
+            fns[n](i)
+    med: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        t: dict[str, list[float]] = {n: [] for n in names}
+        for i in range(steps):
+            k = (i + r) % len(names)
+            for n in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                fns[n](i)
+                t[n].append(time.perf_counter() - t0)
+        for n in names:
+            med[n].append(statistics.median(t[n]))
+    return med
+
+
+def _case_stats(med: dict[str, list[float]], base: str) -> dict:
+    out = {n: {"per_step_s": _spread(v)} for n, v in med.items()}
+    for n in med:
+        if n != base:
+            out[n]["overhead_vs_plain"] = _spread([b / a - 1 for a, b in zip(med[base], med[n])])
+    return out
+
+
+def _key():
+    import nnmark
+
+    return nnmark.WhiteBoxKey(SECRET, CARRIER, nnmark.message_bits(MESSAGE, BITS), reduction="filter_mean",
+                              shape=CARRIER_SHAPE)
+
+
+def run_compiled(args, console) -> dict:
+    """torch.compile(fullgraph=True) of the forward + loss, with and without the penalty in
+    the loss; backward and the optimizer step eager. Graph breaks counted by dynamo.explain."""
+    import torch
+    import torch.nn.functional as F
+
+    import nnmark
+
+    torch.manual_seed(0)
+    model = resnet18(args.classes).train()
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(args.batch, 3, args.image, args.image, generator=gen),
+                torch.randint(0, args.classes, (args.batch,), generator=gen)) for _ in range(BATCH_POOL)]
+    uchida = nnmark.Uchida(_key(), strength=STRENGTH)
+
+    def plain(x, y):
+        return F.cross_entropy(model(x), y)
+
+    def penalised(x, y):
+        return F.cross_entropy(model(x), y) + uchida.penalty(model)
+
+    torch._dynamo.reset()
+    breaks = torch._dynamo.explain(penalised)(*batches[0]).graph_break_count
+    compiled = {"compiled": torch.compile(plain, fullgraph=True, backend=args.compile_backend),
+                "compiled+penalty": torch.compile(penalised, fullgraph=True, backend=args.compile_backend)}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        eager_loss = float(penalised(*batches[0]))
+        compiled_loss = float(compiled["compiled+penalty"](*batches[0]))
+    console.print(f"compiled ({args.compile_backend}) in {time.perf_counter() - t0:.0f} s; graph breaks {breaks}")
+
+    def stepper(fn):
+        def one(i: int) -> None:
+            x, y = batches[i % BATCH_POOL]
+            loss = fn(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return one
+
+    med = _interleaved({n: stepper(f) for n, f in compiled.items()}, args.rounds, args.steps, args.warmup)
+    return {"backend": args.compile_backend, "graph_breaks": breaks, "loss_eager": eager_loss,
+            "loss_compiled": compiled_loss, "sides": _case_stats(med, "compiled")}
+
+
+def _sharded_worker(rank: int, world: int, init_file: str, args, out_path: str) -> None:
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.distributed.fsdp import fully_shard
+
+    import nnmark
+    from nnmark import sharded
+
+    torch.set_num_threads(args.sharded_threads)
+    nnmark.set_num_threads(args.sharded_threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = resnet18(args.classes).train()
+        for m in model.modules():
+            if type(m).__name__ == "BasicBlock":
+                fully_shard(m)
+        fully_shard(model)
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+        hook = nnmark.PenaltyHook(model, _key(), strength=STRENGTH)
+        gen = torch.Generator().manual_seed(1 + rank)
+        batches = [(torch.randn(args.batch, 3, args.image, args.image, generator=gen),
+                    torch.randint(0, args.classes, (args.batch,), generator=gen)) for _ in range(BATCH_POOL)]
+        hook_steps = 0
+
+        def one(i: int, with_hook: bool) -> None:
+            nonlocal hook_steps
+            if with_hook:
+                hook.attach(opt)
+                hook_steps += 1
+            try:
+                x, y = batches[i % BATCH_POOL]
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            finally:
+                hook.remove()
+
+        sent0 = dict(sharded.COMM)
+        med = _interleaved({"FSDP2": lambda i: one(i, False), "FSDP2+PenaltyHook": lambda i: one(i, True)},
+                           args.rounds, args.steps, args.warmup)
+        sent = {k: sharded.COMM[k] - sent0[k] for k in sent0}
+        local = model.get_parameter(CARRIER).to_local()
+        res = {"world": world, "threads_per_rank": args.sharded_threads, "sides": _case_stats(med, "FSDP2"),
+               "hook_steps": hook_steps, "mark_all_reduces_per_step": sent["all_reduces"] / hook_steps,
+               "mark_bytes_per_step": sent["bytes"] / hook_steps, "carrier_shard_shape": list(local.shape),
+               "carrier_bytes_whole": 4 * int(torch.tensor(CARRIER_SHAPE).prod())}
+        if rank == 0:
+            with open(out_path, "w") as f:
+                json.dump(res, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_sharded(args, console) -> dict:
+    """FSDP2 (fully_shard per BasicBlock and the root) over gloo on the CPU, 2 processes: the
+    step with and without PenaltyHook, and the bytes the mark communicates per step."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "sharded.json")
+        mp.spawn(_sharded_worker, args=(2, os.path.join(tmp, "init"), args, out), nprocs=2, join=True)
+        with open(out) as f:
+            return json.load(f)
+
+
+def _print_cases(console, res: dict) -> None:
+    from rich.table import Table
+
+    for case, title in (("compiled", "torch.compile(fullgraph=True) step"), ("sharded", "FSDP2 step, 2 ranks")):
+        if case not in res:
+            continue
+        c = res[case]
+        t = Table(title=title)
+        for col in ("side", "per step\n(median of rounds)", "overhead vs plain\n(median)", "min - max"):
+            t.add_column(col, justify="right")
+        for side, v in c["sides"].items():
+            o = v.get("overhead_vs_plain")
+            t.add_row(side, fmt_time(v["per_step_s"]["median"]), _pct(o["median"]) if o else "-",
+                      f"{_pct(o['min'])} - {_pct(o['max'])}" if o else "-")
+        console.print(t)
+    if "compiled" in res:
+        c = res["compiled"]
+        console.print(f"compiled: graph breaks {c['graph_breaks']}; loss eager {c['loss_eager']:.6f}, compiled "
+                      f"{c['loss_compiled']:.6f}")
+    if "sharded" in res:
+        c = res["sharded"]
+        console.print(f"sharded: the mark sends {c['mark_bytes_per_step']:.0f} bytes in "
+                      f"{c['mark_all_reduces_per_step']:.0f} all-reduce per step (T = {BITS} floats); carrier "
+                      f"shard {c['carrier_shard_shape']} of {list(CARRIER_SHAPE)} ({c['carrier_bytes_whole']} bytes "
+                      f"whole, never gathered by the mark)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: batch 4x3x32x32, 2 rounds x 3 steps")
@@ -374,7 +560,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=_positive_int, default=None,
                     help="set torch and nnmark threads (default: all cores)")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"JSON output (default {DEFAULT_JSON})")
+    ap.add_argument("--cases", default="eager,compiled,sharded",
+                    help="comma-separated: eager (the three sides above), compiled (torch.compile fullgraph), "
+                         "sharded (FSDP2, 2 processes over gloo); default all")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    ap.add_argument("--sharded-threads", type=_positive_int, default=1, help="threads per rank, sharded case")
     args = ap.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    bad = sorted(set(cases) - {"eager", "compiled", "sharded"})
+    if bad or not cases:
+        ap.error(f"--cases takes eager, compiled, sharded; got {args.cases!r}")
     q = args.quick
     args.batch = args.batch or (4 if q else 32)
     args.image = args.image or (32 if q else 112)
@@ -400,7 +595,23 @@ def main(argv=None) -> int:
     meta = run_meta("cpu")
     t_start = time.perf_counter()
     load = OtherLoad()
+    if "eager" not in cases:  # only the new cases
+        res = {}
+        if "compiled" in cases:
+            res["compiled"] = run_compiled(args, console)
+        if "sharded" in cases:
+            res["sharded"] = run_sharded(args, console)
+        _print_cases(console, res)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"benchmark": "bench_penalty", "meta": meta, **res}, f, indent=1)
+        console.print(f"JSON: {args.json}")
+        return 0
     res = run(args, console)
+    if "compiled" in cases:
+        res["compiled"] = run_compiled(args, console)
+    if "sharded" in cases:
+        res["sharded"] = run_sharded(args, console)
     meta["loadavg_end"] = os.getloadavg()
     meta["wall_s"] = time.perf_counter() - t_start
     meta["other_processes_cores_avg"] = load.cores(meta["wall_s"])
@@ -450,6 +661,7 @@ def main(argv=None) -> int:
     console.print(f"wall time {meta['wall_s']:.0f} s; load average start {meta['loadavg_start'][0]:.2f}, "
                   f"end {meta['loadavg_end'][0]:.2f}; CPU used by other processes meanwhile: "
                   f"{meta['other_processes_cores_avg']:.2f} cores on average")
+    _print_cases(console, res)
     console.print("\nmarkdown for benchmarks/RESULTS.md:\n")
     console.print(_markdown(res, meta, targets), markup=False, highlight=False, soft_wrap=True)
 

@@ -36,19 +36,19 @@ PYBIND11_MODULE(_C_cpu, m) {
 
   m.def("projection_forward",
         [](uintptr_t w, int w_dtype, int64_t C, int64_t N, int64_t T, uint32_t k0, uint32_t k1,
-           uintptr_t p) {
-          projection_forward_cpu({ptr<const void>(w), w_dtype, C, N, T, k0, k1, ptr<void>(p)});
+           uintptr_t p, int64_t col0) {
+          projection_forward_cpu({ptr<const void>(w), w_dtype, C, N, T, k0, k1, ptr<void>(p), col0});
         },
         py::arg("w"), py::arg("w_dtype"), py::arg("C"), py::arg("N"), py::arg("T"), py::arg("k0"),
-        py::arg("k1"), py::arg("p"), py::call_guard<py::gil_scoped_release>());
+        py::arg("k1"), py::arg("p"), py::arg("col0") = 0, py::call_guard<py::gil_scoped_release>());
 
   m.def("projection_backward",
         [](uintptr_t gp, int gp_dtype, int64_t C, int64_t N, int64_t T, uint32_t k0, uint32_t k1,
-           uintptr_t gw) {
-          projection_backward_cpu({ptr<const void>(gp), gp_dtype, C, N, T, k0, k1, ptr<void>(gw)});
+           uintptr_t gw, int64_t col0) {
+          projection_backward_cpu({ptr<const void>(gp), gp_dtype, C, N, T, k0, k1, ptr<void>(gw), col0});
         },
         py::arg("gp"), py::arg("gp_dtype"), py::arg("C"), py::arg("N"), py::arg("T"), py::arg("k0"),
-        py::arg("k1"), py::arg("gw"), py::call_guard<py::gil_scoped_release>());
+        py::arg("k1"), py::arg("gw"), py::arg("col0") = 0, py::call_guard<py::gil_scoped_release>());
 
   // One float64 carrier w [N] under K subkeys [K, 2] (uint32) -> p [K, T] float64.
   m.def("projection_many_keys",

@@ -550,7 +550,7 @@ void forward_run(const ProjectionForwardArgs& a) {
         }
       }
       for (int64_t b = 0; b < nblk; ++b) {
-        philox_fill(isa, static_cast<uint64_t>(i0), len, static_cast<uint32_t>(b), a.k0, a.k1, bits.data());
+        philox_fill(isa, static_cast<uint64_t>(a.col0 + i0), len, static_cast<uint32_t>(b), a.k0, a.k1, bits.data());
         for (int64_t c = 0; c < C; ++c) {
           double* Ac = A + c * Tpad + b * kBlock;
           if constexpr (kFixed) {
@@ -597,7 +597,7 @@ void backward_impl(const ProjectionBackwardArgs& a) {
     for (int64_t i0 = ib; i0 < ie; i0 += kChunk) {
       const int64_t len = std::min(kChunk, ie - i0);
       for (int64_t b = 0; b < nblk; ++b)
-        philox_fill(isa, static_cast<uint64_t>(i0), len, static_cast<uint32_t>(b), a.k0, a.k1,
+        philox_fill(isa, static_cast<uint64_t>(a.col0 + i0), len, static_cast<uint32_t>(b), a.k0, a.k1,
                     bits.data() + b * kChunk * 4);
       for (int64_t c = 0; c < C; ++c)
         bwd_chunk<Acc>(isa, bits.data(), len, nblk, g.data() + c * Tpad, G[c], gw + c * N + i0);

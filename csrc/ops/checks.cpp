@@ -12,6 +12,7 @@ void check_projection_args(const ProjectionForwardArgs& a) {
   NNMARK_CHECK_ARG(a.N >= 1, "carrier length N must be >= 1, got ", a.N);
   NNMARK_CHECK_ARG(a.T >= 1 && a.T <= (int64_t{1} << 37), "bit count T must be in [1, 2^37], got ", a.T);
   NNMARK_CHECK_ARG(a.w != nullptr && a.p != nullptr, "null data pointer");
+  NNMARK_CHECK_ARG(a.col0 >= 0, "first column index col0 must be >= 0, got ", a.col0);
 }
 
 void check_projection_args(const ProjectionBackwardArgs& a) {
@@ -21,6 +22,7 @@ void check_projection_args(const ProjectionBackwardArgs& a) {
   NNMARK_CHECK_ARG(a.N >= 1, "carrier length N must be >= 1, got ", a.N);
   NNMARK_CHECK_ARG(a.T >= 1 && a.T <= (int64_t{1} << 37), "bit count T must be in [1, 2^37], got ", a.T);
   NNMARK_CHECK_ARG(a.gp != nullptr && a.gw != nullptr, "null data pointer");
+  NNMARK_CHECK_ARG(a.col0 >= 0, "first column index col0 must be >= 0, got ", a.col0);
 }
 
 void check_projection_args(const ProjectionManyKeysArgs& a) {

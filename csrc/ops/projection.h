@@ -15,6 +15,9 @@ struct ProjectionForwardArgs {
   int64_t C, N, T;
   uint32_t k0, k1;  // subkey
   void* p;          // [C, T] projections, float64 if w is float64, else float32
+  // Global index of column 0: a shard of a larger carrier projects with the counters of
+  // its own columns (col0 + i). CPU only; the CUDA twins take col0 == 0.
+  int64_t col0 = 0;
 };
 
 struct ProjectionBackwardArgs {
@@ -23,6 +26,7 @@ struct ProjectionBackwardArgs {
   int64_t C, N, T;
   uint32_t k0, k1;
   void* gw;        // [C, N] gradient of the carriers, same dtype as gp
+  int64_t col0 = 0;  // global index of column 0, as in ProjectionForwardArgs
 };
 
 // One carrier under many subkeys (a key search, e.g. nnmark.attacks.forge_key):

@@ -39,6 +39,7 @@ from . import ops
 from ._keyfile import (NumberError, f32_field, file_type, int_field, int_list, is_int, open_regular, parse_json,
                        read_fd, read_regular, secret_field, show, write_atomic)
 from .carriers import REDUCTIONS, carrier_length, reduce_carrier
+from .sharded import is_dtensor, project_sharded
 
 FORMAT = "nnmark-key"
 VERSION = 1
@@ -262,13 +263,20 @@ class WhiteBoxKeyBase:
             tensor, batched = torch.stack([torch.as_tensor(t) for t in tensor]), True
         if not isinstance(tensor, torch.Tensor):
             tensor = torch.as_tensor(tensor)
+        if not batched and is_dtensor(tensor):  # a sharded carrier: each rank projects its shard
+            if self.shape is not None and tuple(tensor.shape) != self.shape:
+                raise ValueError(f"carrier {self.carrier!r} has shape {list(tensor.shape)}, "
+                                 f"the key expects {list(self.shape)}")
+            return project_sharded(self, tensor)
         if self.shape is not None:
             got = tuple(tensor.shape[1:] if batched else tensor.shape)
             if got != self.shape:
                 raise ValueError(f"carrier {self.carrier!r} has shape {list(got)}, the key expects {list(self.shape)}")
         return self.project_vectors(self.reduce(tensor, batched=batched))
 
-    def project_vectors(self, v: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+    def project_vectors(self, v: torch.Tensor, col0: int | None = None) -> torch.Tensor:  # pragma: no cover
+        """Projections of reduced carrier vectors ``v`` ``[..., L]``: whole carriers, or, with
+        ``col0``, a piece whose first element is at index ``col0`` of the whole carrier."""
         raise NotImplementedError
 
     @property
@@ -315,6 +323,10 @@ class WhiteBoxKey(WhiteBoxKeyBase):
             raise ValueError(f"secret must be {SECRET_BYTES} bytes, got {got}")
         super().__init__(carrier, bits, reduction, shape)
         self._secret = bytes(secret)
+        # Derived once: a training step calls subkey() every time, and torch.compile
+        # cannot trace hashlib (each call would break the graph).
+        k0, k1 = projection_subkeys(self._secret, self.carrier)[0].tolist()
+        self._subkey = (k0, k1)
         min_bits_warning(self.num_bits)
 
     @classmethod
@@ -339,11 +351,10 @@ class WhiteBoxKey(WhiteBoxKeyBase):
 
     def subkey(self) -> tuple[int, int]:
         """Philox key (k0, k1) of this carrier (spec v1 step 1). Secret: do not log."""
-        k0, k1 = projection_subkeys(self._secret, self.carrier)[0].tolist()
-        return k0, k1
+        return self._subkey
 
-    def project_vectors(self, v: torch.Tensor) -> torch.Tensor:
-        return ops.keyed_projection(v, self.subkey(), self.num_bits)
+    def project_vectors(self, v: torch.Tensor, col0: int | None = None) -> torch.Tensor:
+        return ops.keyed_projection(v, self.subkey(), self.num_bits, col0 or 0)
 
     def _ledger_mac_key(self) -> bytes:
         return derive_ledger_mac_key(self._secret)
@@ -489,11 +500,12 @@ class DenseKey(WhiteBoxKeyBase):
     def _ledger_mac_key(self) -> bytes:
         return derive_ledger_mac_key(self._matrix.numpy().tobytes())  # the matrix is this key's secret
 
-    def project_vectors(self, v: torch.Tensor) -> torch.Tensor:
-        if v.shape[-1] != self._matrix.shape[1]:
-            raise ValueError(f"carrier {self.carrier!r} reduces to length {v.shape[-1]}, "
-                             f"the key's matrix expects {self._matrix.shape[1]}")
-        return ops.dense_projection(v, self._matrix.to(v.device))
+    def project_vectors(self, v: torch.Tensor, col0: int | None = None) -> torch.Tensor:
+        n, end = self._matrix.shape[1], (col0 or 0) + v.shape[-1]
+        if end > n or (col0 is None and end != n):
+            raise ValueError(f"carrier {self.carrier!r} reduces to length {end}, the key's matrix expects {n}")
+        x = self._matrix if col0 is None else self._matrix[:, col0:end]
+        return ops.dense_projection(v, x.to(v.device))
 
     def _fields(self) -> dict[str, Any]:
         m = self._matrix.numpy().astype("<f4")

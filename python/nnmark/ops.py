@@ -1,4 +1,5 @@
-"""Native ops over torch tensors: the keyed projection of key spec v1 (X never
+"""Native ops over torch tensors (registered as torch custom ops ``torch.ops.nnmark.*``,
+see :mod:`nnmark._custom_ops`, so torch.compile and torch.export see them): the keyed projection of key spec v1 (X never
 stored) and the dense projection for imported keys, each differentiable.
 
 Shapes: carriers ``w`` are ``[N]`` or ``[C, N]``; projections are ``[T]`` or
@@ -10,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import _custom_ops as _ops
 from . import _ext
-from ._arrays import DTYPE_CODES, FLOAT_DTYPES, as_tensor, native
+from ._arrays import DTYPE_CODES, FLOAT_DTYPES, as_tensor
 
 _UINT32 = 1 << 32
 
@@ -47,79 +49,35 @@ def _carriers(w, what: str = "carrier") -> tuple[torch.Tensor, bool]:
     return w, w.dim() == 1
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _forward(w2: torch.Tensor, T: int, k0: int, k1: int) -> torch.Tensor:
-    C, N = w2.shape
-    p = torch.empty((C, T), dtype=_acc_dtype(w2.dtype), device=w2.device)
-    if w2.is_cuda:
-        a, o = native(w2), native(p)
-        _ext.cuda_module().projection_forward(a.ptr, a.dtype, C, N, T, k0, k1, o.ptr, a.device, a.stream)
-    else:  # the common small-carrier case: keep the Python path short
-        _ext.cpu.projection_forward(w2.data_ptr(), DTYPE_CODES[w2.dtype], C, N, T, k0, k1, p.data_ptr())
-    return p
-
-
-def _backward(gp2: torch.Tensor, N: int, k0: int, k1: int) -> torch.Tensor:
-    C, T = gp2.shape
-    gw = torch.empty((C, N), dtype=gp2.dtype, device=gp2.device)
-    a, o = native(gp2), native(gw)
-    if gp2.is_cuda:
-        _ext.cuda_module().projection_backward(a.ptr, a.dtype, C, N, T, k0, k1, o.ptr, a.device, a.stream)
-    else:
-        _ext.cpu.projection_backward(a.ptr, a.dtype, C, N, T, k0, k1, o.ptr)
-    return gw
-
-
-class _KeyedProjection(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w2, T, k0, k1):
-        ctx.meta = (w2.shape[1], k0, k1, w2.dtype)
-        return _forward(w2.detach().contiguous(), T, k0, k1)
-
-    @staticmethod
-    def backward(ctx, gp):
-        N, k0, k1, w_dtype = ctx.meta
-        gp = gp.contiguous()
-        if gp.dtype not in (torch.float32, torch.float64):
-            gp = gp.float()
-        # Differentiable in turn when a graph of the backward is wanted (create_graph,
-        # gradgradcheck): the backward of X^T.gp is X.(grad). Otherwise the plain op.
-        gw = _KeyedProjectionT.apply(gp, N, k0, k1) if torch.is_grad_enabled() else _backward(gp, N, k0, k1)
-        return gw.to(w_dtype), None, None, None
-
-
-class _KeyedProjectionT(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gp2, N, k0, k1):
-        ctx.meta = (gp2.shape[1], k0, k1)
-        return _backward(gp2.detach().contiguous(), N, k0, k1)
-
-    @staticmethod
-    def backward(ctx, ggw):
-        T, k0, k1 = ctx.meta
-        return _KeyedProjection.apply(ggw.contiguous(), T, k0, k1), None, None, None
-
-
-def keyed_projection(w, subkey, bits: int) -> torch.Tensor:
+def keyed_projection(w, subkey, bits: int, col0: int = 0) -> torch.Tensor:
     """``p = X . w`` with X in {-1,+1}^{bits x N} drawn from Philox under ``subkey``.
 
     ``w``: ``[N]`` or ``[C, N]`` (torch, numpy or cupy; CPU or CUDA). Returns ``[T]``
     or ``[C, T]`` (float32, or float64 for float64 input); differentiable in ``w``.
+    ``col0``: the index in a longer carrier of ``w``'s first element (a shard projects
+    with X's columns col0..col0+N-1, so the shards' projections sum to the whole one).
     """
     k0, k1 = _check_subkey(subkey)
     T = int(bits)
     if T < 1:
         raise ValueError(f"bits must be >= 1, got {bits}")
+    if isinstance(col0, bool) or int(col0) != col0 or col0 < 0:
+        raise ValueError(f"col0 must be an integer >= 0, got {col0!r}")
     w, single = _carriers(w)
     w2 = w.unsqueeze(0) if single else w
-    if torch.is_grad_enabled() and w.requires_grad:
-        p = _KeyedProjection.apply(w2, T, k0, k1)
-    else:  # no graph to record: skip the autograd machinery (it costs more than a small projection)
-        p = _forward(w2.detach().contiguous(), T, k0, k1)
+    p = _keyed(w2, T, k0, k1, int(col0))
     return p.squeeze(0) if single else p
+
+
+def _keyed(w2: torch.Tensor, T: int, k0: int, k1: int, col0: int) -> torch.Tensor:
+    """The op on ``[C, N]``. Plain eager code skips the dispatcher (it costs more than a small
+    projection): the kernel itself when no graph is recorded, else the op's backward formula
+    as an autograd Function. Compilers, tracers and tensor subclasses get the registered op."""
+    if _ops.direct_grad(w2):
+        if w2.requires_grad and torch.is_grad_enabled():
+            return _ops.EagerProjection.apply(w2, T, k0, k1, col0)
+        return _ops.project(w2, T, k0, k1, col0)
+    return _ops.keyed_projection(w2, T, k0, k1, col0)
 
 
 def keyed_projection_transpose(gp, subkey, n: int) -> torch.Tensor:
@@ -133,7 +91,7 @@ def keyed_projection_transpose(gp, subkey, n: int) -> torch.Tensor:
     if int(n) < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     single = gp.dim() == 1
-    g = _KeyedProjectionT.apply(gp.unsqueeze(0) if single else gp, int(n), k0, k1)
+    g = _ops.keyed_projection_t(gp.unsqueeze(0) if single else gp, int(n), k0, k1)
     return g.squeeze(0) if single else g
 
 
@@ -180,53 +138,11 @@ def keyed_projection_many_keys(w, subkeys, bits: int) -> torch.Tensor:
     if isinstance(bits, bool) or int(bits) != bits or int(bits) < 1:
         raise ValueError(f"bits must be an integer >= 1, got {bits!r}")
     T = int(bits)
-    sk = _subkey_array(subkeys)
-    w64 = w.detach().to(torch.float64).contiguous()
-    K, N = sk.shape[0], w64.shape[0]
-    p = torch.empty((K, T), dtype=torch.float64)
-    _ext.cpu.projection_many_keys(w64.data_ptr(), sk.ctypes.data, K, N, T, p.data_ptr())
-    return p
+    sk = torch.from_numpy(_subkey_array(subkeys).astype(np.int64))
+    return _ops.keyed_projection_many_keys(w.detach().to(torch.float64), sk, T)
 
 
 # ---------------------------------------------------------------- dense (imported keys)
-def _dense_forward(x: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    C, N = w2.shape
-    T = x.shape[0]
-    p = torch.empty((C, T), dtype=x.dtype, device=w2.device)
-    xa, wa, o = native(x), native(w2), native(p)
-    if w2.is_cuda:
-        _ext.cuda_module().dense_forward(xa.ptr, xa.dtype, wa.ptr, wa.dtype, C, N, T, o.ptr, wa.device, wa.stream)
-    else:
-        _ext.cpu.dense_forward(xa.ptr, xa.dtype, wa.ptr, wa.dtype, C, N, T, o.ptr)
-    return p
-
-
-def _dense_backward(x: torch.Tensor, gp2: torch.Tensor) -> torch.Tensor:
-    C, T = gp2.shape
-    N = x.shape[1]
-    gw = torch.empty((C, N), dtype=x.dtype, device=gp2.device)
-    xa, ga, o = native(x), native(gp2), native(gw)
-    if gp2.is_cuda:
-        _ext.cuda_module().dense_backward(xa.ptr, xa.dtype, ga.ptr, C, N, T, o.ptr, ga.device, ga.stream)
-    else:
-        _ext.cpu.dense_backward(xa.ptr, xa.dtype, ga.ptr, C, N, T, o.ptr)
-    return gw
-
-
-class _DenseProjection(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w2, x):
-        ctx.save_for_backward(x)
-        ctx.w_dtype = w2.dtype
-        return _dense_forward(x, w2.detach().contiguous())
-
-    @staticmethod
-    def backward(ctx, gp):
-        (x,) = ctx.saved_tensors
-        gw = _dense_backward(x, gp.to(x.dtype).contiguous())
-        return gw.to(ctx.w_dtype), None
-
-
 def dense_projection(w, x) -> torch.Tensor:
     """``p = X . w`` with an explicit matrix ``x`` ``[T, N]`` (float32 or float64).
 
@@ -247,7 +163,7 @@ def dense_projection(w, x) -> torch.Tensor:
         w = w.double()
     elif x.dtype == torch.float32 and w.dtype == torch.float64:
         x = x.double()
-    p = _DenseProjection.apply(w.unsqueeze(0) if single else w, x.contiguous())
+    p = _ops.dense_projection(w.unsqueeze(0) if single else w, x.contiguous())
     return p.squeeze(0) if single else p
 
 
@@ -334,17 +250,10 @@ def trigger_verify(logits, labels, null_rate=None) -> dict[str, torch.Tensor]:
     K, B, C = logits.shape
     rate = _null_rate(null_rate, C)
     y = _trigger_labels(labels, B, C, logits.device)
-    x = logits.detach().contiguous()
-    out = {"hits": torch.empty(K, dtype=torch.int64, device=x.device),
-           "margin": torch.empty(K, dtype=torch.float64, device=x.device),
-           "p_value": torch.empty(K, dtype=torch.float64, device=x.device)}
-    a = native(x)
-    h, m, p = (t.data_ptr() for t in out.values())
-    if x.is_cuda:
-        _ext.cuda_module().trigger_verify(a.ptr, a.dtype, y.data_ptr(), K, B, C, rate, h, m, p, a.device, a.stream)
+    h, m, p = _ops.trigger_verify(logits.detach(), y, rate)
+    out = {"hits": h, "margin": m, "p_value": p}
+    if logits.is_cuda:
         out = {k: v.cpu() for k, v in out.items()}
-    else:
-        _ext.cpu.trigger_verify(a.ptr, a.dtype, y.data_ptr(), K, B, C, rate, h, m, p)
     return {k: v.squeeze(0) for k, v in out.items()} if single else out
 
 
@@ -369,10 +278,6 @@ def _weight_list(tensors, what: str = "tensors") -> tuple[list[torch.Tensor], to
     return ts, ts[0].device
 
 
-def _list_args(ts: list[torch.Tensor]) -> tuple[list[int], list[int], list[int]]:
-    return [t.data_ptr() for t in ts], [t.numel() for t in ts], [DTYPE_CODES[t.dtype] for t in ts]
-
-
 def _written(*tensors: torch.Tensor) -> None:
     """Bumps the version counters of tensors a native op wrote in place (as torch's own
     in-place ops do), so autograd sees that saved tensors changed. Inference-mode
@@ -380,12 +285,6 @@ def _written(*tensors: torch.Tensor) -> None:
     ts = [t for t in tensors if not t.is_inference()]
     if ts:
         torch.autograd.graph.increment_version(ts)
-
-
-def _cuda_args(device: torch.device) -> tuple[int, int]:
-    """Device index and the current stream's handle, for a _C_cuda call."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return index, torch.cuda.current_stream(device).cuda_stream
 
 
 def magnitude_threshold(tensors, k: int) -> tuple[float, int, int]:
@@ -402,10 +301,9 @@ def magnitude_threshold(tensors, k: int) -> tuple[float, int, int]:
     total = sum(t.numel() for t in ts)
     if isinstance(k, bool) or int(k) != k or not 1 <= k <= total:
         raise ValueError(f"k must be an integer in [1, {total}] (the number of weights), got {k!r}")
-    if device.type == "cuda":
-        cuda = _ext.cuda_module()
-        return tuple(cuda.magnitude_select(*_list_args(ts), int(k), *_cuda_args(device)))
-    return tuple(_ext.cpu.magnitude_select(*_list_args(ts), int(k)))
+    thr, counts = _ops.magnitude_select(ts, int(k))
+    below, equal = counts.tolist()
+    return float(thr), below, equal
 
 
 @torch.no_grad()
@@ -420,10 +318,7 @@ def prune_smallest(tensors, k: int) -> tuple[float, int, int]:
     if int(k) == 0:
         return 0.0, 0, 0
     thr, below, equal = magnitude_threshold(ts, k)
-    if device.type == "cuda":
-        _ext.cuda_module().magnitude_prune(*_list_args(ts), int(k), thr, below, equal, *_cuda_args(device))
-    else:
-        _ext.cpu.magnitude_prune(*_list_args(ts), int(k), thr, below, equal)
+    _ops.magnitude_prune(ts, int(k), thr, below, equal)
     _written(*ts)
     return thr, below, equal
 
@@ -481,11 +376,7 @@ def channel_stats(x, sums=None, positives=None) -> tuple[torch.Tensor, torch.Ten
             x, channels_last = moved, True
         else:
             x = x.contiguous()
-    a = native(x)
-    if x.is_cuda:
-        _ext.cuda_module().channel_stats(a.ptr, a.dtype, B, C, S, channels_last, sums.data_ptr(),
-                                         positives.data_ptr(), a.device, a.stream)
-    else:
-        _ext.cpu.channel_stats(a.ptr, a.dtype, B, C, S, channels_last, sums.data_ptr(), positives.data_ptr())
+    x3 = x.reshape(B, S, C) if channels_last else x.reshape(B, C, S)  # a view: x is contiguous here
+    _ops.channel_stats(x3, channels_last, sums, positives)
     _written(sums, positives)
     return sums, positives

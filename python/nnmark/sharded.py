@@ -1,0 +1,130 @@
+"""Sharded carriers: the projection of a DTensor carrier (FSDP2's ``fully_shard``, tensor
+parallel row- or column-wise splits) without ever gathering it.
+
+Key spec v1 draws column i of X from a Philox counter holding i, the column's index in
+the whole carrier. So each rank projects only the elements it holds, with X's columns
+at their global indices, and one all-reduce of the T partial projections completes
+``p = X . w`` on every rank (T floats per carrier per step). ``filter_mean`` over
+out-channels split across ranks is linear too: each rank projects its out-channels'
+partial sum (divided by the global out-channel count) and the same all-reduce of T
+values adds the parts; no N-long vector is communicated at all.
+
+Gradients need no communication: every rank computes the same penalty from the same
+``p``, so the gradient with respect to a rank's partial projection is the gradient with
+respect to ``p`` (the all-reduce's backward is the identity), and each rank's shard gets
+exactly its part of the unsharded gradient.
+
+Handled: a 1-D device mesh with ``Shard(d)`` (any d; uneven shards and empty shards
+too) or ``Replicate()``. Anything else (``Partial``, strided shards, 2-D meshes such as
+FSDP2 + tensor parallel, a Keras-order key on a sharded conv) raises ValueError naming
+the layout: a wrong penalty is never computed silently.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor (no import of torch.distributed when nothing made one)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
+def layout(t) -> str:
+    """``"placements (Shard(dim=0),) on a 1-D mesh of 2 ranks"``: how a DTensor is laid out."""
+    mesh = t.device_mesh
+    return f"placements {tuple(t.placements)} on a {mesh.ndim}-D device mesh of shape {tuple(mesh.shape)}"
+
+
+# What the marks communicated in this process (benchmarks read it): all-reduces and bytes.
+COMM = {"all_reduces": 0, "bytes": 0}
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) of the partial projections; the backward is the identity (see the
+    module docstring: each rank's penalty is the same function of the summed ``p``)."""
+
+    @staticmethod
+    def forward(ctx, part, group):
+        import torch.distributed as dist
+
+        out = part.contiguous().clone()
+        dist.all_reduce(out, group=group)
+        COMM["all_reduces"] += 1
+        COMM["bytes"] += out.numel() * out.element_size()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _unsupported(key, t, why: str) -> ValueError:
+    return ValueError(f"carrier {key.carrier!r} is a DTensor with {layout(t)}: {why}. nnmark projects a sharded "
+                      f"carrier on a 1-D device mesh with Shard(d) or Replicate() placements (FSDP2 fully_shard, "
+                      f"row- or column-wise tensor parallel)")
+
+
+def project_sharded(key, t) -> torch.Tensor:
+    """The raw projections ``[T]`` of a DTensor carrier ``t`` under ``key``, the same on
+    every rank (to float rounding) as ``key.project`` of the whole tensor; differentiable
+    in ``t``. One all-reduce of T values on the mesh's group; the carrier is never gathered."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements = t.device_mesh, tuple(t.placements)
+    if mesh.ndim != 1 or len(placements) != 1:
+        raise _unsupported(key, t, "a mesh of more than one dimension")
+    pl = placements[0]
+    local = t.to_local()  # differentiable: the gradient flows back to this rank's shard
+    if isinstance(pl, Replicate):
+        return key.project(local)
+    if type(pl) is not Shard:  # Partial (pending sums), _StridedShard (FSDP2 + TP), ...
+        raise _unsupported(key, t, f"placement {pl} is not a plain Shard or Replicate")
+    S = tuple(t.shape)
+    d = pl.dim % len(S)
+    _, offset = compute_local_shape_and_global_offset(S, mesh, placements)
+    o = int(offset[d])
+    T = key.num_bits
+    if key.reduction == "filter_mean":
+        if len(S) < 2:
+            raise _unsupported(key, t, "filter_mean needs a weight with an out-channel dimension")
+        acc = torch.float64 if local.dtype == torch.float64 else torch.float32
+        # The out-channel mean as a sum of this rank's channels over the global count.
+        m = local.sum(0, dtype=acc) / S[0]
+        if d == 0:  # out-channels split (FSDP2, column-wise TP): every rank holds a partial of all N
+            if key.order == "keras" and m.dim() > 1:
+                m = m.permute(*range(1, m.dim()), 0)  # (in, kh, kw) -> (kh, kw, in)
+            return _sum(key, [(0, m.reshape(-1))], local, mesh)
+        if key.order == "keras" and m.dim() > 1:
+            raise _unsupported(key, t, "a Keras-order key reads the carrier in (kh, kw, in) order, which "
+                                       "splits an in-channel shard into many pieces")
+        return _sum(key, _runs(m, S[1:], d - 1, o), local, mesh)
+    return _sum(key, _runs(local, S, d, o), local, mesh)
+
+
+def _runs(a: torch.Tensor, G: tuple, d: int, o: int) -> list[tuple[int, torch.Tensor]]:
+    """A block ``a`` of a C-order tensor of global shape ``G``, split on dim ``d`` at offset
+    ``o``, as (global flat index of the first element, contiguous piece) runs."""
+    R = math.prod(G[:d])  # one run per index of the dims before d
+    inner = math.prod(G[d + 1:])
+    if a.numel() == 0:
+        return []
+    rows = a.reshape(R, -1)
+    stride = math.prod(G[d:])
+    return [(r * stride + o * inner, rows[r]) for r in range(R)]
+
+
+def _sum(key, runs, local: torch.Tensor, mesh) -> torch.Tensor:
+    T = key.num_bits
+    acc = torch.float64 if local.dtype == torch.float64 else torch.float32
+    part = torch.zeros(T, dtype=acc, device=local.device)
+    for col0, v in runs:
+        if v.numel():
+            part = part + key.project_vectors(v, col0).to(acc)
+    if not runs:  # an empty shard still joins the all-reduce, and keeps the graph to its carrier
+        part = part + local.sum() * 0
+    return _SumOverRanks.apply(part, mesh.get_group())
