@@ -147,8 +147,8 @@ def ewe_verdicts(tkey, models) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nulls", type=int, default=10, help="independently trained unmarked models (>= 10)")
-    ap.add_argument("--keys", type=int, default=2, help="EWE keys (stamps) per strength: the stamp matters")
-    ap.add_argument("--strengths", default="0.5,2", help="EWE strengths (SNNL weight)")
+    ap.add_argument("--keys", type=int, default=3, help="EWE keys (stamps) per strength: the stamp matters")
+    ap.add_argument("--strengths", default="0.5,2", help="EWE strengths (SNNL weight; 0.5 is the default)")
     ap.add_argument("--budgets", default="300,1000,all")
     ap.add_argument("--outputs", default="labels,probs", help="what the attacker gets: top-1 labels, probabilities")
     ap.add_argument("--seed", type=int, default=0)

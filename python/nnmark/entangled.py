@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ._threads import small_work_threads
 from .triggers import TriggerKey, _check_int, _finite
 
 # Modules whose outputs count as hidden representations when ``layers`` is not given.
@@ -160,7 +161,7 @@ def _stamped(tkey: TriggerKey, x: torch.Tensor) -> torch.Tensor:
 
 
 def embed_entangled(model: torch.nn.Module, tkey: TriggerKey, x_train: Any, y_train: Any, *, epochs: int = 30,
-                    warm: int | None = None, strength: float = 1.0, per_batch: int = 16, layers: Any = None,
+                    warm: int | None = None, strength: float = 0.5, per_batch: int = 16, layers: Any = None,
                     temperature: float = 1.0, temperature_lr: float = 0.0, lr: float = 3e-3, batch_size: int = 64,
                     optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> torch.nn.Module:
     """Train ``model`` in place so it carries the entangled watermark of ``tkey``; returns it.
@@ -229,50 +230,66 @@ def embed_entangled(model: torch.nn.Module, tkey: TriggerKey, x_train: Any, y_tr
     stamped = torch.cat([tx, _stamped(tkey, src.cpu())]) if len(src) else tx
     stamped, tgt = stamped.to(device=device, dtype=dtype), tgt.to(device=device, dtype=dtype)
 
-    capture = _Capture(_layers(model, layers))
     opt = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr)
     settle = epochs - epochs // 5 if optimizer is None and epochs >= 5 else epochs
     g = torch.Generator().manual_seed(int(seed))
-    groups = torch.cat([torch.ones(per_batch), torch.zeros(per_batch)]).to(device)
-    wm_y = torch.full((2 * per_batch,), target, dtype=torch.int64, device=device)
-    log_t: torch.Tensor | None = None  # per representation, log of the temperature factor
+    step = _Step(_Capture(_layers(model, layers)), target, per_batch, strength, temperature, temperature_lr, device)
     m = x.shape[0]
     model.train()
     try:
-        for epoch in range(epochs):
-            if epoch == settle:
-                for group in opt.param_groups:
-                    group["lr"] = lr * 0.1
-            order = torch.randperm(m, generator=g)
-            for i in range(0, m, batch_size):
-                idx = order[i:i + batch_size].to(x.device)
-                bx = x.index_select(0, idx).to(device=device, dtype=dtype)
-                by = y.index_select(0, idx).to(device)
-                if epoch < warm:
-                    loss = F.cross_entropy(model(bx), by)
-                else:
-                    a = torch.randint(len(stamped), (per_batch,), generator=g).to(device)
-                    b = torch.randint(len(tgt), (per_batch,), generator=g).to(device)
-                    wx = torch.cat([stamped.index_select(0, a), tgt.index_select(0, b)])
-                    out, hs = capture.run(model, torch.cat([bx, wx]))
-                    hs = [h[len(bx):] for h in hs]
-                    if log_t is None:
-                        log_t = torch.full((len(hs),), math.log(temperature), device=device)
-                    scale = [h.detach().flatten(1).pow(2).sum(1).mean().clamp_min(1e-12) for h in hs]
-                    if temperature_lr > 0:  # one step of each temperature down its SNNL
-                        lt = log_t.clone().requires_grad_(True)
-                        s_t = sum(snnl(h.detach(), groups, lt[k].exp() * scale[k]) for k, h in enumerate(hs))
-                        grad, = torch.autograd.grad(s_t, lt)
-                        log_t = log_t - temperature_lr * grad
-                    entangle = sum(snnl(h, groups, log_t[k].exp() * scale[k]) for k, h in enumerate(hs))
-                    loss = F.cross_entropy(out, torch.cat([by, wm_y])) - strength * entangle
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        with small_work_threads(model):  # a small model trains faster on one torch thread (nnmark._threads)
+            for epoch in range(epochs):
+                if epoch == settle:
+                    for group in opt.param_groups:
+                        group["lr"] = lr * 0.1
+                order = torch.randperm(m, generator=g)
+                for i in range(0, m, batch_size):
+                    idx = order[i:i + batch_size].to(x.device)
+                    bx = x.index_select(0, idx).to(device=device, dtype=dtype)
+                    by = y.index_select(0, idx).to(device)
+                    if epoch < warm:
+                        loss = F.cross_entropy(model(bx), by)
+                    else:
+                        a = torch.randint(len(stamped), (per_batch,), generator=g).to(device)
+                        b = torch.randint(len(tgt), (per_batch,), generator=g).to(device)
+                        loss = step.loss(model, bx, by, torch.cat([stamped.index_select(0, a), tgt.index_select(0, b)]))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
     finally:
-        capture.remove()
+        step.capture.remove()
         model.eval()
     return model
+
+
+class _Step:
+    """The loss of one watermark step: cross-entropy on the clean batch and the watermark
+    batch (stamped samples, then as many target samples, all labelled target), minus
+    strength x the SNNL of the two halves at every captured representation."""
+
+    def __init__(self, capture: _Capture, target: int, per_batch: int, strength: float, temperature: float,
+                 temperature_lr: float, device):
+        self.capture, self.strength, self.temperature_lr = capture, strength, temperature_lr
+        self.groups = torch.cat([torch.ones(per_batch), torch.zeros(per_batch)]).to(device)
+        self.labels = torch.full((2 * per_batch,), target, dtype=torch.int64, device=device)
+        self.log_t0 = math.log(temperature)
+        self.log_t: torch.Tensor | None = None  # per representation: log of the temperature factor
+
+    def loss(self, model, bx, by, wx) -> torch.Tensor:
+        out, hs = self.capture.run(model, torch.cat([bx, wx]))
+        hs = [h[len(bx):] for h in hs]
+        if self.log_t is None:
+            self.log_t = torch.full((len(hs),), self.log_t0, device=wx.device)
+        # Temperatures are relative to each representation's mean squared norm in the batch,
+        # so one default suits layers of any scale.
+        scale = [h.detach().flatten(1).pow(2).sum(1).mean().clamp_min(1e-12) for h in hs]
+        if self.temperature_lr > 0:  # one step of each temperature down its SNNL (Jia et al.)
+            lt = self.log_t.clone().requires_grad_(True)
+            s = sum(snnl(h.detach(), self.groups, lt[k].exp() * scale[k]) for k, h in enumerate(hs))
+            grad, = torch.autograd.grad(s, lt)
+            self.log_t = self.log_t - self.temperature_lr * grad
+        entangle = sum(snnl(h, self.groups, self.log_t[k].exp() * scale[k]) for k, h in enumerate(hs))
+        return F.cross_entropy(out, torch.cat([by, self.labels])) - self.strength * entangle
 
 
 __all__ = ["embed_entangled", "entangled_key", "snnl"]
