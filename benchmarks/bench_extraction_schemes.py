@@ -8,18 +8,20 @@ On scikit-learn's digits (nnmark.demo: DigitsNet, load_digits_split, train), two
        (per layer, T = 2) while the model trains on the clean data plus the key set: 100
        training samples with keyed wrong labels (taken out of the clean set). The released
        model carries the transformed weights (an ordinary DigitsNet).
-  EWE  entangled watermarks (Jia et al. 2021): triggers are samples of a source class with
-       a keyed 2x2 pattern stamped (an nnmark content TriggerKey), labelled as a target
-       class; training alternates clean batches with batches of triggers and target-class
-       samples, cross-entropy minus kappa x the soft nearest neighbour loss (SNNL) of the
-       hidden representations (triggers vs target samples), so the triggers share the
-       target class's features; each layer's SNNL temperature is stepped to minimise the
-       SNNL (Jia et al.'s official code), the model maximises it.
+  EWE  entangled watermarks (Jia et al. 2021), as shipped: nnmark.embed_entangled on a key
+       from nnmark.entangled_key (an nnmark content TriggerKey: 100 samples of a source
+       class with a keyed 2x2 pattern stamped, labelled as a target class). Trained from
+       scratch; after a clean warm-up every batch adds stamped source samples and target
+       samples, cross-entropy minus ``strength`` x the soft nearest neighbour loss (SNNL)
+       of their hidden representations, so the triggers share the target class's features.
+       Several keys (the stamp's place matters) and strengths.
 
 Then a minimal local model-extraction attack: the attacker holds unlabeled digits (the
 training inputs, less the EW key samples, which are the owner's secret), queries the
-victim for top-1 labels on ``budget`` of them and trains a fresh DigitsNet from scratch
-on those labels (about 640 Adam steps whatever the budget). Budgets 300, 1000 and all.
+victim on ``budget`` of them, for its top-1 labels (``labels``) or its softmax (``probs``,
+a soft cross-entropy target), and trains a fresh DigitsNet from scratch on the answers
+(about 640 Adam steps whatever the budget). Budgets 300, 1000 and all. One more EW
+student at budget all is given the key samples too ("labels+keys").
 
 Nulls, measured rather than assumed (EWE's triggers are real samples with a stamp, EW's
 are real samples): >= 10 independently trained unmarked models, and the students
@@ -27,13 +29,14 @@ extracted from the unmarked twin at each budget. Reported: trigger hits of 100, 
 verdict at alpha 1e-6 (EWE: nnmark.verify of the content key, i.e. the binomial at 1/10
 and its control tests; EW: the exact binomial at 1/10), clean accuracy.
 
-Usage: python benchmarks/bench_extraction_schemes.py [--nulls 10] [--json out.json]
-Runs in a few minutes on 2 shared cores (one torch thread).
+Usage: python benchmarks/bench_extraction_schemes.py [--nulls 10] [--keys 3] [--strengths 0.5,2]
+       [--budgets 300,1000,all] [--outputs labels,probs] [--json out.json]
+About 4 minutes on 2 shared cores (one torch thread); results in
+benchmarks/results/bench_extraction_schemes.json and benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -148,7 +151,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--nulls", type=int, default=10, help="independently trained unmarked models (>= 10)")
     ap.add_argument("--keys", type=int, default=3, help="EWE keys (stamps) per strength: the stamp matters")
-    ap.add_argument("--strengths", default="0.5,2", help="EWE strengths (SNNL weight; 0.5 is the default)")
+    ap.add_argument("--strengths", default="0.25,2", help="EWE strengths (SNNL weight; 0.25 is the default)")
     ap.add_argument("--budgets", default="300,1000,all")
     ap.add_argument("--outputs", default="labels,probs", help="what the attacker gets: top-1 labels, probabilities")
     ap.add_argument("--seed", type=int, default=0)

@@ -46,7 +46,7 @@ def key(data):
 def marked(data, key):
     torch.manual_seed(0)
     with torch.random.fork_rng(devices=[]):
-        return embed_entangled(DigitsNet(), key, data.x_train, data.y_train)  # defaults: 30 epochs, strength 0.5
+        return embed_entangled(DigitsNet(), key, data.x_train, data.y_train)  # defaults: 30 epochs, strength 0.25
 
 
 # ------------------------------------------------------------------------------ SNNL
