@@ -13,7 +13,7 @@ import torch
 import nnmark
 from nnmark import TriggerKey, embed_entangled, entangled_key, load_key
 from nnmark.demo import DigitsNet, accuracy, load_digits_split, train
-from nnmark.entangled import _Capture, _layers, _stamped, snnl
+from nnmark.entangled import _Capture, _layers, snnl
 
 SOURCE, TARGET = 3, 5
 SECRET = bytes(range(32))
@@ -102,7 +102,13 @@ def test_stamp_of_normalised_inputs_is_the_keys_triggers(rng):
     k = TriggerKey(SECRET, "content", n=30, samples=src, target=1, sample_labels=[0] * 30, mean=0.5, std=0.25)
     x, _ = k.triggers(dtype=torch.float64)
     plain = (src.double() - 0.5) / 0.25  # what the model eats
-    assert torch.allclose(_stamped(k, plain), x, atol=1e-12)
+    assert torch.allclose(k.stamp(plain), x, atol=1e-12)
+    raw, _ = k.triggers(dtype=torch.float64, normalized=False)
+    assert torch.equal(k.stamp(src.double(), normalized=False), raw)
+    with pytest.raises(ValueError, match="expected"):
+        k.stamp(torch.zeros(3, 1, 4, 4))
+    with pytest.raises(ValueError, match="only content keys"):
+        TriggerKey.generate(n=30).stamp(src)
 
 
 # ------------------------------------------------------------------------- embedding

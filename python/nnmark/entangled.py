@@ -32,7 +32,23 @@ import torch
 import torch.nn.functional as F
 
 from ._threads import small_work_threads
-from .triggers import TriggerKey, _check_int, _finite
+from .triggers import TriggerKey
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _finite(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
 
 # Modules whose outputs count as hidden representations when ``layers`` is not given.
 _ACTIVATIONS = (torch.nn.ReLU, torch.nn.LeakyReLU, torch.nn.GELU, torch.nn.SiLU, torch.nn.ELU, torch.nn.Tanh,
@@ -146,20 +162,6 @@ class _Capture:
             h.remove()
 
 
-def _stamped(tkey: TriggerKey, x: torch.Tensor) -> torch.Tensor:
-    """The key's stamp on model-ready inputs ``x``: back to the raw range, stamped, normalised again."""
-    c = x.shape[1] if x.dim() == 4 else 1
-    raw = x.detach().cpu().double().numpy()
-    if tkey.std is not None or tkey.mean is not None:
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        std = np.asarray(tkey.std if tkey.std is not None else (1.0,) * c).reshape(shape)
-        mean = np.asarray(tkey.mean if tkey.mean is not None else (0.0,) * c).reshape(shape)
-        raw = raw * std + mean
-    lo, hi = tkey.value_range
-    out = tkey._normalised(tkey._stamp(np.clip(raw, lo, hi)))  # the key's own stamp (spec §5.5)
-    return torch.from_numpy(out).to(x.dtype)
-
-
 def embed_entangled(model: torch.nn.Module, tkey: TriggerKey, x_train: Any, y_train: Any, *, epochs: int = 30,
                     warm: int | None = None, strength: float = 0.25, per_batch: int = 16, layers: Any = None,
                     temperature: float = 1.0, temperature_lr: float = 0.0, lr: float = 3e-3, batch_size: int = 64,
@@ -230,7 +232,7 @@ def embed_entangled(model: torch.nn.Module, tkey: TriggerKey, x_train: Any, y_tr
         raise ValueError(f"x_train needs at least 2 samples of the target class {target}, got {len(tgt)}")
     src = x[torch.isin(y, torch.tensor(sources, dtype=y.dtype, device=y.device))]
     tx, _ = tkey.triggers(dtype=x.dtype)
-    stamped = torch.cat([tx, _stamped(tkey, src.cpu())]) if len(src) else tx
+    stamped = torch.cat([tx, tkey.stamp(src)]) if len(src) else tx
     stamped, tgt = stamped.to(device=device, dtype=dtype), tgt.to(device=device, dtype=dtype)
 
     opt = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr)
