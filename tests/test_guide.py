@@ -103,6 +103,7 @@ def test_part_2_benchmark_schemes_and_attacks(tmp_path, monkeypatch):
     assert nnmark.verify(ns["key"], ns["model"]).verified and nnmark.verify(ns["tkey"], ns["model"]).verified
     dkey = nnmark.load_key(tmp_path / "deepsigns.key")
     assert nnmark.verify(dkey, ns["marked"]).verified and not nnmark.verify(dkey, ns["model"]).verified
+    assert nnmark.verify(ns["ekey"], ns["ewe"]).verified  # the entangled watermark
     report = json.loads((tmp_path / "report" / "robustness.json").read_text())
     assert len(report["rows"]) >= 6
     assert any(p.suffix == ".png" for p in (tmp_path / "report").iterdir())

@@ -14,6 +14,7 @@ from .verdicts import calibrate, verify
 from .calibration import Calibration, CalibrationError, load_calibration
 from .triggers import TriggerKey, TriggerMixer, embed_triggers
 from .deepsigns import DeepSigns, DeepSignsKey
+from .entangled import embed_entangled, entangled_key
 from .scan import scan  # the function; its package stays importable: "from nnmark.scan import expand_paths"
 from .robustness import RobustnessReport, robustness_report
 from .integrations import PenaltyHook
@@ -26,7 +27,8 @@ __all__ = [
     "Uchida", "extract", "verify", "calibrate", "Calibration", "CalibrationError", "load_calibration", "Verdict",
     "binomial_p_value", "binomial_threshold",
     "keyed_projection", "dense_projection", "philox4x32_10", "CheckpointError", "open_checkpoint",
-    "TriggerKey", "TriggerMixer", "embed_triggers", "DeepSignsKey", "DeepSigns", "scan",
+    "TriggerKey", "TriggerMixer", "embed_triggers", "DeepSignsKey", "DeepSigns", "embed_entangled", "entangled_key",
+    "scan",
     "robustness_report", "RobustnessReport", "PenaltyHook",
     "commit", "Commitment", "load_commitment", "stamp", "read_stamp", "certify", "Certificate", "load_certificate",
     "check_claim", "ClaimCheck", "ClaimError",

@@ -846,6 +846,30 @@ class TriggerKey:
             x, y = x.to(device), y.to(device)
         return x, y
 
+    # -- the content stamp on other inputs (entangled watermarks, nnmark.entangled) -------
+    def stamp(self, x: Any, normalized: bool = True) -> torch.Tensor:
+        """A ``content`` key's mark stamped on inputs ``x`` ``[m, *input_shape]``, as on its
+        own triggers: clipped to ``value_range``, then the keyed patch (spec §5.5). With
+        ``normalized`` (default) ``x`` is normalised like the key's ``mean``/``std`` (as the
+        model eats it) and so is the result; ``normalized=False``: raw-range in and out."""
+        if self.kind != "content":
+            raise ValueError(f"only content keys have a stamp; this key's kind is {self.kind!r}")
+        t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+        if t.dim() < 2 or tuple(t.shape[1:]) != self.input_shape:
+            raise ValueError(f"x has shape {list(t.shape)}, expected [m, {', '.join(map(str, self.input_shape))}]")
+        raw = t.detach().cpu().to(torch.float64).numpy()
+        c = _chw(self.input_shape)[0]
+        if normalized and (self.mean is not None or self.std is not None):
+            mean = np.asarray(self.mean if self.mean is not None else (0.0,) * c, dtype=np.float64)
+            std = np.asarray(self.std if self.std is not None else (1.0,) * c, dtype=np.float64)
+            chw = raw.reshape(raw.shape[0], *_chw(self.input_shape))
+            raw = (chw * std.reshape(1, c, 1, 1) + mean.reshape(1, c, 1, 1)).reshape(raw.shape)
+        lo, hi = self.value_range
+        out = self._stamp(np.clip(raw, lo, hi))
+        if normalized:
+            out = self._normalised(out)
+        return torch.from_numpy(out).to(t.dtype if t.dtype.is_floating_point else torch.float32)
+
     # -- controls ----------------------------------------------------------------------
     @property
     def labels(self) -> torch.Tensor | None:
