@@ -380,6 +380,11 @@ def test_distribution_table_picks_the_attackers_best():
     assert t.attacks["black-box"] == ["distill", "evasion"]
     assert (ba["verified"], ba["attack"]) == (False, "distill")
     assert (bb["verified"], bb["attack"], bb["p_value"], bb["removed_at_cost"]) == (True, "distill", 1e-8, None)
+    # Extraction: the budget at which each mark stops verifying, and the student's accuracy there.
+    assert t.extraction[a] == {"distill": {"budgets": [1000], "stops_at": 1000, "student_accuracy": 0.91}}
+    assert t.extraction[b]["distill"]["stops_at"] is None
+    assert any("removes it from 1000 queries" in line for line in t.notes())
+    assert any("survives extraction from top-1 labels" in line for line in t.notes())
     # Without extraction, a survives white-box: the closest call is reported, and the costly removal beside it.
     del rep.rows[-2]
     t = rep.distribution_table()

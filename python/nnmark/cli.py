@@ -369,7 +369,10 @@ def robustness(checkpoint, arch, keys, data_spec, attack_specs, out_dir, alpha, 
         con.print(report.table(title=f"nnmark robustness — {markup_safe(checkpoint.name)}, alpha {alpha:g}, seed {seed}"))
         for line in report.notes():
             con.print(line, markup=False, soft_wrap=True)
-        con.print(report.distribution_table())
+        dist = report.distribution_table()
+        con.print(dist)
+        for line in dist.notes():
+            con.print(line, markup=False, soft_wrap=True)
         if out_dir is not None:
             con.print(f"report: {inert_line(report.json_path)} and {len(report.plots)} plots in {inert_line(out_dir)}/",
                       markup=False)
@@ -456,7 +459,10 @@ def demo(out_dir, unmarked, epochs, bits, seed, robustness, full_grid, as_json):
         con.print(rep.table(title=f"robustness of the marked model — attacks on copies, alpha {res['alpha']:g}"))
         for line in rep.notes():
             con.print(line, markup=False, soft_wrap=True)
-        con.print(rep.distribution_table())
+        dist = rep.distribution_table()
+        con.print(dist)
+        for line in dist.notes():
+            con.print(line, markup=False, soft_wrap=True)
         con.print(f"robustness report: {out_dir}/robustness/robustness.json and {len(rep.plots)} plots "
                   f"(p-value, BER and accuracy against attack strength; distribution.png: the table above)")
     con.print(f"keys, models and demo.json in {out_dir}/ — try: nnmark verify {out_dir}/owner.key {out_dir}/*.safetensors"

@@ -609,6 +609,9 @@ class DistributionTable:
     marks: list[dict]
     attacks: dict[str, list[str]]
     cells: dict[str, dict[str, dict]]
+    # {key_id: {extraction attack: {"budgets", "stops_at", "student_accuracy"}}}: the smallest
+    # query budget whose student no longer verifies, and that student's clean accuracy.
+    extraction: dict[str, dict[str, dict]] = field(default_factory=dict)
 
     def __getitem__(self, distribution: str) -> dict[str, dict]:
         return self.cells[distribution]
@@ -619,7 +622,25 @@ class DistributionTable:
             "columns": [{"key_id": m["key_id"], "scheme": _scheme(m), "kind": m["kind"]} for m in self.marks],
             "rows": [{"distribution": d, "meaning": DISTRIBUTIONS[d], "attacks": self.attacks[d],
                       "cells": self.cells[d]} for d in DISTRIBUTIONS],
+            "extraction": self.extraction,
         })
+
+    def notes(self) -> list[str]:
+        """One line per mark and extraction attack: the budget at which the mark stops verifying."""
+        lines = []
+        for m in self.marks:
+            for attack, e in self.extraction.get(m["key_id"], {}).items():
+                how = "top-1 labels" if attack == "distill" else "probabilities"
+                budgets = ", ".join(str(b) for b in e["budgets"])
+                if e["stops_at"] is None:
+                    lines.append(f"{_scheme(m)} {m['key_id'][:8]}: survives extraction from {how} at every budget "
+                                 f"tried ({budgets} queries)")
+                else:
+                    acc = "" if e["student_accuracy"] is None else \
+                        f"; the student's clean accuracy there {100 * e['student_accuracy']:.1f}%"
+                    lines.append(f"{_scheme(m)} {m['key_id'][:8]}: extraction from {how} removes it from "
+                                 f"{e['stops_at']} queries (of {budgets}){acc}")
+        return lines
 
     def cell_text(self, distribution: str, kid: str) -> str:
         c = self.cells[distribution][kid]
@@ -660,7 +681,22 @@ def _distribution(report: "RobustnessReport", max_drop: float | None) -> Distrib
         alpha=report.alpha, max_drop=max_drop, baseline_accuracy=base_acc, marks=report.marks,
         attacks={d: list(dict.fromkeys(r["attack"] for r in rows)) for d, rows in by.items()},
         cells={d: {m["key_id"]: _distribution_cell(_against(rows, m), m["key_id"], base_acc, max_drop)
-                   for m in report.marks} for d, rows in by.items()})
+                   for m in report.marks} for d, rows in by.items()},
+        extraction={m["key_id"]: _extraction(attacked, m["key_id"]) for m in report.marks})
+
+
+def _extraction(rows: list[dict], kid: str) -> dict[str, dict]:
+    """Per extraction attack, in increasing budget: the first budget whose student no longer verifies."""
+    out = {}
+    for attack in ("distill", "distill_probs"):
+        ran = sorted((r for r in rows if r["attack"] == attack and not r.get("error") and kid in r["marks"]),
+                     key=lambda r: r["strength"])
+        if not ran:
+            continue
+        stop = next((r for r in ran if not r["marks"][kid]["verified"]), None)
+        out[attack] = {"budgets": [r["strength"] for r in ran], "stops_at": None if stop is None else stop["strength"],
+                       "student_accuracy": None if stop is None else stop.get("accuracy")}
+    return out
 
 
 def _against(rows: list[dict], mark: dict) -> list[dict]:
