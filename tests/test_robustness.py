@@ -385,6 +385,7 @@ def test_distribution_table_picks_the_attackers_best():
     assert t.extraction[b]["distill"]["stops_at"] is None
     assert any("removes it from 1000 queries" in line for line in t.notes())
     assert any("survives extraction from top-1 labels" in line for line in t.notes())
+    assert "forge_key" in t.notes()[-1] and "forge_key" in t.to_dict()["ambiguity"]  # ambiguity: the claims tools
     # Without extraction, a survives white-box: the closest call is reported, and the costly removal beside it.
     del rep.rows[-2]
     t = rep.distribution_table()

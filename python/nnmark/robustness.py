@@ -537,6 +537,12 @@ DISTRIBUTIONS = {
 _QUERY_FILTERS = {"evasion"}
 
 
+# The survey's third attack is on the claim, not the model: measured by its own tool.
+AMBIGUITY = ("ambiguity (a forged key that a model it was never embedded in verifies under) attacks the claim, "
+             "not the model: measure it with nnmark.attacks.forge_key; keys committed before release "
+             "(nnmark.commit, nnmark.certify) answer it")
+
+
 def attack_setting(name: str) -> str:
     """``"black-box"`` for attacks that only query the model (extraction, evasion), else ``"white-box"``."""
     return ATTACKS[name].setting if name in ATTACKS else "white-box"
@@ -623,10 +629,12 @@ class DistributionTable:
             "rows": [{"distribution": d, "meaning": DISTRIBUTIONS[d], "attacks": self.attacks[d],
                       "cells": self.cells[d]} for d in DISTRIBUTIONS],
             "extraction": self.extraction,
+            "ambiguity": AMBIGUITY,
         })
 
     def notes(self) -> list[str]:
-        """One line per mark and extraction attack: the budget at which the mark stops verifying."""
+        """One line per mark and extraction attack (the budget at which the mark stops
+        verifying), and where ambiguity (key forging) is measured."""
         lines = []
         for m in self.marks:
             for attack, e in self.extraction.get(m["key_id"], {}).items():
@@ -640,7 +648,7 @@ class DistributionTable:
                         f"; the student's clean accuracy there {100 * e['student_accuracy']:.1f}%"
                     lines.append(f"{_scheme(m)} {m['key_id'][:8]}: extraction from {how} removes it from "
                                  f"{e['stops_at']} queries (of {budgets}){acc}")
-        return lines
+        return lines + [AMBIGUITY[0].upper() + AMBIGUITY[1:] + "."]
 
     def cell_text(self, distribution: str, kid: str) -> str:
         c = self.cells[distribution][kid]
