@@ -34,22 +34,8 @@ class SimAsCpu:
     def __getattr__(self, name):
         if name in OPS:
             op = getattr(self._module, name)
-            return lambda *args: op(*_cuda_args(name, args), 0, 0)
+            return lambda *args: op(*args, 0, 0)
         return getattr(_C_cpu, name)
-
-
-# The CPU projection kernels take one more argument than the CUDA ones: col0, the global
-# index of a shard's first column (sharded carriers); the CUDA kernels draw from column 0.
-_COL0_AT = {"projection_forward": 8, "projection_backward": 8}
-
-
-def _cuda_args(name: str, args: tuple) -> tuple:
-    at = _COL0_AT.get(name)
-    if at is None or len(args) <= at:
-        return args
-    if args[at] != 0:
-        raise NotImplementedError(f"{name}: the CUDA kernel has no column offset (col0={args[at]})")
-    return args[:at] + args[at + 1:]
 
 
 @contextlib.contextmanager

@@ -35,22 +35,22 @@ PYBIND11_MODULE(NNMARK_CUDA_MODULE, m) {
 
   m.def("projection_forward",
         [](uintptr_t w, int w_dtype, int64_t C, int64_t N, int64_t T, uint32_t k0, uint32_t k1,
-           uintptr_t p, int device, uintptr_t stream) {
+           uintptr_t p, int64_t col0, int device, uintptr_t stream) {
           DeviceGuard guard(device);
-          projection_forward_cuda({ptr<const void>(w), w_dtype, C, N, T, k0, k1, ptr<void>(p)}, stream);
+          projection_forward_cuda({ptr<const void>(w), w_dtype, C, N, T, k0, k1, ptr<void>(p), col0}, stream);
         },
         py::arg("w"), py::arg("w_dtype"), py::arg("C"), py::arg("N"), py::arg("T"), py::arg("k0"),
-        py::arg("k1"), py::arg("p"), py::arg("device"), py::arg("stream"),
+        py::arg("k1"), py::arg("p"), py::arg("col0"), py::arg("device"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
 
   m.def("projection_backward",
         [](uintptr_t gp, int gp_dtype, int64_t C, int64_t N, int64_t T, uint32_t k0, uint32_t k1,
-           uintptr_t gw, int device, uintptr_t stream) {
+           uintptr_t gw, int64_t col0, int device, uintptr_t stream) {
           DeviceGuard guard(device);
-          projection_backward_cuda({ptr<const void>(gp), gp_dtype, C, N, T, k0, k1, ptr<void>(gw)}, stream);
+          projection_backward_cuda({ptr<const void>(gp), gp_dtype, C, N, T, k0, k1, ptr<void>(gw), col0}, stream);
         },
         py::arg("gp"), py::arg("gp_dtype"), py::arg("C"), py::arg("N"), py::arg("T"), py::arg("k0"),
-        py::arg("k1"), py::arg("gw"), py::arg("device"), py::arg("stream"),
+        py::arg("k1"), py::arg("gw"), py::arg("col0"), py::arg("device"), py::arg("stream"),
         py::call_guard<py::gil_scoped_release>());
 
   m.def("dense_forward",

@@ -33,7 +33,7 @@ __device__ __forceinline__ float to_acc<__nv_bfloat16, float>(__nv_bfloat16 v) {
 template <typename In, typename Acc>
 __global__ void __launch_bounds__(kThreads)
 projection_forward_kernel(const In* __restrict__ w,  // [C, N]
-                          int64_t N, int64_t Tpad, uint32_t k0, uint32_t k1,
+                          int64_t N, int64_t Tpad, uint32_t k0, uint32_t k1, int64_t col0,
                           Acc* __restrict__ partial) {  // [gridDim.x, C, Tpad]
   const int64_t c = blockIdx.z;
   const uint32_t b = blockIdx.y;
@@ -45,7 +45,7 @@ projection_forward_kernel(const In* __restrict__ w,  // [C, N]
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += stride) {
     const Acc v = to_acc<In, Acc>(wc[i]);
     const Acc nv = -v;
-    const Philox4 bits = projection_block(static_cast<uint64_t>(i), b, k0, k1);
+    const Philox4 bits = projection_block(static_cast<uint64_t>(col0 + i), b, k0, k1);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
 #pragma unroll
@@ -88,7 +88,7 @@ template <typename Acc>
 __global__ void __launch_bounds__(kThreads)
 projection_backward_kernel(const Acc* __restrict__ gp,  // [C, T]
                            int64_t N, int64_t T, int64_t b0, int64_t b1, uint32_t k0, uint32_t k1,
-                           bool accumulate, Acc* __restrict__ gw) {  // [C, N]
+                           int64_t col0, bool accumulate, Acc* __restrict__ gw) {  // [C, N]
   NNMARK_DYNAMIC_SHARED(unsigned char, smem_raw);
   Acc* g = reinterpret_cast<Acc*>(smem_raw);  // [(b1 - b0) * 128] rows b0*128.., zero past T
   const int64_t c = blockIdx.y;
@@ -102,7 +102,7 @@ projection_backward_kernel(const Acc* __restrict__ gp,  // [C, T]
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += stride) {
     Acc s = Acc(0);
     for (int64_t b = b0; b < b1; ++b) {
-      const Philox4 bits = projection_block(static_cast<uint64_t>(i), static_cast<uint32_t>(b), k0, k1);
+      const Philox4 bits = projection_block(static_cast<uint64_t>(col0 + i), static_cast<uint32_t>(b), k0, k1);
       const Acc* gb = g + (b - b0) * kRows;
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
@@ -145,7 +145,7 @@ void launch_forward(const ProjectionForwardArgs& a, cudaStream_t stream) {
     NNMARK_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&partial), bytes, stream));
     const dim3 grid(gx, static_cast<unsigned>(nblk), static_cast<unsigned>(Cs));
     NNMARK_LAUNCH(grid, kThreads, 0, stream, projection_forward_kernel<In, Acc>)(
-        static_cast<const In*>(a.w) + c0 * a.N, a.N, Tpad, a.k0, a.k1, partial);
+        static_cast<const In*>(a.w) + c0 * a.N, a.N, Tpad, a.k0, a.k1, a.col0, partial);
     NNMARK_CUDA_CHECK(cudaGetLastError());
     const int64_t outs = Cs * a.T;
     NNMARK_LAUNCH(static_cast<unsigned>((outs + 255) / 256), 256, 0, stream, reduce_partials_kernel<Acc>)(
@@ -168,7 +168,7 @@ void launch_backward(const ProjectionBackwardArgs& a, cudaStream_t stream) {
       const int64_t b1 = std::min(nblk, b0 + tile);
       const size_t smem = static_cast<size_t>(b1 - b0) * kRows * sizeof(Acc);
       NNMARK_LAUNCH(dim3(gx, static_cast<unsigned>(Cs)), kThreads, smem, stream, projection_backward_kernel<Acc>)(
-          static_cast<const Acc*>(a.gp) + c0 * a.T, a.N, a.T, b0, b1, a.k0, a.k1, b0 > 0,
+          static_cast<const Acc*>(a.gp) + c0 * a.T, a.N, a.T, b0, b1, a.k0, a.k1, a.col0, b0 > 0,
           static_cast<Acc*>(a.gw) + c0 * a.N);
       NNMARK_CUDA_CHECK(cudaGetLastError());
     }

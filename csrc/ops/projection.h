@@ -16,7 +16,7 @@ struct ProjectionForwardArgs {
   uint32_t k0, k1;  // subkey
   void* p;          // [C, T] projections, float64 if w is float64, else float32
   // Global index of column 0: a shard of a larger carrier projects with the counters of
-  // its own columns (col0 + i). CPU only; the CUDA twins take col0 == 0.
+  // its own columns (col0 + i).
   int64_t col0 = 0;
 };
 

@@ -48,16 +48,12 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def project(w: torch.Tensor, bits: int, k0: int, k1: int, col0: int = 0) -> torch.Tensor:
     """``p[C, bits] = X[:, col0:col0+N] . w[C, N]`` (float32, float64 for float64 ``w``)."""
     w = w.contiguous()
-    if w.device.type == "cuda" and col0:
-        # The CUDA kernel draws columns from 0: zero columns before the shard cost col0
-        # extra columns but draw the same X.
-        w, col0 = torch.nn.functional.pad(w, (col0, 0)), 0
     C, N = w.shape
     p = torch.empty((C, bits), dtype=_acc(w.dtype), device=w.device)
     if w.device.type == "cpu":  # the common small-carrier case: keep the Python path short
         _ext.cpu.projection_forward(w.data_ptr(), DTYPE_CODES[w.dtype], C, N, bits, k0, k1, p.data_ptr(), col0)
     else:
-        _call("projection_forward", w, w.data_ptr(), DTYPE_CODES[w.dtype], C, N, bits, k0, k1, p.data_ptr())
+        _call("projection_forward", w, w.data_ptr(), DTYPE_CODES[w.dtype], C, N, bits, k0, k1, p.data_ptr(), col0)
     return p
 
 
@@ -73,16 +69,13 @@ def _transpose(gp: torch.Tensor, n: int, k0: int, k1: int, col0: int = 0) -> tor
     """``g[C, n] = X[:, col0:col0+n]^T . gp[C, T]`` (gp float32 or float64; g the same dtype)."""
     C, T = gp.shape
     gp = gp.contiguous()
-    cut = 0
-    if gp.device.type == "cuda" and col0:  # as in keyed_projection: draw from column 0, drop the first col0
-        n, col0, cut = n + col0, 0, col0
     g = torch.empty((C, n), dtype=gp.dtype, device=gp.device)
-    args = (gp.data_ptr(), DTYPE_CODES[gp.dtype], C, n, T, k0, k1, g.data_ptr())
+    args = (gp.data_ptr(), DTYPE_CODES[gp.dtype], C, n, T, k0, k1, g.data_ptr(), col0)
     if gp.device.type == "cpu":
-        _ext.cpu.projection_backward(*args, col0)
+        _ext.cpu.projection_backward(*args)
     else:
         _call("projection_backward", gp, *args)
-    return g[:, cut:].contiguous() if cut else g
+    return g
 
 
 keyed_projection_t = custom_op("nnmark::keyed_projection_t", _transpose, mutates_args=())
