@@ -263,7 +263,8 @@ def test_isas_agree_on_bits(rng):
 
 
 # ---------------------------------------------------------------------------- CPU / CUDA parity
-@pytest.mark.parametrize("N,T", [(1, 1), (255, 129), (4099, 256), (70_000, 1000)])
+# (37, 6300): more rows than one launch of the float64 backward holds in shared memory (6144)
+@pytest.mark.parametrize("N,T", [(1, 1), (255, 129), (4099, 256), (37, 6300), (70_000, 1000)])
 def test_cpu_cuda_parity(gpu, N, T, rng):
     if gpu.name == "cudasim" and N * T > 10**7:
         pytest.skip("the largest size does not run on the simulator (time)")

@@ -7,6 +7,8 @@
 //           second kernel sums the partials in a fixed order (deterministic).
 // backward: one thread per column; gp[c] sits in shared memory and every lane
 //           reads the same row at once (a broadcast).
+// Both use the CPU kernel's form: sum_t X[t, i] v = 2 * (sum over the set bits) - (sum of
+// all), so each bit costs one predicated add instead of a compare, a select and an add.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -38,20 +40,27 @@ projection_forward_kernel(const In* __restrict__ w,  // [C, N]
   const int64_t c = blockIdx.z;
   const uint32_t b = blockIdx.y;
   const In* wc = w + c * N;
-  Acc acc[kRows];
+  Acc acc[kRows];  // A[r]: the sum of this thread's columns whose bit r is set
 #pragma unroll
   for (int r = 0; r < kRows; ++r) acc[r] = Acc(0);
+  Acc total = Acc(0);  // S: the sum of all of this thread's columns
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += stride) {
     const Acc v = to_acc<In, Acc>(wc[i]);
-    const Acc nv = -v;
+    total += v;
     const Philox4 bits = projection_block(static_cast<uint64_t>(col0 + i), b, k0, k1);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
 #pragma unroll
-      for (int j = 0; j < 32; ++j) acc[32 * q + j] += ((bits.v[q] >> j) & 1u) ? v : nv;
+      for (int j = 0; j < 32; ++j) {
+        if ((bits.v[q] >> j) & 1u) acc[32 * q + j] += v;  // a predicated add, as the CPU's masked add
+      }
     }
   }
+  // sum_i X[r, i] w[i] = 2 A[r] - S, folded per thread before the reduction (2 A is exact,
+  // so integer-valued carriers still sum exactly).
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) acc[r] = Acc(2) * acc[r] - total;
   __shared__ Acc warp_sums[kThreads / 32][kRows];  // [warp, row]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -91,16 +100,26 @@ projection_backward_kernel(const Acc* __restrict__ gp,  // [C, T]
                            int64_t col0, bool accumulate, Acc* __restrict__ gw) {  // [C, N]
   NNMARK_DYNAMIC_SHARED(unsigned char, smem_raw);
   Acc* g = reinterpret_cast<Acc*>(smem_raw);  // [(b1 - b0) * 128] rows b0*128.., zero past T
+  __shared__ Acc warp_totals[kThreads / 32];
   const int64_t c = blockIdx.y;
   const int64_t rows = (b1 - b0) * kRows;
+  Acc part = Acc(0);
   for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
     const int64_t t = b0 * kRows + r;
     g[r] = t < T ? gp[c * T + t] : Acc(0);
+    part += g[r];
   }
+  // G: the sum of the tile's rows, reduced in a fixed order (deterministic).
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) part += __shfl_down_sync(0xffffffffu, part, off);
+  if ((threadIdx.x & 31) == 0) warp_totals[threadIdx.x >> 5] = part;
   __syncthreads();
+  Acc G = Acc(0);
+#pragma unroll
+  for (int k = 0; k < kThreads / 32; ++k) G += warp_totals[k];
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < N; i += stride) {
-    Acc s = Acc(0);
+    Acc s = Acc(0);  // A: the sum of the rows whose bit is set in this column
     for (int64_t b = b0; b < b1; ++b) {
       const Philox4 bits = projection_block(static_cast<uint64_t>(col0 + i), static_cast<uint32_t>(b), k0, k1);
       const Acc* gb = g + (b - b0) * kRows;
@@ -108,11 +127,11 @@ projection_backward_kernel(const Acc* __restrict__ gp,  // [C, T]
       for (int q = 0; q < 4; ++q) {
 #pragma unroll
         for (int j = 0; j < 32; ++j) {
-          const Acc v = gb[32 * q + j];
-          s += ((bits.v[q] >> j) & 1u) ? v : -v;
+          if ((bits.v[q] >> j) & 1u) s += gb[32 * q + j];  // a predicated add
         }
       }
     }
+    s = Acc(2) * s - G;  // sum_t X[t, i] g[t] = 2 A - G
     Acc* out = gw + c * N + i;
     *out = accumulate ? *out + s : s;
   }
