@@ -16,6 +16,8 @@ of ``w`` (a shard of a longer carrier draws X's columns col0..col0+N-1).
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.library import custom_op, register_autograd, register_fake
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -241,14 +243,40 @@ def _(logits, labels, null_rate):
 
 
 # ---------------------------------------------------------------- magnitude selection (pruning)
+_DTYPE_OF = operator.attrgetter("dtype")
+
+
 def _list_args(ts: list[torch.Tensor]) -> tuple[list[int], list[int], list[int]]:
-    return [t.data_ptr() for t in ts], [t.numel() for t in ts], [DTYPE_CODES[t.dtype] for t in ts]
+    return (list(map(torch.Tensor.data_ptr, ts)), list(map(torch.Tensor.numel, ts)),
+            list(map(DTYPE_CODES.__getitem__, map(_DTYPE_OF, ts))))
+
+
+_PLAIN = {torch.Tensor, torch.nn.Parameter}
+
+
+def direct_call(ts: list[torch.Tensor]) -> bool:
+    """Whether an op on a list of plain eager tensors (or parameters) may call the kernel
+    directly: outside any compiler, tracer, dispatch mode or tensor subclass, where the
+    registered op only adds the dispatcher's pass over the list (~0.5 ms for 1,600 tensors)."""
+    return (not torch.compiler.is_compiling() and _dispatch_mode() is None and _functorch() is None
+            and set(map(type, ts)) <= _PLAIN)
+
+
+def select_native(tensors: list[torch.Tensor], k: int) -> tuple[float, int, int]:
+    """The kernel of ``magnitude_select``: ``(threshold, below, equal)`` as Python numbers."""
+    thr, below, equal = _call("magnitude_select", tensors[0], *_list_args(tensors), k)
+    return thr, below, equal
+
+
+def prune_native(tensors: list[torch.Tensor], k: int, threshold: float, below: int, equal: int) -> None:
+    """The kernel of ``magnitude_prune`` (the caller bumps the version counters)."""
+    _call("magnitude_prune", tensors[0], *_list_args(tensors), k, threshold, below, equal)
 
 
 @custom_op("nnmark::magnitude_select", mutates_args=())
 def magnitude_select(tensors: list[torch.Tensor], k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k-th smallest |w| over contiguous tensors: ``(threshold float64 0-d, [below, equal] int64)``, on the CPU."""
-    thr, below, equal = _call("magnitude_select", tensors[0], *_list_args(tensors), k)
+    thr, below, equal = select_native(tensors, k)
     return torch.tensor(thr, dtype=torch.float64), torch.tensor([below, equal], dtype=torch.int64)
 
 
@@ -260,7 +288,7 @@ def _(tensors, k):
 @custom_op("nnmark::magnitude_prune", mutates_args=("tensors",))
 def magnitude_prune(tensors: list[torch.Tensor], k: int, threshold: float, below: int, equal: int) -> None:
     """Zeroes the k smallest-magnitude weights in place, given their selection."""
-    _call("magnitude_prune", tensors[0], *_list_args(tensors), k, threshold, below, equal)
+    prune_native(tensors, k, threshold, below, equal)
 
 
 @register_fake("nnmark::magnitude_prune")

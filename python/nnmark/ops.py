@@ -8,6 +8,9 @@ float64 for float64 ones; results come back in that accumulation dtype.
 """
 from __future__ import annotations
 
+import itertools
+import operator
+
 import numpy as np
 import torch
 
@@ -258,12 +261,18 @@ def trigger_verify(logits, labels, null_rate=None) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- magnitude selection (pruning)
+_DTYPE_OF = operator.attrgetter("dtype")
+_ON_CPU, _ON_CUDA = operator.attrgetter("is_cpu"), operator.attrgetter("is_cuda")
+
+
 def _weight_list(tensors, what: str = "tensors") -> tuple[list[torch.Tensor], torch.device]:
     """The tensors as a list, checked, and the one device (cpu or a cuda device) they share."""
     ts = list(tensors)
     if not ts:
         raise ValueError(f"{what}: the list is empty")
-    for i, t in enumerate(ts):
+    if _weights_ok(ts):
+        return ts, ts[0].device
+    for i, t in enumerate(ts):  # something is wrong: find it and say which
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{what}[{i}] is a {type(t).__name__}, not a torch tensor")
         if t.dtype not in DTYPE_CODES:
@@ -276,6 +285,20 @@ def _weight_list(tensors, what: str = "tensors") -> tuple[list[torch.Tensor], to
         if not t.is_contiguous():
             raise ValueError(f"{what}[{i}] is not contiguous")
     return ts, ts[0].device
+
+
+def _weights_ok(ts: list) -> bool:
+    """Whether every tensor passes _weight_list's checks, one C-level pass per property (a
+    model has thousands of tensors: a Python loop of attribute reads took ~1 ms per 1,600)."""
+    if not all(map(isinstance, ts, itertools.repeat(torch.Tensor))):
+        return False
+    if not set(map(_DTYPE_OF, ts)) <= DTYPE_CODES.keys():
+        return False
+    if all(map(_ON_CPU, ts)):
+        pass
+    elif not (all(map(_ON_CUDA, ts)) and len(set(map(torch.Tensor.get_device, ts))) == 1):
+        return False
+    return all(map(torch.Tensor.is_contiguous, ts))
 
 
 def _written(*tensors: torch.Tensor) -> None:
@@ -297,10 +320,16 @@ def magnitude_threshold(tensors, k: int) -> tuple[float, int, int]:
     ``torch.kthvalue(torch.cat([t.abs().flatten() ...]), k)``, and the same result on
     either device. NaN ranks above +inf.
     """
-    ts, device = _weight_list(tensors)
-    total = sum(t.numel() for t in ts)
+    ts, _ = _weight_list(tensors)
+    return _threshold(ts, k)
+
+
+def _threshold(ts: list[torch.Tensor], k: int) -> tuple[float, int, int]:
+    total = sum(map(torch.Tensor.numel, ts))
     if isinstance(k, bool) or int(k) != k or not 1 <= k <= total:
         raise ValueError(f"k must be an integer in [1, {total}] (the number of weights), got {k!r}")
+    if _ops.direct_call(ts):  # eager: the kernel without the dispatcher's pass over the list
+        return _ops.select_native(ts, int(k))
     thr, counts = _ops.magnitude_select(ts, int(k))
     below, equal = counts.tolist()
     return float(thr), below, equal
@@ -317,9 +346,12 @@ def prune_smallest(tensors, k: int) -> tuple[float, int, int]:
     ts, device = _weight_list(tensors)
     if int(k) == 0:
         return 0.0, 0, 0
-    thr, below, equal = magnitude_threshold(ts, k)
-    _ops.magnitude_prune(ts, int(k), thr, below, equal)
-    _written(*ts)
+    thr, below, equal = _threshold(ts, k)
+    if _ops.direct_call(ts):
+        _ops.prune_native(ts, int(k), thr, below, equal)
+        _written(*ts)
+    else:  # the registered op bumps the version counters of what it mutates itself
+        _ops.magnitude_prune(ts, int(k), thr, below, equal)
     return thr, below, equal
 
 
