@@ -22,7 +22,9 @@ REQUIRED = os.environ.get("NNMARK_CUDA_SIM", "").upper() in ("ON", "1", "TRUE")
 
 # The ops the CUDA module has, called as _C_cpu calls them plus (device, stream).
 OPS = ("projection_forward", "projection_backward", "dense_forward", "dense_backward", "trigger_verify",
-       "magnitude_select", "magnitude_prune", "channel_stats")
+       "magnitude_select", "magnitude_prune", "channel_stats", "magnitude_select_device")
+# Host-only calls of the CUDA module (no device, no stream), which _C_cpu lacks.
+HOST_OPS = ("magnitude_select_plan",)
 
 
 class SimAsCpu:
@@ -35,6 +37,8 @@ class SimAsCpu:
         if name in OPS:
             op = getattr(self._module, name)
             return lambda *args: op(*args, 0, 0)
+        if name in HOST_OPS:
+            return getattr(self._module, name)
         return getattr(_C_cpu, name)
 
 

@@ -329,3 +329,30 @@ def test_in_place_writes_bump_version_counters():
         t = torch.randn(50)
     ops.prune_smallest([t], 5)  # inference tensors have no counter: no error
     assert int((t == 0).sum()) >= 5
+
+
+# ---------------------------------------------------------------- the capturable select (no host sync)
+@pytest.mark.parametrize("dtypes", [[torch.float32, torch.float16, torch.bfloat16], [torch.float32, torch.float64]],
+                         ids=["32-bit keys", "64-bit keys"])
+def test_selector_matches_the_cpu_select(gpu_side, dtypes):
+    """MagnitudeSelector (table and scratch from torch, the result left on the device) gives
+    magnitude_threshold's answers, and sees the tensors' new values on the next call."""
+    ts = _mixed(5, [30_000, 9, 20_001], dtypes, ties=True)
+    dev = [gpu_side.put(t, 1) for t in ts]
+    with gpu_side.run():
+        selector = ops.MagnitudeSelector(dev)
+        for k in (1, 17, 25_000, 50_010):
+            thr, counts = selector.select(k)
+            assert thr.device == dev[0].device and counts.device == dev[0].device
+            assert (float(thr), *counts.tolist()) == ops.magnitude_threshold(ts, k), k
+        for d in dev:
+            d.mul_(-2)  # new values, same storage
+        thr, counts = selector.select(25_000)
+        with pytest.raises(ValueError, match="k must be an integer in"):
+            selector.select(50_011)
+    assert (float(thr), *counts.tolist()) == ops.magnitude_threshold([t * -2 for t in ts], 25_000)
+
+
+def test_selector_refuses_cpu_tensors():
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        ops.MagnitudeSelector([torch.ones(3)])

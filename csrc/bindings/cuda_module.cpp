@@ -115,6 +115,29 @@ PYBIND11_MODULE(NNMARK_CUDA_MODULE, m) {
           return std::make_tuple(s.threshold, s.below, s.equal);
         },
         py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"), py::arg("k"), py::arg("device"), py::arg("stream"));
+  // The capturable select: plan on the host (before any capture), then device-only launches.
+  m.def("magnitude_select_plan",
+        [](const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& sizes, const std::vector<int>& dtypes) {
+          NNMARK_CHECK_ARG(ptrs.size() == sizes.size() && sizes.size() == dtypes.size(),
+                           "ptrs, sizes and dtypes differ in length");
+          std::vector<const void*> data(ptrs.size());
+          for (size_t i = 0; i < ptrs.size(); ++i) data[i] = reinterpret_cast<const void*>(ptrs[i]);
+          const MagnitudeSelectPlan plan = magnitude_select_plan_cuda(
+              {data.data(), sizes.data(), dtypes.data(), static_cast<int64_t>(ptrs.size())});
+          return std::make_tuple(py::bytes(reinterpret_cast<const char*>(plan.table.data()), plan.table.size()),
+                                 plan.nchunks, plan.total, plan.key64, plan.scratch_bytes);
+        },
+        py::arg("ptrs"), py::arg("sizes"), py::arg("dtypes"));
+  m.def("magnitude_select_device",
+        [](uintptr_t table, int64_t nchunks, bool key64, int64_t total, int64_t k, uintptr_t scratch,
+           int64_t scratch_bytes, uintptr_t threshold, uintptr_t counts, int device, uintptr_t stream) {
+          DeviceGuard guard(device);
+          magnitude_select_device_cuda(ptr<const void>(table), nchunks, key64, total, k, ptr<void>(scratch),
+                                       scratch_bytes, ptr<double>(threshold), ptr<int64_t>(counts), stream);
+        },
+        py::arg("table"), py::arg("nchunks"), py::arg("key64"), py::arg("total"), py::arg("k"), py::arg("scratch"),
+        py::arg("scratch_bytes"), py::arg("threshold"), py::arg("counts"), py::arg("device"), py::arg("stream"),
+        py::call_guard<py::gil_scoped_release>());
   m.def("magnitude_prune",
         [](const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& sizes, const std::vector<int>& dtypes,
            int64_t k, double threshold, int64_t below, int64_t equal, int device, uintptr_t stream) {

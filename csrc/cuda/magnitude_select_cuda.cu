@@ -22,6 +22,10 @@
 //   chunk where the cut falls then ranks its ties one by one (a block scan).
 // Extra device memory: 16 B per chunk for the table, 6 x 16 KiB of histograms, and
 // 8 B per chunk of tie ranks when ties are partial; never a copy of the weights.
+// magnitude_select_device_cuda is the same select with no host step once launched (a
+// kernel initialises the state, another writes the result to device memory), on a
+// table and scratch the caller allocated (torch's allocator): it can be captured in a
+// CUDA graph; magnitude_select_plan_cuda makes its table on the host beforehand.
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -299,6 +303,31 @@ choose_bucket_kernel(const u64* __restrict__ hist,  // [nb], nb <= kBins
   }
 }
 
+// The state before the first pass (a kernel, not a host copy, so that the select can be
+// captured in a CUDA graph).
+__global__ void init_state_kernel(SelectState* __restrict__ state, long long k) {
+  if (threadIdx.x == 0 && blockIdx.x == 0) *state = SelectState{0ull, k, 0, 0};
+}
+
+// threshold = the key's float (or double) value, as the CPU's key_value; counts = [below, equal].
+template <typename Key>
+__global__ void finish_kernel(const SelectState* __restrict__ state, double* __restrict__ threshold,
+                              long long* __restrict__ counts) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  if constexpr (sizeof(Key) == 4) {
+    const unsigned int u = static_cast<unsigned int>(state->prefix);
+    float f;
+    memcpy(&f, &u, 4);
+    *threshold = f;
+  } else {
+    double d;
+    memcpy(&d, &state->prefix, 8);
+    *threshold = d;
+  }
+  counts[0] = state->below;
+  counts[1] = state->equal;
+}
+
 // ---- prune ----------------------------------------------------------------------
 
 // tie_rank[c] = number of keys == tkey in chunk c.
@@ -454,26 +483,18 @@ unsigned grid_for(K kernel, int64_t nchunks) {
 constexpr size_t kHead = 256;  // room for the SelectState at the front of the scratch
 
 template <typename Key>
-MagnitudeSelection select(const MagnitudeList& list, int64_t total, int64_t k, cudaStream_t stream) {
-  constexpr int kKeyBits = sizeof(Key) == 4 ? 31 : 63;  // the sign bit is always clear
-  constexpr int kPasses = (kKeyBits + kDigitBits - 1) / kDigitBits;
-  const std::vector<Chunk> chunks = make_chunks(list, total);
-  const int64_t n = static_cast<int64_t>(chunks.size());
-  // Scratch: [state | chunk table | one histogram per pass]; state and table go in one copy.
-  const size_t table_bytes = chunks.size() * sizeof(Chunk);
-  const size_t hist_off = kHead + (table_bytes + 255) / 256 * 256;
-  const size_t hist_bytes = sizeof(u64) * kBins * kPasses;
-  std::vector<char> host(kHead + table_bytes);
-  const SelectState init{0, k, 0, 0};
-  std::memcpy(host.data(), &init, sizeof init);
-  std::memcpy(host.data() + kHead, chunks.data(), table_bytes);
-  keep_pool_memory();
-  Scratch scratch(hist_off + hist_bytes, stream);
-  SelectState* state = reinterpret_cast<SelectState*>(scratch.get());
-  const Chunk* table = reinterpret_cast<const Chunk*>(scratch.get() + kHead);
-  u64* hist = reinterpret_cast<u64*>(scratch.get() + hist_off);
-  NNMARK_CUDA_CHECK(cudaMemcpyAsync(scratch.get(), host.data(), host.size(), cudaMemcpyHostToDevice, stream));
-  NNMARK_CUDA_CHECK(cudaMemsetAsync(hist, 0, hist_bytes, stream));
+constexpr int key_passes() {
+  return ((sizeof(Key) == 4 ? 31 : 63) + kDigitBits - 1) / kDigitBits;  // the sign bit is always clear
+}
+
+// The radix passes, on device memory only: state (at the front of the scratch) is
+// initialised by a kernel, so nothing here needs the host once launched.
+template <typename Key>
+void run_passes(const Chunk* table, int64_t n, int64_t k, SelectState* state, u64* hist, cudaStream_t stream) {
+  constexpr int kKeyBits = sizeof(Key) == 4 ? 31 : 63;
+  NNMARK_CUDA_CHECK(cudaMemsetAsync(hist, 0, sizeof(u64) * kBins * key_passes<Key>(), stream));
+  NNMARK_LAUNCH(1, 32, 0, stream, init_state_kernel)(state, static_cast<long long>(k));
+  NNMARK_CUDA_CHECK(cudaGetLastError());
   const unsigned grid = grid_for(digit_histogram_kernel<Key>, n);
   int pass = 0;
   for (int hi = kKeyBits; hi > 0; hi -= kDigitBits, ++pass) {
@@ -484,6 +505,29 @@ MagnitudeSelection select(const MagnitudeList& list, int64_t total, int64_t k, c
     NNMARK_LAUNCH(1, kScanThreads, 0, stream, choose_bucket_kernel)(h, 1 << bits, hi - bits, state);
     NNMARK_CUDA_CHECK(cudaGetLastError());
   }
+}
+
+// Scratch layout: [state (kHead bytes) | histograms, one per pass].
+template <typename Key>
+size_t select_scratch_bytes() {
+  return kHead + sizeof(u64) * kBins * key_passes<Key>();
+}
+
+template <typename Key>
+MagnitudeSelection select(const MagnitudeList& list, int64_t total, int64_t k, cudaStream_t stream) {
+  const std::vector<Chunk> chunks = make_chunks(list, total);
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  // Scratch: [state and histograms | chunk table].
+  const size_t table_off = select_scratch_bytes<Key>();
+  const size_t table_bytes = chunks.size() * sizeof(Chunk);
+  keep_pool_memory();
+  Scratch scratch(table_off + table_bytes, stream);
+  SelectState* state = reinterpret_cast<SelectState*>(scratch.get());
+  u64* hist = reinterpret_cast<u64*>(scratch.get() + kHead);
+  const Chunk* table = reinterpret_cast<const Chunk*>(scratch.get() + table_off);
+  NNMARK_CUDA_CHECK(cudaMemcpyAsync(scratch.get() + table_off, chunks.data(), table_bytes, cudaMemcpyHostToDevice,
+                                    stream));
+  run_passes<Key>(table, n, k, state, hist, stream);
   SelectState out{};
   NNMARK_CUDA_CHECK(cudaMemcpyAsync(&out, state, sizeof out, cudaMemcpyDeviceToHost, stream));
   NNMARK_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -541,6 +585,43 @@ MagnitudeSelection magnitude_select_cuda(const MagnitudeList& list, int64_t k, u
   NNMARK_CHECK_ARG(k >= 1 && k <= total, "k must be in [1, ", total, "], got ", k);
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   return needs_64bit(list) ? select<u64>(list, total, k, stream) : select<unsigned int>(list, total, k, stream);
+}
+
+MagnitudeSelectPlan magnitude_select_plan_cuda(const MagnitudeList& list) {
+  const int64_t total = check_list(list);
+  const std::vector<Chunk> chunks = make_chunks(list, total);
+  MagnitudeSelectPlan plan;
+  plan.table.resize(chunks.size() * sizeof(Chunk));
+  std::memcpy(plan.table.data(), chunks.data(), plan.table.size());
+  plan.nchunks = static_cast<int64_t>(chunks.size());
+  plan.total = total;
+  plan.key64 = needs_64bit(list);
+  plan.scratch_bytes = static_cast<int64_t>(plan.key64 ? select_scratch_bytes<u64>() : select_scratch_bytes<unsigned int>());
+  return plan;
+}
+
+void magnitude_select_device_cuda(const void* table, int64_t nchunks, bool key64, int64_t total, int64_t k,
+                                  void* scratch, int64_t scratch_bytes, double* threshold, int64_t* counts,
+                                  uintptr_t stream_handle) {
+  NNMARK_CHECK_ARG(nchunks >= 1 && table != nullptr, "the chunk table is empty");
+  NNMARK_CHECK_ARG(k >= 1 && k <= total, "k must be in [1, ", total, "], got ", k);
+  const int64_t need = static_cast<int64_t>(key64 ? select_scratch_bytes<u64>() : select_scratch_bytes<unsigned int>());
+  NNMARK_CHECK_ARG(scratch != nullptr && scratch_bytes >= need, "scratch of ", scratch_bytes, " bytes; the select needs ",
+                   need);
+  NNMARK_CHECK_ARG(reinterpret_cast<uintptr_t>(scratch) % 16 == 0 && reinterpret_cast<uintptr_t>(table) % 16 == 0,
+                   "scratch and table must be 16-byte aligned");
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  SelectState* state = reinterpret_cast<SelectState*>(scratch);
+  u64* hist = reinterpret_cast<u64*>(static_cast<char*>(scratch) + kHead);
+  const Chunk* t = static_cast<const Chunk*>(table);
+  if (key64) {
+    run_passes<u64>(t, nchunks, k, state, hist, stream);
+    NNMARK_LAUNCH(1, 32, 0, stream, finish_kernel<u64>)(state, threshold, reinterpret_cast<long long*>(counts));
+  } else {
+    run_passes<unsigned int>(t, nchunks, k, state, hist, stream);
+    NNMARK_LAUNCH(1, 32, 0, stream, finish_kernel<unsigned int>)(state, threshold, reinterpret_cast<long long*>(counts));
+  }
+  NNMARK_CUDA_CHECK(cudaGetLastError());
 }
 
 void magnitude_prune_cuda(const MagnitudeList& list, int64_t k, const MagnitudeSelection& sel,

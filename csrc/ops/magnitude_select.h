@@ -9,6 +9,7 @@
 //          in tensor order then element order, so exactly k weights become zero.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace nnmark {
 
@@ -33,6 +34,21 @@ void magnitude_prune_cpu(const MagnitudeList& list, int64_t k, const MagnitudeSe
 // device, launched on `stream` (a cudaStream_t as an integer); the same results as the
 // CPU ops. select waits for the stream (it returns host values); prune does not.
 MagnitudeSelection magnitude_select_cuda(const MagnitudeList& list, int64_t k, uintptr_t stream);
+
+// The select without a host sync, for CUDA graphs. plan (host only): the chunk table the
+// kernels walk (bytes to copy to the device once, 16-byte aligned) and the scratch the
+// select needs. device: launches the passes on `stream` and writes threshold [1] and
+// counts [2] = (below, equal) to device memory; nothing waits, nothing is allocated.
+struct MagnitudeSelectPlan {
+  std::vector<unsigned char> table;
+  int64_t nchunks = 0, total = 0;
+  bool key64 = false;  // 64-bit keys (a float64 tensor in the list)
+  int64_t scratch_bytes = 0;
+};
+MagnitudeSelectPlan magnitude_select_plan_cuda(const MagnitudeList& list);
+void magnitude_select_device_cuda(const void* table, int64_t nchunks, bool key64, int64_t total, int64_t k,
+                                  void* scratch, int64_t scratch_bytes, double* threshold, int64_t* counts,
+                                  uintptr_t stream);
 void magnitude_prune_cuda(const MagnitudeList& list, int64_t k, const MagnitudeSelection& sel, uintptr_t stream);
 
 }  // namespace nnmark

@@ -335,6 +335,44 @@ def _threshold(ts: list[torch.Tensor], k: int) -> tuple[float, int, int]:
     return float(thr), below, equal
 
 
+class MagnitudeSelector:
+    """The select of :func:`magnitude_threshold` over a fixed list of CUDA tensors, with no
+    host sync: :meth:`select` only queues kernels on the current stream and returns the
+    threshold and counts as device tensors, so it can be captured in a CUDA graph.
+
+    The constructor (not capturable: call it before capturing) checks the tensors, makes
+    the table of their addresses on the device and allocates the scratch, both through
+    torch's caching allocator. The tensors' storage must stay where it is (the table
+    holds their addresses); their values may change between calls. One stream at a
+    time: calls share the scratch.
+    """
+
+    def __init__(self, tensors):
+        ts, device = _weight_list(tensors)
+        module = _ext.cuda_module() if device.type == "cuda" else _ext.cpu
+        if not hasattr(module, "magnitude_select_plan"):  # the CPU module (the CUDA simulator has it)
+            raise ValueError(f"MagnitudeSelector runs on CUDA tensors, got tensors on {device}; "
+                             f"use magnitude_threshold on the CPU")
+        table, self._nchunks, self.total, self._key64, nscratch = module.magnitude_select_plan(*_ops._list_args(ts))
+        self._tensors = ts  # the table holds their addresses
+        self._table = torch.empty(len(table), dtype=torch.uint8, device=device)
+        self._table.copy_(torch.frombuffer(bytearray(table), dtype=torch.uint8))
+        self._scratch = torch.empty(nscratch, dtype=torch.uint8, device=device)
+
+    def select(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(threshold, counts)`` on the tensors' device: float64 0-d and int64 ``[below, equal]``,
+        as :func:`magnitude_threshold` returns them; queued, not waited for."""
+        if isinstance(k, bool) or int(k) != k or not 1 <= k <= self.total:
+            raise ValueError(f"k must be an integer in [1, {self.total}] (the number of weights), got {k!r}")
+        device = self._scratch.device
+        threshold = torch.empty((), dtype=torch.float64, device=device)
+        counts = torch.empty(2, dtype=torch.int64, device=device)
+        _ops._call("magnitude_select_device", self._scratch, self._table.data_ptr(), self._nchunks, self._key64,
+                   self.total, int(k), self._scratch.data_ptr(), self._scratch.numel(), threshold.data_ptr(),
+                   counts.data_ptr())
+        return threshold, counts
+
+
 @torch.no_grad()
 def prune_smallest(tensors, k: int) -> tuple[float, int, int]:
     """Zeroes exactly the k smallest-magnitude weights across the tensors, in place.
