@@ -52,7 +52,10 @@ class DeviceGuard {
 
 // Scratch comes from the device's default memory pool; keeping freed memory in the
 // pool (instead of returning it at each synchronisation) makes the next call's
-// cudaMallocAsync a cheap reuse.
+// cudaMallocAsync a cheap reuse. Not torch's caching allocator: the modules do not link
+// libtorch (README, "CUDA scratch memory and graphs"); where a CUDA graph needs it, the
+// Python side allocates the scratch through torch and passes it in
+// (magnitude_select_device_cuda, nnmark.ops.MagnitudeSelector).
 inline void keep_pool_memory() {
   int dev = 0;
   NNMARK_CUDA_CHECK(cudaGetDevice(&dev));
