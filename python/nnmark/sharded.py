@@ -78,8 +78,10 @@ def fsdp1_layout(model: torch.nn.Module, carrier: str) -> str | None:
     for name, m in model.named_modules():
         if not isinstance(m, FullyShardedDataParallel):
             continue
-        fp = m._flat_param
-        if fp is None:
+        # FlatParameter's metadata is private to torch: without it the carrier is not found
+        # (or fails its shape check) rather than being named here.
+        fp = getattr(m, "_flat_param", None)
+        if fp is None or not hasattr(fp, "_fqns") or not hasattr(fp, "_unpadded_unsharded_size"):
             continue
         inner = bare_name(f"{name}._fsdp_wrapped_module." if name else "_fsdp_wrapped_module.")
         for fqn, shape in zip(fp._fqns, fp._shapes):
