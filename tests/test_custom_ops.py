@@ -214,3 +214,29 @@ def test_penalty_hook_works_with_a_compiled_model(wkey):
         opt.step()
     assert hook.steps == 25
     assert nnmark.verify(wkey, model).ber == 0.0
+
+
+def test_penalty_hook_works_with_a_compiled_submodule(wkey):
+    """``self.net = torch.compile(net)`` puts ``_orig_mod.`` inside the names
+    (``net._orig_mod.2.weight``): the key's ``net.2.weight`` (or ``2.weight`` on the
+    bare net) still resolves, in the live model and in its state dict."""
+    from nnmark.carriers import find_name
+
+    outer = torch.nn.Module()
+    outer.net = torch.compile(_net())
+    key = nnmark.WhiteBoxKey.generate(carrier="net.2.weight", bits=32)
+    opt = torch.optim.SGD(outer.parameters(), lr=0.1)
+    hook = PenaltyHook(outer, key, strength=1.0).attach(opt)
+    x, y = _data()
+    for _ in range(25):
+        opt.zero_grad()
+        F.cross_entropy(outer.net(x), y).backward()
+        opt.step()
+    assert hook.steps == 25
+    sd = outer.state_dict()
+    assert "net._orig_mod.2.weight" in sd
+    assert nnmark.verify(key, sd).ber == 0.0
+    assert find_name(sd, "net.2.weight") == "net._orig_mod.2.weight"
+    assert find_name(["net", "net._orig_mod", "net._orig_mod.2"], "net") == "net"  # a module name stays itself
+    with pytest.raises(KeyError, match="close names"):
+        find_name(sd, "net.9.weight")

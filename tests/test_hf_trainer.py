@@ -2,7 +2,9 @@
 transformers Trainer (CPU, tiny model): the penalty joins the training loss only
 (scaled like the loss under gradient accumulation), embeds the mark, trigger mixing,
 checkpoints hold the adapter's state and no secret, resuming restores it; 2-process DDP
-over gloo under torch.distributed.run."""
+over gloo under torch.distributed.run; a torch.compile'd model. The Trainer's FSDP has no
+test here: on the CPU, accelerate (1.16) sets its FSDP mode only for accelerator devices
+and runs ``fsdp=...`` as plain DDP (MULTI_CPU), so no carrier is ever sharded."""
 from __future__ import annotations
 
 import json
@@ -204,3 +206,35 @@ def test_ddp_two_processes_gloo(tmp_path):
     for name in r0["params"]:
         assert torch.equal(r0["params"][name], r1["params"][name]), name
     assert nnmark.verify(key, r0["params"]).ber == 0.0
+
+
+class SteadyNet(TinyNet):
+    """TinyNet without the per-call list append (which makes torch.compile recompile each step)."""
+
+    def forward(self, pixel_values, labels=None):
+        logits = self.body(pixel_values)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits, labels)
+        return out
+
+
+def test_a_compiled_model(tmp_path):
+    """torch_compile=True (the Trainer compiles: compute_loss gets the compiled module,
+    names ``_orig_mod.body.2.weight``) embeds the mark; a model the user compiled
+    resolves its carrier and gets the same penalty."""
+    key = _key()
+    model = SteadyNet()
+    trainer = WatermarkTrainer(model=model, args=_args(tmp_path, max_steps=40, torch_compile=True),
+                               train_dataset=Data(), marks=[key], strength=1.0)
+    trainer.train()
+    assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
+    v = nnmark.verify(key, model)
+    assert v.ber == 0.0 and v.verified
+    compiled = torch.compile(SteadyNet())
+    trainer = WatermarkTrainer(model=compiled, args=_args(tmp_path), train_dataset=Data(), marks=[key], strength=0.5)
+    assert "_orig_mod.body.2.weight" in compiled.state_dict()
+    batch = {"pixel_values": Data().x[:8], "labels": Data().y[:8]}
+    task = F.cross_entropy(compiled._orig_mod.body(batch["pixel_values"]), batch["labels"])
+    penalty = nnmark.Uchida(key, strength=0.5).penalty(compiled._orig_mod)
+    torch.testing.assert_close(trainer.compute_loss(compiled, dict(batch)), task + penalty)

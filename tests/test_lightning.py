@@ -1,8 +1,13 @@
 """The Lightning adapter: nnmark.integrations.lightning.WatermarkCallback with a real
 Lightning Trainer (CPU, tiny model): embeds under 32-bit and bf16 precision, the
 penalty's gradient is clipped with the task's, trigger mixing, checkpoints without
-secrets, resuming restores the callback's state."""
+secrets, resuming restores the callback's state; a torch.compile'd model; FSDP2 through
+ModelParallelStrategy (2 processes over gloo). Lightning's FSDPStrategy (FSDP1) refuses
+the CPU accelerator ("requires a GPU accelerator"), so it has no test here; FSDP1's
+flattened shards are refused by name (tests/test_sharded.py)."""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -174,3 +179,119 @@ def test_the_penalty_is_logged(tmp_path):
     with open(metrics) as f:
         values = [float(r["nnmark/penalty"]) for r in csv.DictReader(f) if r.get("nnmark/penalty")]
     assert len(values) == 8 and values[-1] < values[0]  # logged every other step, and falling
+
+
+class Steady(Tiny):
+    """Tiny without the per-step Python side effect (a list append) that would make
+    torch.compile recompile on every step."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+
+@pytest.mark.parametrize("what", ["module", "submodule"])
+def test_the_callback_embeds_into_a_compiled_model(tmp_path, what):
+    """torch.compile of the LightningModule (Lightning unwraps it: names unchanged) or of
+    its network (``net._orig_mod.2.weight``): the key's ``net.2.weight`` resolves and embeds."""
+    key = _key()
+    model = Steady()
+    if what == "module":
+        fitted = torch.compile(model)
+    else:
+        model.net = fitted = torch.compile(model.net)
+        fitted = model
+    cb = WatermarkCallback(key, strength=1.0)
+    _trainer(tmp_path, max_epochs=6, callbacks=[cb]).fit(fitted, _loader())
+    assert cb.embedding.steps == 6 * 8
+    sd = model.state_dict()
+    assert ("net._orig_mod.2.weight" in sd) == (what == "submodule")
+    v = nnmark.verify(key, sd)
+    assert v.ber == 0.0 and v.verified
+
+
+class Sharded(Steady):
+    """FSDP2 in configure_model, as ModelParallelStrategy asks: the carrier becomes a DTensor
+    sharded over the data-parallel mesh."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.net[2], mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class Probe(L.Callback):
+    """Records the carrier's layout while training and saves the full weights at the end."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        w = pl_module.net[2].weight
+        self.layout = f"{type(w).__name__} {tuple(getattr(w, 'placements', ()))}"
+
+    def on_train_end(self, trainer, pl_module):
+        full = {n: p.full_tensor().detach() for n, p in pl_module.named_parameters()}
+        torch.save({"params": full, "layout": self.layout}, f"{self.folder}/rank{trainer.global_rank}.pt")
+
+
+FSDP_WORKER = '''
+import os, sys
+import torch
+sys.path.insert(0, os.environ["NNMARK_TESTS_DIR"])
+import lightning.pytorch as L
+from lightning.pytorch.strategies import ModelParallelStrategy
+from test_lightning import Probe, Sharded, _loader, _trainer
+from nnmark.integrations.lightning import WatermarkCallback
+
+out = sys.argv[1]
+torch.set_num_threads(1)
+cb = WatermarkCallback(os.path.join(out, "owner.key"), strength=1.0)
+trainer = _trainer(out, max_epochs=3, devices=2, strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                   callbacks=[cb, Probe(out)])
+trainer.fit(Sharded(), _loader())
+assert cb.embedding.steps == 3 * 4, cb.embedding.steps  # 8 batches an epoch, 4 per rank
+if torch.distributed.is_initialized():  # torn down while both ranks are alive (see test_hf_trainer)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+'''
+
+
+def _run_two(tmp_path, script: str) -> None:
+    """``script`` under torch.distributed.run with 2 CPU processes (Lightning and the
+    framework see an external launcher and start nothing themselves)."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "worker.py").write_text(script)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "NNMARK_TESTS_DIR": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(port), str(tmp_path / "worker.py"), str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_fsdp2_through_model_parallel_strategy_two_processes(tmp_path):
+    """ModelParallelStrategy with fully_shard in configure_model, 2 CPU processes over gloo:
+    the callback's penalty is computed on the DTensor shards (never gathered), the ranks
+    end with the same weights and the mark embeds."""
+    key = _key()
+    key.save(tmp_path / "owner.key")
+    _run_two(tmp_path, FSDP_WORKER)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["layout"] == r1["layout"] == "DTensor (Shard(dim=0),)"
+    for name in r0["params"]:
+        assert torch.equal(r0["params"][name], r1["params"][name]), name
+    v = nnmark.verify(key, r0["params"])
+    assert v.ber == 0.0 and v.verified

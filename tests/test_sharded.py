@@ -1,7 +1,9 @@
 """Sharded carriers (nnmark.sharded): 2 processes over gloo on the CPU. The projection of
 DTensor shards equals the unsharded projection and extracts the same bits on every rank;
 the mark embeds under FSDP2 (fully_shard) and under tensor-parallel row- and column-wise
-splits, with the gradients a single process gets; layouts it cannot handle are named."""
+splits, with the gradients a single process gets; layouts it cannot handle (Partial,
+2-D meshes such as HSDP, FSDP1's flattened shards) are named, by key.project, by
+PenaltyHook when it is made, and in verify()'s verdict on a live sharded model."""
 from __future__ import annotations
 
 import os
@@ -111,6 +113,32 @@ def _worker(rank: int, world: int, init_file: str, folder: str) -> None:
                 errors[name] = str(exc)
         out["errors"] = errors
 
+        # ... and through PenaltyHook, when it is made (before the first step): HSDP
+        # (fully_shard on a 2-D mesh), and FSDP1, whose shards are slices of a flattened
+        # 1-D parameter (with use_orig_params, or one flat parameter without).
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        hooked = {}
+        makers = {
+            "hsdp": lambda: fully_shard(_conv_net(), mesh=init_device_mesh("cpu", (1, world),
+                                                                        mesh_dim_names=("replicate", "shard"))),
+            "fsdp1_orig": lambda: FullyShardedDataParallel(_conv_net(), use_orig_params=True,
+                                                           device_id=torch.device("cpu")),
+            "fsdp1_flat": lambda: FullyShardedDataParallel(_conv_net(), use_orig_params=False,
+                                                           device_id=torch.device("cpu")),
+        }
+        verdicts = {}
+        for name, make in makers.items():
+            m = make()
+            try:
+                PenaltyHook(m, _load(folder, "conv_fm"), strength=1.0)
+                hooked[name] = None
+            except ValueError as exc:
+                hooked[name] = str(exc)
+            v = nnmark.verify(_load(folder, "conv_fm"), m)  # a live sharded model: a verdict naming the layout
+            verdicts[name] = (v.status, v.error_class, v.error_message)
+        out["hook_errors"] = hooked
+
         # 3. FSDP2: the mark embeds through PenaltyHook; each rank its own data
         model = _conv_net()
         fully_shard(model[2])
@@ -124,6 +152,9 @@ def _worker(rank: int, world: int, init_file: str, folder: str) -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
+        v = nnmark.verify(_load(folder, "conv_fm"), model)
+        verdicts["fsdp2"] = (v.status, v.error_class, v.error_message)
+        out["verdicts"] = verdicts
         out["fsdp"] = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
         out["fsdp_steps"] = hook.steps
 
@@ -193,6 +224,31 @@ def test_a_layout_it_cannot_handle_is_named(results):
     assert r0["errors"]["partial"] is not None and "Partial" in r0["errors"]["partial"]
     assert "2.weight" in r0["errors"]["partial"]
     assert r0["errors"]["2d"] is not None and "2-D device mesh" in r0["errors"]["2d"]
+
+
+def test_a_layout_it_cannot_handle_is_named_by_penalty_hook(results):
+    _, (r0, r1) = results
+    for r in (r0, r1):
+        errs = r["hook_errors"]
+        assert errs["hsdp"] is not None and "2-D device mesh" in errs["hsdp"] and "2.weight" in errs["hsdp"]
+        for name in ("fsdp1_orig", "fsdp1_flat"):
+            assert errs[name] is not None and "FSDP1 (FullyShardedDataParallel, FULL_SHARD)" in errs[name], name
+            assert "'2.weight'" in errs[name] and "[8, 16, 3, 3]" in errs[name] and "fully_shard" in errs[name]
+
+
+def test_verifying_a_live_sharded_model_names_the_layout(results):
+    """verify() of a module whose carrier is sharded: an invalid verdict naming the layout
+    (each rank holds a part), never a projection of a part."""
+    _, (r0, r1) = results
+    for r in (r0, r1):
+        v = r["verdicts"]
+        assert set(v) == {"hsdp", "fsdp1_orig", "fsdp1_flat", "fsdp2"}
+        for name, (status, error_class, message) in v.items():
+            assert (status, error_class) == ("invalid", "ShardedCarrier"), (name, message)
+            assert "'2.weight'" in message, name
+        assert "(Shard(dim=0),) on a 1-D device mesh" in v["fsdp2"][2]
+        assert "2-D device mesh" in v["hsdp"][2]
+        assert "FSDP1" in v["fsdp1_orig"][2] and "FSDP1" in v["fsdp1_flat"][2]
 
 
 def test_the_mark_embeds_under_fsdp2_as_in_one_process(results):

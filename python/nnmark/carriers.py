@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from typing import Mapping
 
 import torch
@@ -12,6 +13,10 @@ import torch
 REDUCTIONS = ("filter_mean", "flat")
 # Wrappers that prefix parameter names: DataParallel/DDP, Lightning, torch.compile.
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+# Wrappers that put a segment inside the names: torch.compile of a submodule
+# (``self.net = torch.compile(net)``: ``net._orig_mod.2.weight`` is ``net.2.weight``) and
+# FSDP1 (``_fsdp_wrapped_module.``; nnmark.sharded refuses its flattened shards by name).
+_WRAPPER_SEGMENT = re.compile(r"(?<![^.])(?:_orig_mod|_fsdp_wrapped_module)\.")  # a whole segment
 
 
 def reduce_carrier(weight: torch.Tensor, reduction: str, batched: bool = False, order: str = "torch") -> torch.Tensor:
@@ -57,14 +62,15 @@ def carrier_length(shape, reduction: str) -> int:
 
 
 def find_name(names, carrier: str) -> str:
-    """The name in ``names`` that is ``carrier``, allowing wrapper prefixes on either side.
+    """The name in ``names`` that is ``carrier``, allowing wrapper prefixes on either side
+    (and ``_orig_mod.`` / ``_fsdp_wrapped_module.`` inside a name: a compiled or FSDP1-wrapped submodule).
 
     Raises KeyError with close matches when there is none, ValueError when ambiguous."""
     names = list(names)
     if carrier in names:
         return carrier
-    bare = strip_prefixes(carrier)
-    hits = [n for n in names if strip_prefixes(n) == bare]
+    bare = bare_name(carrier)
+    hits = [n for n in names if bare_name(n) == bare]
     if len(hits) == 1:
         return hits[0]
     if len(hits) > 1:
@@ -72,6 +78,11 @@ def find_name(names, carrier: str) -> str:
     close = difflib.get_close_matches(carrier, names, n=3)
     hint = f"; close names: {close}" if close else ""
     raise KeyError(f"carrier {carrier!r} not found among {len(names)} tensors{hint}")
+
+
+def bare_name(name: str) -> str:
+    """``name`` as the unwrapped model calls it: wrapper prefixes and segments removed."""
+    return strip_prefixes(_WRAPPER_SEGMENT.sub("", name))
 
 
 def strip_prefixes(name: str) -> str:

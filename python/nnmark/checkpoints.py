@@ -984,12 +984,24 @@ class ModuleCheckpoint(Checkpoint):
         return check_tensor(self.path, name, self.module.state_dict(keep_vars=True)[name]).detach()
 
     def carrier(self, name: str, validate: Validator | None = None, out: Allocator | None = None) -> Carrier:
+        from .sharded import fsdp1_layout, is_dtensor, layout
+
+        # A live sharded model holds a part of the carrier on each rank: checking it is
+        # refused by name (gathering it is a collective every rank would have to join).
+        how = fsdp1_layout(self.module, name)
+        if how is not None:
+            raise CheckpointError("invalid", "ShardedCarrier", f"{self.path!r}: carrier {name!r} is held by {how}; "
+                                                               f"verify the model's full state dict")
         try:
             real, t = module_tensor(self.module, name)
         except KeyError as exc:
             raise CheckpointError("absent", "MissingCarrier", f"{self.path!r}: {exc.args[0]}") from None
         except ValueError as exc:
             raise CheckpointError("invalid", "AmbiguousCarrier", f"{self.path!r}: {exc}") from None
+        if is_dtensor(t):
+            raise CheckpointError("invalid", "ShardedCarrier",
+                                  f"{self.path!r}: carrier {real!r} is a DTensor with {layout(t)}; verify the full "
+                                  f"weights (the model's full state dict, or DTensor.full_tensor() on every rank)")
         return _memory_carrier(self.path, real, t.detach(), validate)
 
 

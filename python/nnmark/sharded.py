@@ -17,7 +17,9 @@ exactly its part of the unsharded gradient.
 Handled: a 1-D device mesh with ``Shard(d)`` (any d; uneven shards and empty shards
 too) or ``Replicate()``. Anything else (``Partial``, strided shards, 2-D meshes such as
 FSDP2 + tensor parallel, a Keras-order key on a sharded conv) raises ValueError naming
-the layout: a wrong penalty is never computed silently.
+the layout: a wrong penalty is never computed silently. So does a carrier held by FSDP1
+(``FullyShardedDataParallel``, as Lightning's ``FSDPStrategy`` and ``fsdp_config
+version 1`` use): its shards are slices of a flattened 1-D parameter that keep no shape.
 """
 from __future__ import annotations
 
@@ -62,36 +64,92 @@ class _SumOverRanks(torch.autograd.Function):
         return grad, None
 
 
+def fsdp1_layout(model: torch.nn.Module, carrier: str) -> str | None:
+    """How FSDP1 holds ``carrier`` when it holds it sharded (a slice of a flattened 1-D
+    parameter on each rank); None when FSDP1 does not hold it, or holds it whole (NO_SHARD,
+    or inside ``summon_full_params``)."""
+    if "torch.distributed.fsdp" not in sys.modules:
+        return None
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from .carriers import bare_name
+
+    want = bare_name(carrier)
+    for name, m in model.named_modules():
+        if not isinstance(m, FullyShardedDataParallel):
+            continue
+        # FlatParameter's metadata is private to torch: without it the carrier is not found
+        # (or fails its shape check) rather than being named here.
+        fp = getattr(m, "_flat_param", None)
+        if fp is None or not hasattr(fp, "_fqns") or not hasattr(fp, "_unpadded_unsharded_size"):
+            continue
+        inner = bare_name(f"{name}._fsdp_wrapped_module." if name else "_fsdp_wrapped_module.")
+        for fqn, shape in zip(fp._fqns, fp._shapes):
+            if bare_name(inner + fqn) != want:
+                continue
+            if fp.numel() >= fp._unpadded_unsharded_size.numel():
+                return None  # this rank holds the whole flat parameter now
+            return (f"FSDP1 (FullyShardedDataParallel, {m.sharding_strategy.name}): a slice of a flattened "
+                    f"{fp.numel()}-element shard of {fp._unpadded_unsharded_size.numel()} elements, its shape "
+                    f"{list(shape)} lost")
+    return None
+
+
+def check_not_fsdp1(model: torch.nn.Module, carrier: str) -> None:
+    """ValueError naming the layout when FSDP1 holds ``carrier`` sharded."""
+    how = fsdp1_layout(model, carrier)
+    if how is not None:
+        raise ValueError(f"carrier {carrier!r} is held by {how}. nnmark projects sharded carriers held as DTensors: "
+                         f"shard with FSDP2 (torch.distributed.fsdp.fully_shard; Lightning's ModelParallelStrategy, "
+                         f"Hugging Face fsdp_config={{'version': 2}}) or tensor parallel")
+
+
 def _unsupported(key, t, why: str) -> ValueError:
     return ValueError(f"carrier {key.carrier!r} is a DTensor with {layout(t)}: {why}. nnmark projects a sharded "
                       f"carrier on a 1-D device mesh with Shard(d) or Replicate() placements (FSDP2 fully_shard, "
                       f"row- or column-wise tensor parallel)")
 
 
+def check_layout(key, t) -> None:
+    """ValueError naming the layout when :func:`project_sharded` cannot project DTensor ``t``
+    under ``key`` (adapters call it before training, so every rank fails at the start)."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    placements = tuple(t.placements)
+    if t.device_mesh.ndim != 1 or len(placements) != 1:
+        raise _unsupported(key, t, "a mesh of more than one dimension")
+    pl = placements[0]
+    if isinstance(pl, Replicate):
+        return
+    if type(pl) is not Shard:  # Partial (pending sums), _StridedShard (FSDP2 + TP), ...
+        raise _unsupported(key, t, f"placement {pl} is not a plain Shard or Replicate")
+    if key.reduction == "filter_mean":
+        if t.dim() < 2:
+            raise _unsupported(key, t, "filter_mean needs a weight with an out-channel dimension")
+        if key.order == "keras" and t.dim() > 2 and pl.dim % t.dim() != 0:
+            raise _unsupported(key, t, "a Keras-order key reads the carrier in (kh, kw, in) order, which "
+                                       "splits an in-channel shard into many pieces")
+
+
 def project_sharded(key, t) -> torch.Tensor:
     """The raw projections ``[T]`` of a DTensor carrier ``t`` under ``key``, the same on
     every rank (to float rounding) as ``key.project`` of the whole tensor; differentiable
     in ``t``. One all-reduce of T values on the mesh's group; the carrier is never gathered."""
-    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+    check_layout(key, t)
     mesh, placements = t.device_mesh, tuple(t.placements)
-    if mesh.ndim != 1 or len(placements) != 1:
-        raise _unsupported(key, t, "a mesh of more than one dimension")
     pl = placements[0]
     local = t.to_local()  # differentiable: the gradient flows back to this rank's shard
     if isinstance(pl, Replicate):
         return key.project(local)
-    if type(pl) is not Shard:  # Partial (pending sums), _StridedShard (FSDP2 + TP), ...
-        raise _unsupported(key, t, f"placement {pl} is not a plain Shard or Replicate")
     S = tuple(t.shape)
     d = pl.dim % len(S)
     _, offset = compute_local_shape_and_global_offset(S, mesh, placements)
     o = int(offset[d])
     T = key.num_bits
     if key.reduction == "filter_mean":
-        if len(S) < 2:
-            raise _unsupported(key, t, "filter_mean needs a weight with an out-channel dimension")
         acc = torch.float64 if local.dtype == torch.float64 else torch.float32
         # The out-channel mean as a sum of this rank's channels over the global count.
         m = local.sum(0, dtype=acc) / S[0]
@@ -99,10 +157,7 @@ def project_sharded(key, t) -> torch.Tensor:
             if key.order == "keras" and m.dim() > 1:
                 m = m.permute(*range(1, m.dim()), 0)  # (in, kh, kw) -> (kh, kw, in)
             return _sum(key, [(0, m.reshape(-1))], local, mesh)
-        if key.order == "keras" and m.dim() > 1:
-            raise _unsupported(key, t, "a Keras-order key reads the carrier in (kh, kw, in) order, which "
-                                       "splits an in-channel shard into many pieces")
-        return _sum(key, _runs(m, S[1:], d - 1, o), local, mesh)
+        return _sum(key, _runs(m, S[1:], d - 1, o), local, mesh)  # (keras order refused by check_layout)
     return _sum(key, _runs(local, S, d, o), local, mesh)
 
 

@@ -22,6 +22,9 @@ import numpy as np
 from .carriers import carrier_length, find_name, module_parameter
 from .checkpoints import Carrier, CheckpointError, label_of, open_checkpoint
 from .keys import WhiteBoxKeyBase
+from .sharded import check_not_fsdp1
+
+FSDP1_SEGMENT = "_fsdp_wrapped_module."
 from .stats import binomial_threshold, check_alpha, check_null_rate
 
 Source = Any  # nn.Module | Mapping[str, Tensor] | str | os.PathLike | Tensor
@@ -61,6 +64,8 @@ class Uchida:
             raise TypeError(f"penalty() needs a torch.nn.Module, got {type(model).__name__}")
         name = self._names.get(model)
         if name is not None:
+            if FSDP1_SEGMENT in name:  # sharded or whole may change between calls (summon_full_params)
+                check_not_fsdp1(model, self.key.carrier)
             try:
                 return model.get_parameter(name)
             except AttributeError:  # the model was restructured: resolve again
@@ -69,10 +74,13 @@ class Uchida:
             named = dict(model.named_parameters())
             name = find_name(named, self.key.carrier)
         except KeyError as exc:
+            check_not_fsdp1(model, self.key.carrier)  # FSDP1 without use_orig_params: only a flat parameter
             try:  # a buffer can carry a mark too (no training through it)
                 return module_parameter(model, self.key.carrier)
             except KeyError:
                 raise KeyError(f"model has no carrier parameter: {exc.args[0]}") from None
+        if FSDP1_SEGMENT in name:
+            check_not_fsdp1(model, self.key.carrier)
         self._names[model] = name
         return named[name]
 

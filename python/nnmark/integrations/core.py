@@ -16,6 +16,7 @@ import torch
 
 from ..deepsigns import DeepSigns, DeepSignsKey
 from ..keys import WhiteBoxKeyBase, load_key
+from ..sharded import check_layout, is_dtensor
 from ..triggers import TriggerKey, TriggerMixer
 from ..whitebox import Uchida
 
@@ -154,6 +155,8 @@ class Embedding:
             params = parameters_of(r, model)
             if not params:
                 raise ValueError(f"the model has no trainable parameter for the mark in {where(r)!r}")
+            if isinstance(r, Uchida) and is_dtensor(params[0]):
+                check_layout(r.key, params[0])  # a layout the penalty cannot handle fails before training
             out.append(params[0])
         return out
 

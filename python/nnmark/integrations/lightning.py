@@ -72,6 +72,11 @@ class WatermarkCallback(pl.Callback):
         if stage == "fit":
             self.embedding.carriers(self.network(pl_module))  # a missing carrier fails before training
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Again once the strategy has sharded the model (configure_model runs after setup):
+        # a carrier layout the penalty cannot handle fails before the first step.
+        self.embedding.carriers(self.network(pl_module))
+
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         mixer = self.embedding.mixer
         if mixer is None:
