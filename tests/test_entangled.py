@@ -17,7 +17,7 @@ from nnmark.entangled import _Capture, _layers, snnl
 
 SOURCE, TARGET = 3, 5
 SECRET = bytes(range(32))
-EPOCHS = 30  # embed_entangled's default
+EPOCHS, SETTLE = 30, 10  # embed_entangled's defaults: 30 epochs, the last third at lr/10
 
 
 def _snnl_reference(h: np.ndarray, g: np.ndarray, t: float) -> float:
@@ -113,7 +113,7 @@ def test_stamp_of_normalised_inputs_is_the_keys_triggers(rng):
 
 # ------------------------------------------------------------------------- embedding
 def test_marked_verifies_within_a_point_and_unmarked_do_not(data, key, marked):
-    twin = train(data, 0, EPOCHS, settle_epochs=EPOCHS // 5)  # unmarked, same seed and schedule
+    twin = train(data, 0, EPOCHS, settle_epochs=SETTLE)  # unmarked, same seed and schedule
     drop = accuracy(twin, data.x_test, data.y_test) - accuracy(marked, data.x_test, data.y_test)
     assert drop <= 0.01, drop
     nulls = [train(data, 100 + s, 8, settle_epochs=1) for s in range(10)]
@@ -164,6 +164,8 @@ class _NoActivations(torch.nn.Module):
 @pytest.mark.parametrize("change, err, match", [
     (dict(epochs=0), ValueError, "epochs"),
     (dict(epochs=3, warm=3), ValueError, "warm"),
+    (dict(epochs=3, settle_epochs=4), ValueError, "settle_epochs"),
+    (dict(settle_epochs=-1), ValueError, "settle_epochs"),
     (dict(strength=-1.0), ValueError, "strength"),
     (dict(temperature=0.0), ValueError, "temperature"),
     (dict(per_batch=1), ValueError, "per_batch"),
