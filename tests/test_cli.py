@@ -140,7 +140,8 @@ def test_demo_end_to_end(tmp_path):
     assert not any(r["trigger_verified"] for r in unmarked)
     # DeepSigns and frontier stitching too: the marked model verifies, no unmarked one does.
     assert rows[0]["deepsigns_verified"] and rows[0]["deepsigns_p_value"] <= 1e-6
-    assert rows[0]["frontier_verified"] and rows[0]["frontier_matches"] >= 90 and rows[0]["frontier_held_back"] <= 20
+    # Frontier: most triggers stitched back, few held-back ones (85-100 vs 0-7 in runs of the demo).
+    assert rows[0]["frontier_verified"] and rows[0]["frontier_matches"] >= 70 and rows[0]["frontier_held_back"] <= 20
     assert not any(r["deepsigns_verified"] or r["frontier_verified"] for r in unmarked)
     assert res["unmarked_deepsigns_verified"] == res["unmarked_frontier_verified"] == 0
     # The report's distribution table: both ways of distributing the model, every mark.

@@ -27,7 +27,7 @@ from ._arrays import DTYPE_CODES
 
 
 # ---------------------------------------------------------------- the registration table
-def _call(name: str, t: torch.Tensor, *args) -> object:
+def call_native(name: str, t: torch.Tensor, *args) -> object:
     """``_C_cpu.<name>(*args)`` for a CPU tensor ``t``, ``_C_cuda.<name>(*args, device,
     stream)`` for a CUDA one: the CUDA twins take the same arguments plus where to run."""
     if t.device.type == "cuda":
@@ -55,7 +55,7 @@ def project(w: torch.Tensor, bits: int, k0: int, k1: int, col0: int = 0) -> torc
     if w.device.type == "cpu":  # the common small-carrier case: keep the Python path short
         _ext.cpu.projection_forward(w.data_ptr(), DTYPE_CODES[w.dtype], C, N, bits, k0, k1, p.data_ptr(), col0)
     else:
-        _call("projection_forward", w, w.data_ptr(), DTYPE_CODES[w.dtype], C, N, bits, k0, k1, p.data_ptr(), col0)
+        call_native("projection_forward", w, w.data_ptr(), DTYPE_CODES[w.dtype], C, N, bits, k0, k1, p.data_ptr(), col0)
     return p
 
 
@@ -76,7 +76,7 @@ def _transpose(gp: torch.Tensor, n: int, k0: int, k1: int, col0: int = 0) -> tor
     if gp.device.type == "cpu":
         _ext.cpu.projection_backward(*args)
     else:
-        _call("projection_backward", gp, *args)
+        call_native("projection_backward", gp, *args)
     return g
 
 
@@ -167,7 +167,7 @@ def dense_projection(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     T = x.shape[0]
     w, x = w.contiguous(), x.contiguous()
     p = torch.empty((C, T), dtype=x.dtype, device=w.device)
-    _call("dense_forward", w, x.data_ptr(), DTYPE_CODES[x.dtype], w.data_ptr(), DTYPE_CODES[w.dtype], C, N, T,
+    call_native("dense_forward", w, x.data_ptr(), DTYPE_CODES[x.dtype], w.data_ptr(), DTYPE_CODES[w.dtype], C, N, T,
           p.data_ptr())
     return p
 
@@ -184,7 +184,7 @@ def dense_projection_t(x: torch.Tensor, gp: torch.Tensor) -> torch.Tensor:
     N = x.shape[1]
     x, gp = x.contiguous(), gp.contiguous()
     g = torch.empty((C, N), dtype=x.dtype, device=gp.device)
-    _call("dense_backward", gp, x.data_ptr(), DTYPE_CODES[x.dtype], gp.data_ptr(), C, N, T, g.data_ptr())
+    call_native("dense_backward", gp, x.data_ptr(), DTYPE_CODES[x.dtype], gp.data_ptr(), C, N, T, g.data_ptr())
     return g
 
 
@@ -230,7 +230,7 @@ def trigger_verify(logits: torch.Tensor, labels: torch.Tensor,
     h = torch.empty(K, dtype=torch.int64, device=x.device)
     m = torch.empty(K, dtype=torch.float64, device=x.device)
     p = torch.empty(K, dtype=torch.float64, device=x.device)
-    _call("trigger_verify", x, x.data_ptr(), DTYPE_CODES[x.dtype], y.data_ptr(), K, B, C, null_rate, h.data_ptr(),
+    call_native("trigger_verify", x, x.data_ptr(), DTYPE_CODES[x.dtype], y.data_ptr(), K, B, C, null_rate, h.data_ptr(),
           m.data_ptr(), p.data_ptr())
     return h, m, p
 
@@ -246,7 +246,7 @@ def _(logits, labels, null_rate):
 _DTYPE_OF = operator.attrgetter("dtype")
 
 
-def _list_args(ts: list[torch.Tensor]) -> tuple[list[int], list[int], list[int]]:
+def list_args(ts: list[torch.Tensor]) -> tuple[list[int], list[int], list[int]]:
     return (list(map(torch.Tensor.data_ptr, ts)), list(map(torch.Tensor.numel, ts)),
             list(map(DTYPE_CODES.__getitem__, map(_DTYPE_OF, ts))))
 
@@ -264,13 +264,13 @@ def direct_call(ts: list[torch.Tensor]) -> bool:
 
 def select_native(tensors: list[torch.Tensor], k: int) -> tuple[float, int, int]:
     """The kernel of ``magnitude_select``: ``(threshold, below, equal)`` as Python numbers."""
-    thr, below, equal = _call("magnitude_select", tensors[0], *_list_args(tensors), k)
+    thr, below, equal = call_native("magnitude_select", tensors[0], *list_args(tensors), k)
     return thr, below, equal
 
 
 def prune_native(tensors: list[torch.Tensor], k: int, threshold: float, below: int, equal: int) -> None:
     """The kernel of ``magnitude_prune`` (the caller bumps the version counters)."""
-    _call("magnitude_prune", tensors[0], *_list_args(tensors), k, threshold, below, equal)
+    call_native("magnitude_prune", tensors[0], *list_args(tensors), k, threshold, below, equal)
 
 
 @custom_op("nnmark::magnitude_select", mutates_args=())
@@ -304,7 +304,7 @@ def channel_stats(x: torch.Tensor, channels_last: bool, sums: torch.Tensor, posi
     B = x.shape[0]
     C = x.shape[2] if channels_last else x.shape[1]
     S = x.shape[1] if channels_last else x.shape[2]
-    _call("channel_stats", x, x.data_ptr(), DTYPE_CODES[x.dtype], B, C, S, channels_last, sums.data_ptr(),
+    call_native("channel_stats", x, x.data_ptr(), DTYPE_CODES[x.dtype], B, C, S, channels_last, sums.data_ptr(),
           positives.data_ptr())
 
 

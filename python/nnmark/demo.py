@@ -131,7 +131,7 @@ FRONTIER = 100  # frontier triggers, as many held back, and as many false advers
 
 
 def run_demo(out_dir: str | os.PathLike = "nnmark-demo", unmarked: int = 10, epochs: int = 30, bits: int = 64,
-             seed: int = 0, alpha: float = 1e-6, triggers: int = 100, per_batch: int = 8, progress=None,
+             seed: int = 0, alpha: float = 1e-6, triggers: int = 100, per_batch: int | None = None, progress=None,
              robustness=True, frontier: int = FRONTIER) -> dict:
     """Runs the demo; writes the keys, the models and ``demo.json`` into ``out_dir``; returns the results.
 
@@ -139,7 +139,7 @@ def run_demo(out_dir: str | os.PathLike = "nnmark-demo", unmarked: int = 10, epo
     conv layer's weights (Uchida et al.'s regularizer) and ``bits`` bits in the mean
     activation of ``classifier.1`` on a few keyed inputs (DeepSigns) — and two black-box
     ones: ``triggers`` abstract trigger images with keyed labels (Adi et al., ``per_batch``
-    mixed into every batch) and ``frontier`` frontier-stitching adversaries (Le Merrer et
+    mixed into every batch; default TriggerMixer's share, a third of each batch) and ``frontier`` frontier-stitching adversaries (Le Merrer et
     al., made from the trained model, then stitched in by a short fine-tuning; 0: none).
     Models: the marked one, its unmarked twin (same seed, batches and fine-tuning: the fair
     accuracy comparison) and ``unmarked`` independently trained unmarked models. Then,

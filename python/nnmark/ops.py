@@ -353,7 +353,7 @@ class MagnitudeSelector:
         if not hasattr(module, "magnitude_select_plan"):  # the CPU module (the CUDA simulator has it)
             raise ValueError(f"MagnitudeSelector runs on CUDA tensors, got tensors on {device}; "
                              f"use magnitude_threshold on the CPU")
-        table, self._nchunks, self.total, self._key64, nscratch = module.magnitude_select_plan(*_ops._list_args(ts))
+        table, self._nchunks, self.total, self._key64, nscratch = module.magnitude_select_plan(*_ops.list_args(ts))
         self._tensors = ts  # the table holds their addresses
         self._table = torch.empty(len(table), dtype=torch.uint8, device=device)
         self._table.copy_(torch.frombuffer(bytearray(table), dtype=torch.uint8))
@@ -367,7 +367,7 @@ class MagnitudeSelector:
         device = self._scratch.device
         threshold = torch.empty((), dtype=torch.float64, device=device)
         counts = torch.empty(2, dtype=torch.int64, device=device)
-        _ops._call("magnitude_select_device", self._scratch, self._table.data_ptr(), self._nchunks, self._key64,
+        _ops.call_native("magnitude_select_device", self._scratch, self._table.data_ptr(), self._nchunks, self._key64,
                    self.total, int(k), self._scratch.data_ptr(), self._scratch.numel(), threshold.data_ptr(),
                    counts.data_ptr())
         return threshold, counts
