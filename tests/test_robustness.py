@@ -371,9 +371,11 @@ def test_distribution_table_picks_the_attackers_best():
     ])
     t = rep.distribution_table()
     wa, wb, ba, bb = t["white-box"][a], t["white-box"][b], t["black-box"][a], t["black-box"][b]
-    # White-box: every attack. a survives every affordable one (pruning 90% cost 65 points)...
-    # except extraction, which a holder of the weights can run too.
-    assert (wa["verified"], wa["attack"], wa["accuracy"]) == (False, "distill", 0.91)
+    # White-box: the weight attacks. a survives every affordable one (pruning 90% cost 65 points):
+    # the closest call is reported, and the costly removal beside it.
+    assert (wa["verified"], wa["attack"], wa["p_value"]) == (True, "overwrite", 1e-7)
+    assert wa["removed_at_cost"] == {"attack": "prune_global", "strength": 0.9, "accuracy": 0.30}
+    assert t.attacks["white-box"] == ["prune_global", "ftal", "overwrite"]
     # b: the removal that kept the most accuracy.
     assert (wb["verified"], wb["attack"], wb["strength"], wb["accuracy"]) == (False, "ftal", 1, 0.94)
     # Black-box: only extraction ran; a's weights did not carry over, b's triggers did.
@@ -386,12 +388,9 @@ def test_distribution_table_picks_the_attackers_best():
     assert any("removes it from 1000 queries" in line for line in t.notes())
     assert any("survives extraction from top-1 labels" in line for line in t.notes())
     assert "forge_key" in t.notes()[-1] and "forge_key" in t.to_dict()["ambiguity"]  # ambiguity: the claims tools
-    # Without extraction, a survives white-box: the closest call is reported, and the costly removal beside it.
+    # Without extraction, nothing attacks a in the black-box row (evasion leaves the weights alone).
     del rep.rows[-2]
     t = rep.distribution_table()
-    wa = t["white-box"][a]
-    assert (wa["verified"], wa["attack"], wa["p_value"]) == (True, "overwrite", 1e-7)
-    assert wa["removed_at_cost"] == {"attack": "prune_global", "strength": 0.9, "accuracy": 0.30}
     assert t["black-box"][a]["verified"] is None and t["black-box"][a]["attacks_run"] == 0  # evasion only
     assert t["black-box"][b]["attack"] == "evasion" and t["black-box"][b]["verified"]
     # A permutation the grid also realigned is undone by the verifier: only the realigned row counts.

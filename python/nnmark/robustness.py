@@ -506,8 +506,8 @@ class RobustnessReport:
 
     def distribution_table(self, max_drop: float | None = MAX_DROP) -> DistributionTable:
         """The survey's conclusion, measured: rows = how the model is distributed (``white-box``:
-        the attacker holds the weights and may use every attack in the grid; ``black-box``: it
-        only queries an API, so only extraction and evasion), columns = the marks, cells = the
+        the attacker holds the weights and uses every weight attack in the grid; ``black-box``:
+        it only queries an API, so extraction and evasion), columns = the marks, cells = the
         attacker's strongest attack there (does the mark still verify at alpha, and the clean
         accuracy kept). A removal counts only if the attacked model kept accuracy within
         ``max_drop`` (a fraction, default 0.05) of the unattacked one; None: any removal counts."""
@@ -528,8 +528,8 @@ class RobustnessReport:
 # The survey's conclusion as a table: how the model is distributed × each mark.
 
 DISTRIBUTIONS = {
-    "white-box": "the attacker holds the weights: every attack in the grid (weight attacks, and the "
-                 "queries anyone holding the model can make)",
+    "white-box": "the attacker holds the weights: every weight attack in the grid (it can query the model "
+                 "too, so its best is the better of both rows)",
     "black-box": "the attacker only queries an API: model extraction and evasion",
 }
 # Attacks that filter queries without touching the weights: nothing to a mark read from
@@ -684,7 +684,7 @@ class DistributionTable:
 def _distribution(report: "RobustnessReport", max_drop: float | None) -> DistributionTable:
     base_acc = report.rows[0].get("accuracy") if report.rows else None
     attacked = report.rows[1:]
-    by = {d: [r for r in attacked if d == "white-box" or attack_setting(r["attack"]) == d] for d in DISTRIBUTIONS}
+    by = {d: [r for r in attacked if attack_setting(r["attack"]) == d] for d in DISTRIBUTIONS}
     return DistributionTable(
         alpha=report.alpha, max_drop=max_drop, baseline_accuracy=base_acc, marks=report.marks,
         attacks={d: list(dict.fromkeys(r["attack"] for r in rows)) for d, rows in by.items()},
