@@ -471,3 +471,28 @@ def test_a_device_error_while_reading_ahead_fails_the_run(x, monkeypatch):
     monkeypatch.setattr(inference.TriggerRunner, "align", boom)
     with pytest.raises(torch.OutOfMemoryError):
         trigger_logits(lambda: make_net(0), [state(make_net(1))], x)
+
+
+def test_the_model_is_built_once_across_calls(x):
+    from nnmark import inference
+
+    inference.clear_runner_cache()
+    built = []
+
+    def factory():
+        built.append(1)
+        return Net()
+
+    a, b = make_net(1), make_net(2)
+    first, errors = trigger_logits(factory, [state(a)], x)
+    assert errors == [None]
+    x2 = x + 0.5  # same shape and dtype: the kept model runs the new batch
+    second, errors = trigger_logits(factory, [state(b), state(a)], x2)
+    assert errors == [None, None] and len(built) == 1
+    _assert_rows(first, [None], {0: direct(a, x)})
+    _assert_rows(second, [None, None], {0: direct(b, x2), 1: direct(a, x2)})
+    trigger_logits(factory, [state(a)], x[:1])  # another input shape: another model
+    assert len(built) == 2
+    inference.clear_runner_cache()
+    trigger_logits(factory, [state(a)], x)
+    assert len(built) == 3

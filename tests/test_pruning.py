@@ -235,6 +235,22 @@ def test_cuda_select_and_prune_equal_cpu(gpu, dtypes, sizes, ties):
     cuda_matches_cpu(gpu, ts, sorted({1, total, max(1, total // 2), max(1, total // 3), max(1, total - 1)}))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_candidate_buffer_paths(gpu, dtype):
+    # the passes after the second read a buffer of the candidates (at most max(16384,
+    # total/16) keys): one chunk whose 16384 weights are all candidates (more than a
+    # block's stage: the rest go to the buffer one by one), and candidates that overflow
+    # the buffer (the later passes walk the weights again)
+    g = torch.Generator().manual_seed(11)
+    dense = 1.0 + torch.rand(16384, generator=g, dtype=torch.float64) * 2.0 ** -5  # one top-11-bit bucket
+    spread = 10.0 ** (torch.rand(60_000, generator=g, dtype=torch.float64) * 16 - 8)
+    ts = [spread[:30_000].to(dtype), dense.to(dtype), spread[30_000:].to(dtype)]
+    below = int((spread < 1.0).sum())
+    cuda_matches_cpu(gpu, ts, [below + 1, below + 8000, below + 16384, 5, 76_384])
+    crowd = [(1.0 + torch.rand(n, generator=g, dtype=torch.float64) * 2.0 ** -5).to(dtype) for n in (40_000, 9)]
+    cuda_matches_cpu(gpu, crowd, [1, 20_000, 40_009])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_unaligned_views_and_partial_ties(gpu, dtype):
     # views 1 element into their buffers: the kernels' unaligned head and tail; ties at

@@ -7,10 +7,13 @@
 //   several channels per block, so a warp still reads contiguous memory.
 // cols_kernel ([R, C] with channels contiguous: channels_last, or S = 1): a 32 x 8
 //   block; lane x owns channel c0 + x, the 8 rows of threads stride a block of rows.
+// The grid is sized from the work: pieces of at least kMinPiece elements, and as many
+//   as fill the GPU (kBlocksPerSm blocks per SM) when the channels alone do not.
 // Every thread sums its elements in order (float64, exact widening) and the block
 //   combines threads in a fixed order, then either adds to sums/positives directly
-//   (one piece per channel) or writes partials that finish_kernel adds in piece
-//   order. No atomics: the same result on every run.
+//   (one piece per channel) or writes partials that finish_kernel reduces, one block
+//   per channel: each thread its fixed share of the partials in order, then a fixed
+//   tree. No atomics: the same result on every run.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -27,8 +30,9 @@ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 constexpr int kThreads = 256;
 constexpr int64_t kSeg = 8192;    // longest row segment of a piece (a multiple of every vector width)
-constexpr int64_t kUnit = 32768;  // elements a piece aims for
-constexpr int64_t kMaxBlocks = 64;  // row (batch) blocks at most: partials per channel
+constexpr int64_t kMinPiece = 8192;  // fewest elements a piece gets when the grid is split for the GPU
+constexpr int64_t kBlocksPerSm = 8;  // 256-thread blocks resident per SM
+constexpr int kFinish = 256;         // threads of finish_kernel (a power of two)
 
 template <typename In>
 __device__ __forceinline__ double widen(In v) { return static_cast<double>(v); }
@@ -154,22 +158,51 @@ cols_kernel(const In* __restrict__ x,  // [R, C]
   }
 }
 
-__global__ void finish_kernel(const double* __restrict__ psum,     // [np, C, nsc]
-                              const long long* __restrict__ ppos,  // [np, C, nsc]
-                              int64_t np, int64_t C, int64_t nsc,
-                              double* __restrict__ sums,           // [C]
-                              long long* __restrict__ positives) {  // [C]
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  double t = 0;
-  long long n = 0;
-  for (int64_t p = 0; p < np; ++p)
-    for (int64_t sc = 0; sc < nsc; ++sc) {
+// One block per channel (grid-stride): thread t adds partials t, t + kFinish, ... in
+// order, then the block adds the threads' sums in a fixed tree.
+__global__ void __launch_bounds__(kFinish)
+finish_kernel(const double* __restrict__ psum,     // [np, C, nsc]
+              const long long* __restrict__ ppos,  // [np, C, nsc]
+              int64_t np, int64_t C, int64_t nsc,
+              double* __restrict__ sums,           // [C]
+              long long* __restrict__ positives) {  // [C]
+  __shared__ double ssum[kFinish];
+  __shared__ long long spos[kFinish];
+  const int64_t n = np * nsc;  // partials of a channel
+  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
+    double t = 0;
+    long long k = 0;
+    for (int64_t q = threadIdx.x; q < n; q += kFinish) {
+      const int64_t p = q / nsc, sc = q % nsc;
       t += psum[(p * C + c) * nsc + sc];
-      n += ppos[(p * C + c) * nsc + sc];
+      k += ppos[(p * C + c) * nsc + sc];
     }
-  sums[c] += t;
-  positives[c] += n;
+    ssum[threadIdx.x] = t;
+    spos[threadIdx.x] = k;
+    __syncthreads();
+    for (int half = kFinish / 2; half > 0; half >>= 1) {
+      if (static_cast<int>(threadIdx.x) < half) {
+        ssum[threadIdx.x] += ssum[threadIdx.x + half];
+        spos[threadIdx.x] += spos[threadIdx.x + half];
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      sums[c] += ssum[0];
+      positives[c] += spos[0];
+    }
+    __syncthreads();  // ssum is free again
+  }
+}
+
+// Pieces along the rows (batch) for `others` pieces across channels and segments, each
+// of `per_row` elements a row: at least kMinPiece elements a piece, and no more pieces
+// than fill the GPU when `others` alone does not.
+int64_t row_pieces(int64_t rows, int64_t per_row, int64_t others) {
+  const int64_t target = std::max<int64_t>(1, sm_count() * kBlocksPerSm / std::max<int64_t>(1, others));
+  const int64_t by_work = std::max<int64_t>(1, rows * per_row / kMinPiece);
+  const int64_t at_least = ceil_div(rows * per_row, int64_t{1} << 30);  // a thread's int count stays small
+  return std::min(rows, std::max({int64_t{1}, std::min(target, by_work), at_least}));
 }
 
 int64_t pow2_floor(int64_t v) {
@@ -198,9 +231,8 @@ Scratch take_scratch(int64_t np, int64_t C, int64_t nsc, cudaStream_t stream) {
 void finish(const Scratch& scr, int64_t np, int64_t C, int64_t nsc, double* sums, long long* positives,
             cudaStream_t stream) {
   if (scr.sum == nullptr) return;
-  constexpr int kFinish = 128;
-  NNMARK_LAUNCH(static_cast<unsigned>(ceil_div(C, kFinish)), kFinish, 0, stream, finish_kernel)(scr.sum, scr.pos, np, C, nsc,
-                                                                                     sums, positives);
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(C, 65535));
+  NNMARK_LAUNCH(grid, kFinish, 0, stream, finish_kernel)(scr.sum, scr.pos, np, C, nsc, sums, positives);
   NNMARK_CUDA_CHECK(cudaGetLastError());
   NNMARK_CUDA_CHECK(cudaFreeAsync(scr.sum, stream));
 }
@@ -218,8 +250,8 @@ void launch_rows_g(const ChannelStatsArgs& a, cudaStream_t stream) {
   // block's teams read about 1024 contiguous elements per sample.
   const int64_t cw = nsc > 1 ? 1 : pow2_floor(std::min({kTeams, C, std::max<int64_t>(1, 1024 / S)}));
   const int64_t ncb = ceil_div(C, cw);
-  // At least kUnit elements a piece, and at most kMaxBlocks batch blocks (finish_kernel's loop).
-  const int64_t bblock = std::min(B, std::max(ceil_div(kUnit, cw * seg), ceil_div(B, kMaxBlocks)));
+  // Batch blocks: as the work and the GPU call for (row_pieces).
+  const int64_t bblock = ceil_div(B, row_pieces(B, cw * seg, ncb * nsc));
   const int64_t nbb = ceil_div(B, bblock);
   const int64_t blocks = nbb * ncb * nsc;
   check_grid(blocks);
@@ -246,7 +278,7 @@ void launch(const ChannelStatsArgs& a, cudaStream_t stream) {
   if (a.channels_last || a.S == 1) {
     const int64_t R = a.B * a.S, C = a.C;
     const int64_t ncb = ceil_div(C, kColX);
-    const int64_t rblock = std::min(R, std::max(kUnit / kColX, ceil_div(R, kMaxBlocks))), nrb = ceil_div(R, rblock);
+    const int64_t rblock = ceil_div(R, row_pieces(R, std::min<int64_t>(C, kColX), ncb)), nrb = ceil_div(R, rblock);
     check_grid(nrb * ncb);
     const Scratch scr = take_scratch(nrb, C, 1, stream);
     auto* positives = reinterpret_cast<long long*>(a.positives);

@@ -15,13 +15,18 @@
 //   digit_histogram_kernel counts the candidates' digits in shared memory and adds
 //   them to a global histogram with atomics; choose_bucket_kernel (one block) finds
 //   the bucket holding rank k and narrows the prefix in device memory, so there is no
-//   host round trip between passes, and one copy back at the end.
+//   host round trip between passes, and one copy back at the end. After the first pass
+//   only a few percent of the weights remain candidates: the second pass also copies
+//   their keys into a buffer of at most total/16 keys, and the later passes read only
+//   the buffer (the device decides: when the candidates overflowed it, they walk the
+//   weights again). The order of the buffer does not matter: a histogram counts a set.
 // prune: prune_kernel zeroes |w| < t and, when every tie goes, |w| == t, in one
 //   vectorised pass. When only some ties go (0 < k - below < equal), tie_count_kernel
 //   and exclusive_scan_kernel first give each chunk the rank of its first tie; only the
 //   chunk where the cut falls then ranks its ties one by one (a block scan).
-// Extra device memory: 16 B per chunk for the table, 6 x 16 KiB of histograms, and
-// 8 B per chunk of tie ranks when ties are partial; never a copy of the weights.
+// Extra device memory: 16 B per chunk for the table, 6 x 16 KiB of histograms, the
+// candidate buffer (keys of at most total/16 weights, at least kChunk), and 8 B per
+// chunk of tie ranks when ties are partial.
 // magnitude_select_device_cuda is the same select with no host step once launched (a
 // kernel initialises the state, another writes the result to device memory), on a
 // table and scratch the caller allocated (torch's allocator): it can be captured in a
@@ -42,6 +47,7 @@ constexpr int kScanThreads = 1024;    // threads of the one-block kernels
 constexpr int kDigitBits = 11;        // radix digit: 2048 buckets, 8 KiB of shared counts
 constexpr int kBins = 1 << kDigitBits;
 constexpr int64_t kChunk = 16384;     // elements per chunk (a multiple of every vector width)
+constexpr int kStage = 2048;          // candidate keys a block gathers in shared memory per chunk
 
 using u64 = unsigned long long;
 
@@ -56,6 +62,7 @@ struct SelectState {
   long long rank;  // rank of the k-th smallest among the candidates, 1-based
   long long below; // weights with a key below every candidate's
   long long equal; // candidates in the bucket chosen last
+  u64 ncand;       // candidate keys put in the buffer (more than its capacity: it overflowed)
 };
 
 // ---- keys -----------------------------------------------------------------------
@@ -238,17 +245,28 @@ __device__ __forceinline__ void flush_counts(unsigned int* counts, int nb, u64* 
 }
 
 // Counts, per value of key bits [hi - bits, hi), the candidates: keys whose bits from
-// hi up equal the prefix chosen so far.
+// hi up equal the prefix chosen so far. mode kWalk reads the weights; kGather reads
+// them and also puts the candidates' keys in cand (capacity cap, count in
+// state->ncand); kBuffer reads cand when the gather fitted, else the weights.
+enum HistMode : int { kWalk = 0, kGather = 1, kBuffer = 2 };
+
 template <typename Key>
 __global__ void __launch_bounds__(kThreads)
-digit_histogram_kernel(const Chunk* __restrict__ chunks,       // [nchunks]
+digit_histogram_kernel(const Chunk* __restrict__ chunks,  // [nchunks]
                        int64_t nchunks,
-                       const SelectState* __restrict__ state,  // [1]
+                       SelectState* __restrict__ state,   // [1]
                        int hi, int bits,
-                       u64* __restrict__ hist) {               // [1 << bits], zeroed
+                       u64* __restrict__ hist,            // [1 << bits], zeroed
+                       int mode,
+                       Key* __restrict__ cand,            // [cap]
+                       u64 cap) {
   __shared__ unsigned int counts[kBins];  // [bucket]
+  __shared__ Key stage[kStage];           // [kStage] candidates of the current chunk (kGather)
+  __shared__ unsigned int nstage;         // candidates of the current chunk, may pass kStage
+  __shared__ u64 base;                    // where the block's staged candidates go in cand
   const int nb = 1 << bits;
   for (int b = threadIdx.x; b < nb; b += blockDim.x) counts[b] = 0;
+  if (threadIdx.x == 0) nstage = 0;
   __syncthreads();
   const Key want = static_cast<Key>(state->prefix >> hi);
   const int shift = hi - bits;
@@ -256,6 +274,31 @@ digit_histogram_kernel(const Chunk* __restrict__ chunks,       // [nchunks]
   auto count = [&](Key key) {
     if ((key >> hi) == want) atomicAdd(counts + static_cast<int>((key >> shift) & dmask), 1u);
   };
+  // kGather: a candidate goes to the block's stage; when the stage is full, straight to
+  // cand (a global atomic), unless cand overflowed already. Count > cap marks overflow.
+  auto gather = [&](Key key) {
+    if ((key >> hi) != want) return;
+    atomicAdd(counts + static_cast<int>((key >> shift) & dmask), 1u);
+    const unsigned int slot = atomicAdd(&nstage, 1u);
+    if (slot < static_cast<unsigned int>(kStage)) {
+      stage[slot] = key;
+    } else if (*reinterpret_cast<volatile u64*>(&state->ncand) <= cap) {
+      const u64 g = atomicAdd(&state->ncand, 1ull);
+      if (g < cap) cand[g] = key;
+    }
+  };
+  if (mode == kBuffer) {
+    const u64 n = *reinterpret_cast<volatile u64*>(&state->ncand);
+    if (n <= cap) {  // the same in every block: ncand no longer changes
+      const int64_t tiles = static_cast<int64_t>((n + kChunk - 1) / kChunk);
+      for (int64_t t = blockIdx.x; t < tiles; t += gridDim.x) {  // at most kChunk keys a block between flushes
+        const int64_t e = static_cast<int64_t>(n) < (t + 1) * kChunk ? static_cast<int64_t>(n) : (t + 1) * kChunk;
+        for (int64_t i = t * kChunk + threadIdx.x; i < e; i += blockDim.x) count(cand[i]);
+        flush_counts(counts, nb, hist);
+      }
+      return;
+    }
+  }
   long long pending = 0;  // elements seen since the last flush: the 32-bit counts cannot overflow
   for (int64_t c = blockIdx.x; c < nchunks; c += gridDim.x) {
     const Chunk ch = chunks[c];
@@ -264,7 +307,19 @@ digit_histogram_kernel(const Chunk* __restrict__ chunks,       // [nchunks]
       pending = 0;
     }
     pending += ch.len;
-    visit_chunk<Key>(ch, count);
+    if (mode != kGather) {
+      visit_chunk<Key>(ch, count);
+      continue;
+    }
+    visit_chunk<Key>(ch, gather);
+    __syncthreads();  // the stage is complete
+    const unsigned int m = nstage < static_cast<unsigned int>(kStage) ? nstage : static_cast<unsigned int>(kStage);
+    if (threadIdx.x == 0) base = m > 0 ? atomicAdd(&state->ncand, static_cast<u64>(m)) : 0ull;
+    __syncthreads();
+    for (unsigned int i = threadIdx.x; i < m; i += blockDim.x)
+      if (base + i < cap) cand[base + i] = stage[i];
+    __syncthreads();  // the stage is free again
+    if (threadIdx.x == 0) nstage = 0;
   }
   flush_counts(counts, nb, hist);
 }
@@ -306,7 +361,7 @@ choose_bucket_kernel(const u64* __restrict__ hist,  // [nb], nb <= kBins
 // The state before the first pass (a kernel, not a host copy, so that the select can be
 // captured in a CUDA graph).
 __global__ void init_state_kernel(SelectState* __restrict__ state, long long k) {
-  if (threadIdx.x == 0 && blockIdx.x == 0) *state = SelectState{0ull, k, 0, 0};
+  if (threadIdx.x == 0 && blockIdx.x == 0) *state = SelectState{0ull, k, 0, 0, 0ull};
 }
 
 // threshold = the key's float (or double) value, as the CPU's key_value; counts = [below, equal].
@@ -489,8 +544,12 @@ constexpr int key_passes() {
 
 // The radix passes, on device memory only: state (at the front of the scratch) is
 // initialised by a kernel, so nothing here needs the host once launched.
+// Capacity of the candidate buffer, in keys: about total/16, at least a chunk.
+inline int64_t cand_cap(int64_t total) { return std::max<int64_t>(kChunk, total / 16); }
+
 template <typename Key>
-void run_passes(const Chunk* table, int64_t n, int64_t k, SelectState* state, u64* hist, cudaStream_t stream) {
+void run_passes(const Chunk* table, int64_t n, int64_t k, SelectState* state, u64* hist, Key* cand, u64 cap,
+                cudaStream_t stream) {
   constexpr int kKeyBits = sizeof(Key) == 4 ? 31 : 63;
   NNMARK_CUDA_CHECK(cudaMemsetAsync(hist, 0, sizeof(u64) * kBins * key_passes<Key>(), stream));
   NNMARK_LAUNCH(1, 32, 0, stream, init_state_kernel)(state, static_cast<long long>(k));
@@ -500,17 +559,24 @@ void run_passes(const Chunk* table, int64_t n, int64_t k, SelectState* state, u6
   for (int hi = kKeyBits; hi > 0; hi -= kDigitBits, ++pass) {
     const int bits = std::min(kDigitBits, hi);
     u64* h = hist + static_cast<size_t>(pass) * kBins;
-    NNMARK_LAUNCH(grid, kThreads, 0, stream, digit_histogram_kernel<Key>)(table, n, state, hi, bits, h);
+    const int mode = pass == 0 ? kWalk : pass == 1 ? kGather : kBuffer;
+    NNMARK_LAUNCH(grid, kThreads, 0, stream, digit_histogram_kernel<Key>)(table, n, state, hi, bits, h, mode, cand,
+                                                                          cap);
     NNMARK_CUDA_CHECK(cudaGetLastError());
     NNMARK_LAUNCH(1, kScanThreads, 0, stream, choose_bucket_kernel)(h, 1 << bits, hi - bits, state);
     NNMARK_CUDA_CHECK(cudaGetLastError());
   }
 }
 
-// Scratch layout: [state (kHead bytes) | histograms, one per pass].
+// Scratch layout: [state (kHead bytes) | histograms, one per pass | candidate buffer].
 template <typename Key>
-size_t select_scratch_bytes() {
+size_t cand_offset() {
   return kHead + sizeof(u64) * kBins * key_passes<Key>();
+}
+
+template <typename Key>
+size_t select_scratch_bytes(int64_t total) {
+  return cand_offset<Key>() + sizeof(Key) * static_cast<size_t>(cand_cap(total));
 }
 
 template <typename Key>
@@ -518,7 +584,7 @@ MagnitudeSelection select(const MagnitudeList& list, int64_t total, int64_t k, c
   const std::vector<Chunk> chunks = make_chunks(list, total);
   const int64_t n = static_cast<int64_t>(chunks.size());
   // Scratch: [state and histograms | chunk table].
-  const size_t table_off = select_scratch_bytes<Key>();
+  const size_t table_off = (select_scratch_bytes<Key>(total) + 255) / 256 * 256;
   const size_t table_bytes = chunks.size() * sizeof(Chunk);
   keep_pool_memory();
   Scratch scratch(table_off + table_bytes, stream);
@@ -527,7 +593,8 @@ MagnitudeSelection select(const MagnitudeList& list, int64_t total, int64_t k, c
   const Chunk* table = reinterpret_cast<const Chunk*>(scratch.get() + table_off);
   NNMARK_CUDA_CHECK(cudaMemcpyAsync(scratch.get() + table_off, chunks.data(), table_bytes, cudaMemcpyHostToDevice,
                                     stream));
-  run_passes<Key>(table, n, k, state, hist, stream);
+  Key* cand = reinterpret_cast<Key*>(scratch.get() + cand_offset<Key>());
+  run_passes<Key>(table, n, k, state, hist, cand, static_cast<u64>(cand_cap(total)), stream);
   SelectState out{};
   NNMARK_CUDA_CHECK(cudaMemcpyAsync(&out, state, sizeof out, cudaMemcpyDeviceToHost, stream));
   NNMARK_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -596,7 +663,8 @@ MagnitudeSelectPlan magnitude_select_plan_cuda(const MagnitudeList& list) {
   plan.nchunks = static_cast<int64_t>(chunks.size());
   plan.total = total;
   plan.key64 = needs_64bit(list);
-  plan.scratch_bytes = static_cast<int64_t>(plan.key64 ? select_scratch_bytes<u64>() : select_scratch_bytes<unsigned int>());
+  plan.scratch_bytes = static_cast<int64_t>(plan.key64 ? select_scratch_bytes<u64>(total)
+                                                      : select_scratch_bytes<unsigned int>(total));
   return plan;
 }
 
@@ -605,7 +673,8 @@ void magnitude_select_device_cuda(const void* table, int64_t nchunks, bool key64
                                   uintptr_t stream_handle) {
   NNMARK_CHECK_ARG(nchunks >= 1 && table != nullptr, "the chunk table is empty");
   NNMARK_CHECK_ARG(k >= 1 && k <= total, "k must be in [1, ", total, "], got ", k);
-  const int64_t need = static_cast<int64_t>(key64 ? select_scratch_bytes<u64>() : select_scratch_bytes<unsigned int>());
+  const int64_t need = static_cast<int64_t>(key64 ? select_scratch_bytes<u64>(total)
+                                                  : select_scratch_bytes<unsigned int>(total));
   NNMARK_CHECK_ARG(scratch != nullptr && scratch_bytes >= need, "scratch of ", scratch_bytes, " bytes; the select needs ",
                    need);
   NNMARK_CHECK_ARG(reinterpret_cast<uintptr_t>(scratch) % 16 == 0 && reinterpret_cast<uintptr_t>(table) % 16 == 0,
@@ -614,11 +683,13 @@ void magnitude_select_device_cuda(const void* table, int64_t nchunks, bool key64
   SelectState* state = reinterpret_cast<SelectState*>(scratch);
   u64* hist = reinterpret_cast<u64*>(static_cast<char*>(scratch) + kHead);
   const Chunk* t = static_cast<const Chunk*>(table);
+  char* cand = static_cast<char*>(scratch) + (key64 ? cand_offset<u64>() : cand_offset<unsigned int>());
+  const u64 cap = static_cast<u64>(cand_cap(total));
   if (key64) {
-    run_passes<u64>(t, nchunks, k, state, hist, stream);
+    run_passes<u64>(t, nchunks, k, state, hist, reinterpret_cast<u64*>(cand), cap, stream);
     NNMARK_LAUNCH(1, 32, 0, stream, finish_kernel<u64>)(state, threshold, reinterpret_cast<long long*>(counts));
   } else {
-    run_passes<unsigned int>(t, nchunks, k, state, hist, stream);
+    run_passes<unsigned int>(t, nchunks, k, state, hist, reinterpret_cast<unsigned int*>(cand), cap, stream);
     NNMARK_LAUNCH(1, 32, 0, stream, finish_kernel<unsigned int>)(state, threshold, reinterpret_cast<long long*>(counts));
   }
   NNMARK_CUDA_CHECK(cudaGetLastError());

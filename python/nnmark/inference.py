@@ -6,7 +6,9 @@ through it, for its output (or, with ``layer=``, a hidden layer's: DeepSigns).
 On CUDA the forward is captured once as a CUDA graph and replayed after each
 copy, since the parameters keep their addresses. The next
 checkpoint is read from disk on a background thread while the current one
-runs, and only those two are held in memory at a time.
+runs, and only those two are held in memory at a time. The built model (and its
+captured graph) is kept for the next call with the same architecture, device,
+input dtype and shape (see :func:`clear_runner_cache`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import importlib
 import importlib.util
 import os
 import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -119,7 +123,7 @@ class TriggerRunner:
         device = torch.device(device) if device is not None else x.device
         self.model = load_factory(factory)().to(device).eval()
         self.tap = _LayerTap(self.model, layer) if layer is not None else None
-        self.x = x.to(device)
+        self.x = x.to(device, copy=True)  # its own: set_input writes into it
         self.device = device
         # What a checkpoint holds: parameters and persistent buffers (not persistent=False ones).
         self.tensors = dict(self.model.state_dict(keep_vars=True))
@@ -165,11 +169,26 @@ class TriggerRunner:
         return aligned
 
     @torch.no_grad()
+    def set_input(self, x: torch.Tensor) -> None:
+        """Copies a new batch of the same shape and dtype into the model's input, in place
+        (a captured graph reads it where it is)."""
+        if tuple(x.shape) != tuple(self.x.shape) or x.dtype != self.x.dtype:
+            raise ValueError(f"the input must keep shape {list(self.x.shape)} and dtype {self.x.dtype}, got "
+                             f"{list(x.shape)} {x.dtype}")
+        self.x.copy_(x)
+
+    @torch.no_grad()
     def load(self, sd: Mapping[str, torch.Tensor], aligned: bool = False) -> None:
-        """Copies a checkpoint's tensors into the model in place (addresses unchanged).
-        ``aligned``: ``sd`` is what :meth:`align` returned (not checked again)."""
-        for name, src in (sd if aligned else self.align(sd)).items():
-            self.tensors[name].copy_(src, non_blocking=True)
+        """Copies a checkpoint's tensors into the model in place (addresses unchanged), in
+        one batched copy. ``aligned``: ``sd`` is what :meth:`align` returned (not checked again)."""
+        items = (sd if aligned else self.align(sd)).items()
+        dsts = [self.tensors[name] for name, _ in items]
+        srcs = [src for _, src in items]
+        if not dsts:
+            return
+        if self.device.type == "cuda" and all(s.device.type == "cpu" for s in srcs):
+            srcs = _staged(srcs, dsts)
+        torch._foreach_copy_(dsts, srcs, non_blocking=True)
 
     @torch.no_grad()
     def logits(self) -> torch.Tensor:
@@ -178,6 +197,80 @@ class TriggerRunner:
             self.graph.replay()
             return self.out.clone()
         return self._forward()
+
+
+def _staged(srcs: list[torch.Tensor], dsts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Host tensors moved to the device of ``dsts`` in one host-to-device copy per dtype:
+    packed into pinned memory (torch's pinned allocator keeps the block until the copy is
+    done), as views of the copy, in ``dsts``' dtypes."""
+    out: list[torch.Tensor | None] = [None] * len(srcs)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, d in enumerate(dsts):
+        by_dtype.setdefault(d.dtype, []).append(i)
+    for dtype, idx in by_dtype.items():
+        flat = torch.empty(sum(dsts[i].numel() for i in idx), dtype=dtype, pin_memory=True)
+        at = 0
+        for i in idx:
+            n = dsts[i].numel()
+            flat[at:at + n].view(dsts[i].shape).copy_(srcs[i])
+            at += n
+        dev = flat.to(dsts[idx[0]].device, non_blocking=True)
+        at = 0
+        for i in idx:
+            n = dsts[i].numel()
+            out[i] = dev[at:at + n].view(dsts[i].shape)
+            at += n
+    return out
+
+
+# Built runners kept across calls of trigger_logits, most recently used last: building
+# the model and capturing its CUDA graph costs far more than a checkpoint's forward.
+# A runner is taken out while a call uses it, so concurrent calls never share one.
+_RUNNERS: OrderedDict = OrderedDict()
+_RUNNERS_LOCK = threading.Lock()
+_MAX_RUNNERS = 4
+
+
+def clear_runner_cache() -> None:
+    """Drops the models (and CUDA graphs) :func:`trigger_logits` keeps for later calls."""
+    with _RUNNERS_LOCK:
+        _RUNNERS.clear()
+
+
+def _runner_key(factory, x: torch.Tensor, device, cuda_graph, layer):
+    """(arch, device, input dtype, input shape, cuda_graph, layer), or None when the arch
+    cannot be a dictionary key. A string arch is keyed by the string: a file changed
+    between calls is not read again until clear_runner_cache()."""
+    dev = torch.device(device) if device is not None else x.device
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    key = (factory, str(dev), x.dtype, tuple(x.shape), cuda_graph, layer)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+def _take_runner(key, factory, x, device, cuda_graph, layer) -> TriggerRunner:
+    runner = None
+    if key is not None:
+        with _RUNNERS_LOCK:
+            runner = _RUNNERS.pop(key, None)
+    if runner is None:
+        return TriggerRunner(factory, x, device, cuda_graph, layer=layer)
+    runner.set_input(x)
+    return runner
+
+
+def _keep_runner(key, runner: TriggerRunner) -> None:
+    if key is None:
+        return
+    with _RUNNERS_LOCK:
+        _RUNNERS[key] = runner
+        _RUNNERS.move_to_end(key)
+        while len(_RUNNERS) > _MAX_RUNNERS:
+            _RUNNERS.popitem(last=False)
 
 
 # What a failing device says: these end the run instead of marking one checkpoint
@@ -250,9 +343,11 @@ def trigger_logits(factory, sources: Sequence, x: torch.Tensor, device=None, cud
     sources = list(sources)
     needs_arch = [s for s in sources if not isinstance(s, torch.nn.Module)]
     runner: TriggerRunner | CheckpointError | None = None
+    key = None
     if needs_arch:
         try:
-            runner = TriggerRunner(factory, x, device, cuda_graph, layer=layer)
+            key = _runner_key(factory, x, device, cuda_graph, layer)
+            runner = _take_runner(key, factory, x, device, cuda_graph, layer)
         except CheckpointError as exc:  # e.g. the architecture has no such layer: every file's row says so
             runner = exc
     errors: list[CheckpointError | None] = [None] * len(sources)
@@ -280,6 +375,8 @@ def trigger_logits(factory, sources: Sequence, x: torch.Tensor, device=None, cud
                                                                          f"{str(exc).splitlines()[0]}")
             if progress is not None:
                 progress(k + 1)
+    if isinstance(runner, TriggerRunner):  # the run went through: keep the model for the next call
+        _keep_runner(key, runner)
     shape = next((r.shape for r in rows if r is not None), None)
     if shape is None:
         return None, errors
