@@ -11,6 +11,7 @@
 
 #include <Python.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstring>
@@ -27,45 +28,88 @@ namespace {
 
 const char kHex[] = "0123456789abcdef";
 
-// json.dumps(s, ensure_ascii=True) of a str (json's encode_basestring_ascii).
-void put_json_str(std::string& out, PyObject* s) {
-  const Py_ssize_t n = PyUnicode_GET_LENGTH(s);
-  const int kind = PyUnicode_KIND(s);
-  const void* data = PyUnicode_DATA(s);
-  out.push_back('"');
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    Py_UCS4 c = PyUnicode_READ(kind, data, i);
-    if (c >= ' ' && c <= '~' && c != '\\' && c != '"') {
-      out.push_back(static_cast<char>(c));
-      continue;
-    }
-    out.push_back('\\');
-    switch (c) {
-      case '\\': out.push_back('\\'); continue;
-      case '"': out.push_back('"'); continue;
-      case '\b': out.push_back('b'); continue;
-      case '\f': out.push_back('f'); continue;
-      case '\n': out.push_back('n'); continue;
-      case '\r': out.push_back('r'); continue;
-      case '\t': out.push_back('t'); continue;
-      default: break;
-    }
-    if (c >= 0x10000) {  // a surrogate pair
-      const Py_UCS4 v = c - 0x10000;
-      const Py_UCS4 hi = 0xd800 | ((v >> 10) & 0x3ff);
-      out += "ud";
-      out.push_back(kHex[(hi >> 8) & 0xf]), out.push_back(kHex[(hi >> 4) & 0xf]), out.push_back(kHex[hi & 0xf]);
-      out.push_back('\\');
-      c = 0xdc00 | (v & 0x3ff);
-    }
-    out.push_back('u');
-    for (int shift = 12; shift >= 0; shift -= 4) out.push_back(kHex[(c >> shift) & 0xf]);
+// ASCII characters JSON writes as they are (json's encode_basestring_ascii).
+const struct Plain {
+  bool c[128] = {};
+  Plain() {
+    for (int i = ' '; i <= '~'; ++i) c[i] = i != '"' && i != '\\';
   }
-  out.push_back('"');
+} kPlain;
+
+// The canonical bytes of every row of a batch, one after the other. Each row asks for
+// room for its longest possible encoding first, then writes through a plain pointer.
+class Out {
+ public:
+  char* room(size_t k) {
+    if (used_ + k > s_.size()) s_.resize(std::max(2 * s_.size(), used_ + k));
+    return &s_[used_];
+  }
+  void done(const char* end) { used_ = static_cast<size_t>(end - s_.data()); }
+  size_t size() const { return used_; }
+  const uint8_t* data() const { return reinterpret_cast<const uint8_t*>(s_.data()); }
+
+ private:
+  std::string s_;
+  size_t used_ = 0;
+};
+
+char* put_u4(char* p, Py_UCS4 c) {
+  *p++ = '\\', *p++ = 'u';
+  for (int shift = 12; shift >= 0; shift -= 4) *p++ = kHex[(c >> shift) & 0xf];
+  return p;
 }
 
-// A REAL value: its little-endian IEEE 754 bytes in hex; None as the quiet NaN.
-void put_real_hex(std::string& out, PyObject* x) {
+char* put_escape(char* p, Py_UCS4 c) {
+  switch (c) {
+    case '\\': *p++ = '\\', *p++ = '\\'; return p;
+    case '"': *p++ = '\\', *p++ = '"'; return p;
+    case '\b': *p++ = '\\', *p++ = 'b'; return p;
+    case '\f': *p++ = '\\', *p++ = 'f'; return p;
+    case '\n': *p++ = '\\', *p++ = 'n'; return p;
+    case '\r': *p++ = '\\', *p++ = 'r'; return p;
+    case '\t': *p++ = '\\', *p++ = 't'; return p;
+    default: break;
+  }
+  if (c >= 0x10000) {  // a surrogate pair
+    const Py_UCS4 v = c - 0x10000;
+    p = put_u4(p, 0xd800 | (v >> 10));
+    c = 0xdc00 | (v & 0x3ff);
+  }
+  return put_u4(p, c);
+}
+
+// json.dumps(s, ensure_ascii=True) of a str: at most 2 + 12 * len(s) bytes.
+char* put_json_str(char* p, PyObject* s) {
+  const Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+  *p++ = '"';
+  if (PyUnicode_IS_ASCII(s)) {
+    const Py_UCS1* d = PyUnicode_1BYTE_DATA(s);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      const Py_UCS1 c = d[i];
+      if (kPlain.c[c]) {
+        *p++ = static_cast<char>(c);
+      } else {
+        p = put_escape(p, c);
+      }
+    }
+  } else {
+    const int kind = PyUnicode_KIND(s);
+    const void* d = PyUnicode_DATA(s);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      const Py_UCS4 c = PyUnicode_READ(kind, d, i);
+      if (c < 128 && kPlain.c[c]) {
+        *p++ = static_cast<char>(c);
+      } else {
+        p = put_escape(p, c);
+      }
+    }
+  }
+  *p++ = '"';
+  return p;
+}
+
+// A REAL value: its little-endian IEEE 754 bytes in hex (16 bytes); None as the quiet NaN.
+char* put_real_hex(char* p, PyObject* x) {
   uint64_t bits = 0x7ff8000000000000ULL;
   if (x != Py_None) {
     const double d = PyFloat_AS_DOUBLE(x);
@@ -73,19 +117,21 @@ void put_real_hex(std::string& out, PyObject* x) {
   }
   for (int i = 0; i < 8; ++i) {
     const unsigned b = (bits >> (8 * i)) & 0xff;
-    out.push_back(kHex[b >> 4]), out.push_back(kHex[b & 0xf]);
+    *p++ = kHex[b >> 4], *p++ = kHex[b & 0xf];
   }
+  return p;
 }
 
 // Normalises r[field] for column kind k ('i' INTEGER, 'r' REAL, 't' TEXT) into a new
-// reference; nullptr when the value needs the Python path (no error set).
-PyObject* plain_value(PyObject* x, char k) {
+// reference (an INTEGER's value also in *i); nullptr when the value needs the Python
+// path (no error set).
+PyObject* plain_value(PyObject* x, char k, long long* i) {
   if (x == Py_None) return Py_NewRef(Py_None);
   if (k == 'i') {
-    if (PyBool_Check(x)) return PyLong_FromLong(x == Py_True);
+    if (PyBool_Check(x)) return PyLong_FromLong(*i = (x == Py_True));
     if (!PyLong_CheckExact(x)) return nullptr;
     int overflow = 0;
-    PyLong_AsLongLongAndOverflow(x, &overflow);
+    *i = PyLong_AsLongLongAndOverflow(x, &overflow);
     return overflow ? nullptr : Py_NewRef(x);
   }
   if (k == 'r') {
@@ -139,9 +185,8 @@ py::list ledger_rows(const py::object& rows, const py::object& fields, const py:
   py::list out(count);
   std::vector<std::pair<PyObject*, HmacSha256>> signers;  // (MAC key bytes, its HMAC)
   std::vector<Job> jobs;
-  std::string buf;
-  buf.reserve(static_cast<size_t>(count) * 512);
-  char num[24];
+  Out buf;
+  std::vector<long long> ints(static_cast<size_t>(n));
 
   for (Py_ssize_t j = 0; j < count; ++j) {
     PyObject* row = PyList_GET_ITEM(rows.ptr(), j);
@@ -156,7 +201,7 @@ py::list ledger_rows(const py::object& rows, const py::object& fields, const py:
           }
           x = Py_None;
         }
-        PyObject* y = plain_value(x, kinds[i]);
+        PyObject* y = plain_value(x, kinds[i], &ints[i]);
         if (y == nullptr) {
           Py_CLEAR(v);
           break;
@@ -190,26 +235,33 @@ py::list ledger_rows(const py::object& rows, const py::object& fields, const py:
                                            static_cast<size_t>(PyBytes_GET_SIZE(key))));
     }
     // The canonical bytes: the INTEGER and TEXT values as a JSON array, then the REAL ones in hex.
+    size_t most = 2;
+    for (const int i : order) {
+      PyObject* x = PyList_GET_ITEM(v, i);
+      most += kinds[i] == 't' && x != Py_None ? 3 + 12 * static_cast<size_t>(PyUnicode_GET_LENGTH(x)) : 21;
+    }
     const size_t start = buf.size();
-    buf.push_back('[');
+    char* p = buf.room(most);
+    *p++ = '[';
     bool first = true;
     for (const int i : order) {
       if (kinds[i] == 'r') continue;
-      if (!first) buf.push_back(',');
+      if (!first) *p++ = ',';
       first = false;
       PyObject* x = PyList_GET_ITEM(v, i);
       if (x == Py_None) {
-        buf += "null";
+        std::memcpy(p, "null", 4);
+        p += 4;
       } else if (kinds[i] == 'i') {
-        const auto r = std::to_chars(num, num + sizeof num, PyLong_AsLongLong(x));
-        buf.append(num, r.ptr);
+        p = std::to_chars(p, p + 20, ints[i]).ptr;
       } else {
-        put_json_str(buf, x);
+        p = put_json_str(p, x);
       }
     }
-    buf.push_back(']');
+    *p++ = ']';
     for (const int i : order)
-      if (kinds[i] == 'r') put_real_hex(buf, PyList_GET_ITEM(v, i));
+      if (kinds[i] == 'r') p = put_real_hex(p, PyList_GET_ITEM(v, i));
+    buf.done(p);
     jobs.push_back({row, v, s, start, buf.size() - start});
   }
 
@@ -218,7 +270,7 @@ py::list ledger_rows(const py::object& rows, const py::object& fields, const py:
     py::gil_scoped_release release;
     uint8_t digest[32];
     for (size_t t = 0; t < jobs.size(); ++t) {
-      signers[jobs[t].signer].second.mac(reinterpret_cast<const uint8_t*>(buf.data()) + jobs[t].offset,
+      signers[jobs[t].signer].second.mac(buf.data() + jobs[t].offset,
                                          jobs[t].size, digest);
       for (int b = 0; b < 32; ++b) {
         hex[64 * t + 2 * b] = kHex[digest[b] >> 4];

@@ -73,7 +73,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from . import _C_cpu
+from . import _ext
 from .rows import COLUMNS, FIELDS, TIMING_FIELDS
 
 SCHEMA_VERSION = 4
@@ -269,7 +269,7 @@ _KINDS = "".join("i" if i in _INT_COLS else "r" if i in _REAL_COLS else "t" for 
 # _row_values, with the HMACs computed without the GIL (a scan's loader threads run
 # meanwhile); a row of other types than it handles goes to _row_values. None in a build of
 # the native module older than this file.
-_native_rows = getattr(_C_cpu, "ledger_rows", None)
+_native_rows = getattr(_ext.cpu, "ledger_rows", None)
 
 
 def _batch_values(rows: list, macs: Mapping[str, bytes] | None) -> list[list]:
