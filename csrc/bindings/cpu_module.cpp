@@ -6,6 +6,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bindings/ledger_rows.h"
 #include "common/philox.h"
 #include "cpu/isa.h"
 #include "cpu/parallel.h"
@@ -132,6 +133,8 @@ PYBIND11_MODULE(_C_cpu, m) {
         },
         py::arg("x"), py::arg("x_dtype"), py::arg("B"), py::arg("C"), py::arg("S"), py::arg("channels_last"),
         py::arg("sums"), py::arg("positives"), py::call_guard<py::gil_scoped_release>());
+
+  bind_ledger_rows(m);
 
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));

@@ -73,6 +73,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from . import _ext
 from .rows import COLUMNS, FIELDS, TIMING_FIELDS
 
 SCHEMA_VERSION = 4
@@ -250,6 +251,37 @@ def _verifies(v, sign: _Signer | None) -> bool:
         except TypeError:  # text in a REAL column: an edit
             return False
     return hmac.compare_digest(mine, m)
+
+
+def _row_values(r, signers: dict[str, _Signer]) -> list:
+    """A row's values in FIELDS order as SQLite stores them, with its ``mac`` (set in ``r``
+    too) when ``signers`` has its key: what the native encoder gives, made in Python."""
+    v = _normalize(list(map(r.get, FIELDS)))
+    sign = signers.get(v[_KEY_ID])
+    if sign is not None:
+        r["mac"] = v[_MAC] = _mac(v, sign)
+    return v
+
+
+# Column kinds for the native encoder: INTEGER, REAL or TEXT.
+_KINDS = "".join("i" if i in _INT_COLS else "r" if i in _REAL_COLS else "t" for i in range(len(FIELDS)))
+# The native encoder (csrc/bindings/ledger_rows.cpp): per batch, the same values and MACs as
+# _row_values, with the HMACs computed without the GIL (a scan's loader threads run
+# meanwhile); a row of other types than it handles goes to _row_values. None in a build of
+# the native module older than this file.
+_native_rows = getattr(_ext.cpu, "ledger_rows", None)
+
+
+def _batch_values(rows: list, macs: Mapping[str, bytes] | None) -> list[list]:
+    """The values of a batch of rows (each signed when ``macs`` has its key), for one
+    ``executemany``. ``rows``: a list nobody else holds (the native encoder reads it
+    without a reference of its own to each row)."""
+    signers = _signers(macs) if macs else {}  # (checks the keys' types)
+    if _native_rows is None:
+        return [_row_values(r, signers) for r in rows]
+    keys = {kid: bytes(k) for kid, k in macs.items()} if macs else {}
+    return _native_rows(rows, FIELDS, _KINDS, _SIGNED_AT, _KEY_ID, _MAC, keys,
+                        lambda r: _row_values(r, signers))
 
 
 def row_mac(row: Mapping[str, Any], key: bytes) -> str:
@@ -503,15 +535,7 @@ class Ledger:
         rolled back: the batch is written whole or not at all)."""
         if self.readonly:
             raise LedgerError(f"ledger {str(self.path)!r} was opened read-only")
-        values = []
-        signers = _signers(macs) if macs else {}
-        get_signer, normalize, mac, at_kid, at_mac = signers.get, _normalize, _mac, _KEY_ID, _MAC
-        for r in rows:
-            v = normalize(list(map(r.get, FIELDS)))
-            sign = get_signer(v[at_kid])
-            if sign is not None:
-                r["mac"] = v[at_mac] = mac(v, sign)
-            values.append(v)
+        values = _batch_values(list(rows), macs)
         if not values:
             return 0
         db = self._db
