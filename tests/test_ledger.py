@@ -65,6 +65,26 @@ def test_write_upsert_and_read_back(tmp_path):
         assert len(list(led.rows(status="corrupt"))) == 1
 
 
+def test_a_large_batch_is_written_in_order_whole_or_not_at_all(tmp_path):
+    # Rows go in statements of many rows: the last row of a (path, key_id) wins, within a
+    # statement and across two; a name that is not UTF-8 anywhere in the batch is written too.
+    from nnmark.ledger import _PER_STATEMENT
+
+    n = 2 * _PER_STATEMENT + 7
+    rows = [_row(i) for i in range(n)]
+    rows += [_row(1, matches=1), _row(n - 1, matches=2), _row(_PER_STATEMENT + 1, matches=3), _row(2, matches=4)]
+    rows.insert(5, _row(0, path="/m/caf\udcff.safetensors"))
+    with Ledger(tmp_path / "l.sqlite") as led:
+        assert led.write(rows, MACS) == len(rows)
+        got = {r["path"]: r for r in led.rows()}
+        assert len(got) == n + 1 and "/m/caf\udcff.safetensors" in got
+        assert [got[_row(i)["path"]]["matches"] for i in (1, n - 1, _PER_STATEMENT + 1, 2, 3)] == [1, 2, 3, 4, 60]
+        assert len(led.identities(macs=MACS)) == n + 1  # every row as it was signed
+        with pytest.raises(OverflowError):  # a value SQLite cannot hold, in the last statement: nothing written
+            led.write([_row(i, matches=7) for i in range(n)] + [_row(0, size=2 ** 64)], MACS)
+        assert {r["matches"] for r in led.rows()} == {60, 1, 2, 3, 4}
+
+
 def test_rows_by_many_paths(tmp_path):
     with Ledger(tmp_path / "l.sqlite") as led:
         led.write([_row(i) for i in range(1200)])

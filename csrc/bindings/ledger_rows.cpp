@@ -108,7 +108,8 @@ char* put_json_str(char* p, PyObject* s) {
   return p;
 }
 
-// A REAL value: its little-endian IEEE 754 bytes in hex (16 bytes); None as the quiet NaN.
+// A REAL value: its IEEE 754 bytes, little-endian on any host, in hex (16 digits); None
+// as the quiet NaN.
 char* put_real_hex(char* p, PyObject* x) {
   uint64_t bits = 0x7ff8000000000000ULL;
   if (x != Py_None) {

@@ -70,6 +70,7 @@ import time
 import urllib.parse
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
+from itertools import chain
 from pathlib import Path
 from typing import IO, Any
 
@@ -91,7 +92,12 @@ EXPORT_FORMATS = ("jsonl", "csv")
 _QUOTED = ", ".join(f'"{n}"' for n in FIELDS)
 _CREATE = ("CREATE TABLE IF NOT EXISTS results (" + ", ".join(f'"{n}" {t}' for n, t, _ in COLUMNS)
            + ", PRIMARY KEY (path, key_id)) WITHOUT ROWID")
-_INSERT = f"INSERT OR REPLACE INTO results ({_QUOTED}) VALUES ({', '.join('?' * len(FIELDS))})"
+_MARKS = f"({', '.join('?' * len(FIELDS))})"
+_INSERT = f"INSERT OR REPLACE INTO results ({_QUOTED}) VALUES {_MARKS}"
+# Rows per INSERT statement: as many as SQLite's smallest cap on bound parameters (999,
+# before SQLite 3.32) lets in.
+_PER_STATEMENT = 999 // len(FIELDS)
+_INSERT_MANY = f"INSERT OR REPLACE INTO results ({_QUOTED}) VALUES " + ", ".join([_MARKS] * _PER_STATEMENT)
 _INT_COLS = tuple(i for i, (_, t, _) in enumerate(COLUMNS) if t.startswith("INTEGER"))
 _REAL_COLS = tuple(i for i, (_, t, _) in enumerate(COLUMNS) if t.startswith("REAL"))
 _TEXT_COLS = tuple(i for i, (_, t, _) in enumerate(COLUMNS) if t.startswith("TEXT"))
@@ -282,6 +288,18 @@ def _batch_values(rows: list, macs: Mapping[str, bytes] | None) -> list[list]:
     keys = {kid: bytes(k) for kid, k in macs.items()} if macs else {}
     return _native_rows(rows, FIELDS, _KINDS, _SIGNED_AT, _KEY_ID, _MAC, keys,
                         lambda r: _row_values(r, signers))
+
+
+def _insert(db: sqlite3.Connection, values: list[list]) -> None:
+    """Inserts (or replaces) rows, in order, _PER_STATEMENT to a statement. The sqlite3
+    module lets go of the GIL for each statement it runs; in a scan a loader thread takes
+    it then, and the writer waits to get it back: one statement per row made the ledger
+    write cost a scan several times its own time."""
+    full = len(values) - len(values) % _PER_STATEMENT
+    for i in range(0, full, _PER_STATEMENT):
+        db.execute(_INSERT_MANY, list(chain.from_iterable(values[i:i + _PER_STATEMENT])))
+    if full < len(values):
+        db.executemany(_INSERT, values[full:])
 
 
 def row_mac(row: Mapping[str, Any], key: bytes) -> str:
@@ -543,11 +561,11 @@ class Ledger:
             db.execute("BEGIN")
             try:
                 try:
-                    db.executemany(_INSERT, values)
+                    _insert(db, values)
                 except UnicodeEncodeError:  # a name that is not UTF-8 (rare): as BLOBs, and again
                     self._rollback()
                     db.execute("BEGIN")
-                    db.executemany(_INSERT, [_text_to_db(v) for v in values])
+                    _insert(db, [_text_to_db(v) for v in values])
             except BaseException:
                 self._rollback()
                 raise
