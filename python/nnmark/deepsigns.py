@@ -34,7 +34,6 @@ import base64
 import hashlib
 import math
 import os
-import secrets as _secrets
 import weakref
 from pathlib import Path
 from typing import Any, Sequence
@@ -155,7 +154,7 @@ def _check_classes(classes: Any, num_classes: int, num_bits: int) -> list[int]:
 
 
 # ------------------------------------------------------------------ the key
-class DeepSignsKey:
+class DeepSignsKey(_keys.HoldsSecret):
     """A DeepSigns key: secret, layer, owner bits, chosen classes, keyed inputs and labels.
 
     ``layer``: the name of the hidden layer (a submodule, as ``model.named_modules()``
@@ -337,17 +336,6 @@ class DeepSignsKey:
 
     __str__ = __repr__
 
-    def __reduce__(self):
-        raise TypeError("DeepSignsKey holds a secret and is not picklable; use key.save(path)")
-
-    def __deepcopy__(self, memo):
-        raise TypeError("DeepSignsKey holds a secret and is not copied; use key.save(path)")
-
-    def __eq__(self, other) -> bool:
-        return (isinstance(other, DeepSignsKey) and _secrets.compare_digest(self._secret, other._secret)
-                and self._fields() == other._fields())
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 def _load_deepsigns(body: dict[str, Any]) -> DeepSignsKey:

@@ -211,7 +211,24 @@ def min_bits_warning(n: int) -> None:
         warnings.warn(f"a key with {n} bits can never verify at alpha=1e-6 (needs >= 20 bits)", stacklevel=3)
 
 
-class WhiteBoxKeyBase:
+class HoldsSecret:
+    """What every key kind shares about its secret: never pickled or deep-copied (save the
+    key instead); equal only to a key of the same kind with the same secret and fields."""
+
+    def __reduce__(self):
+        raise TypeError(f"{type(self).__name__} holds a secret and is not picklable; use key.save(path)")
+
+    def __deepcopy__(self, memo):
+        raise TypeError(f"{type(self).__name__} holds a secret and is not copied; use key.save(path)")
+
+    def __eq__(self, other) -> bool:
+        return (type(other) is type(self) and _secrets.compare_digest(self._secret, other._secret)
+                and self._fields() == other._fields())
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class WhiteBoxKeyBase(HoldsSecret):
     """What both key kinds share: carrier, reduction, owner bits, projection, files."""
 
     kind = ""
@@ -283,13 +300,6 @@ class WhiteBoxKeyBase:
     def length(self) -> int | None:
         """Carrier length N the key requires, or None when any length works."""
         return None
-
-    # -- secrecy ---------------------------------------------------------------------
-    def __reduce__(self):
-        raise TypeError(f"{type(self).__name__} holds a secret and is not picklable; use key.save(path)")
-
-    def __deepcopy__(self, memo):
-        raise TypeError(f"{type(self).__name__} holds a secret and is not copied; use key.save(path)")
 
     # -- files -----------------------------------------------------------------------
     def _fields(self) -> dict[str, Any]:

@@ -50,7 +50,6 @@ import base64
 import hashlib
 import math
 import os
-import secrets as _secrets
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -421,7 +420,7 @@ def _frontier_key(secret: bytes, model: Any, samples: Any, labels: Any, n: int |
             "false_adversaries": fx if f else None, "false_target": fy.tolist() if f else None, "eps": eps}
 
 
-class TriggerKey:
+class TriggerKey(_keys.HoldsSecret):
     """A black-box (trigger set) watermark key: a 32-byte secret and public parameters.
 
     ``TriggerKey(secret, kind, n, num_classes, input_shape, samples, target,
@@ -1085,17 +1084,6 @@ class TriggerKey:
 
     __str__ = __repr__
 
-    def __reduce__(self):
-        raise TypeError("TriggerKey holds a secret and is not picklable; use key.save(path)")
-
-    def __deepcopy__(self, memo):
-        raise TypeError("TriggerKey holds a secret and is not copied; use key.save(path)")
-
-    def __eq__(self, other) -> bool:
-        return (isinstance(other, TriggerKey) and _secrets.compare_digest(self._secret, other._secret)
-                and self._fields() == other._fields())
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 def _strict_labels(name: str, value: Any, count: int) -> None:
