@@ -137,3 +137,40 @@ def test_switch_interval_is_lowered_during_a_scan_and_restored(tmp_path, monkeyp
         assert seen and all(abs(s - 0.004) < 1e-6 for s in seen)
     finally:
         sys.setswitchinterval(before)
+
+
+def test_scan_freezes_the_heap_only_while_it_runs(tmp_path, monkeypatch):
+    """A scan keeps the heap that was there before it out of the cyclic collector (a full
+    collection walks all of torch's objects holding the GIL), gives it back afterwards, and
+    leaves a process that froze objects itself (a pre-fork server) as it was."""
+    import gc
+
+    from nnmark.scan import local
+
+    key = nnmark.WhiteBoxKey.generate("w", bits=32, reduction="flat")
+    save_file({"w": torch.randn(64)}, str(tmp_path / "a.safetensors"))
+    seen = []
+    real = local.run_batch
+
+    def spy(*a, **k):
+        seen.append(gc.get_freeze_count())
+        return real(*a, **k)
+
+    monkeypatch.setattr(local, "run_batch", spy)
+    assert gc.get_freeze_count() == 0
+    nnmark.scan(key, [str(tmp_path)], progress=False, workers=2)
+    assert seen and all(n > 1000 for n in seen)
+    assert gc.get_freeze_count() == 0
+    with local.frozen_heap():  # nested, as two scans on two threads: the last one out unfreezes
+        with local.frozen_heap():
+            pass
+        assert gc.get_freeze_count() > 1000
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # the process's own frozen objects
+    try:
+        mine = gc.get_freeze_count()
+        seen.clear()
+        nnmark.scan(key, [str(tmp_path)], progress=False, workers=2)
+        assert seen == [mine] and gc.get_freeze_count() == mine
+    finally:
+        gc.unfreeze()
