@@ -97,6 +97,76 @@ def test_entangled_key_errors(data, kw, err, match):
         entangled_key(data.x_train, data.y_train, **kw)
 
 
+class _Says:
+    """A stand-in reference model: answers ``cls`` for every input."""
+
+    def __init__(self, cls: int):
+        self.cls = cls
+
+    def __call__(self, x):
+        out = torch.zeros(len(x), 10)
+        out[:, self.cls] = 1.0
+        return out
+
+
+class _StampDetector(torch.nn.Module):
+    """A reference that answers the target exactly when ``key``'s stamp is on the input
+    (a model for which this stamp is a natural trigger), else the sample's own class 0."""
+
+    def __init__(self, key: TriggerKey, target: int):
+        super().__init__()
+        self.r0, self.c0, self.ph, self.pw, bits = key._patch()
+        lo, hi = key.value_range
+        self.register_buffer("patch", torch.from_numpy(np.where(bits, hi, lo)).float())
+        self.target = target
+
+    def forward(self, x):
+        win = x[:, :, self.r0:self.r0 + self.ph, self.c0:self.c0 + self.pw]
+        hit = (win - self.patch).abs().flatten(1).amax(1) < 1e-6
+        out = torch.zeros(len(x), 10)
+        out[hit, self.target] = 1.0
+        out[~hit, 0] = 1.0
+        return out
+
+
+def test_entangled_key_screens_stamps_against_a_reference(data):
+    """A reference that answers the target on every input refuses every stamp; one that
+    reacts to a given secret's stamp refuses that secret (only), and a fresh draw passes."""
+    with pytest.raises(ValueError, match="all 100 stamps drawn made the reference answer 5 on up to 100%"):
+        entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET, reference=_Says(TARGET))
+    fixed = entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET, secret=SECRET,
+                          reference=[_Says(0)])
+    detector = _StampDetector(fixed, TARGET)
+    with pytest.raises(ValueError, match="the stamp of this secret .* draw another secret"):
+        entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET, secret=SECRET, reference=detector)
+    other = entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET, reference=detector)
+    assert other._patch()[:2] != fixed._patch()[:2] or not np.array_equal(other._patch()[4], fixed._patch()[4])
+    with pytest.raises(ValueError, match="natural_rate"):
+        entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET, natural_rate=1.0)
+    with pytest.raises(TypeError, match="reference must be a model"):
+        entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET, reference="model.pt")
+
+
+def test_entangled_key_screens_with_a_pixel_probe_without_reference(data, monkeypatch):
+    """Without reference=, a ridge classifier of the samples screens (it classifies the
+    digits, and a stamp it calls the target is dropped); too large inputs: a warning."""
+    from nnmark import entangled
+
+    k = entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET)
+    probe = entangled._pixel_probe(k, data.x_train, data.y_train)
+    z = torch.from_numpy(k._normalised(data.x_test.double().numpy())).float()
+    assert float((probe(z).argmax(1) == data.y_test).float().mean()) > 0.9
+    assert entangled._natural_rate(k, [probe]) <= entangled.NATURAL_RATE
+    calls = []
+    monkeypatch.setattr(entangled, "_natural_rate", lambda key, screen: calls.append(key) or (0.5 if len(calls) < 3
+                                                                                               else 0.0))
+    entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET)
+    assert len(calls) == 3 and len({bytes(c._secret) for c in calls}) == 3  # two stamps dropped, a fresh secret each
+    monkeypatch.setattr(entangled, "_PROBE_INPUTS", 10)
+    with pytest.warns(UserWarning, match="not screened"):
+        entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET)
+
+
 def test_stamp_of_normalised_inputs_is_the_keys_triggers(rng):
     src = torch.from_numpy(rng.random((30, 1, 8, 8)).astype(np.float32))
     k = TriggerKey(SECRET, "content", n=30, samples=src, target=1, sample_labels=[0] * 30, mean=0.5, std=0.25)
