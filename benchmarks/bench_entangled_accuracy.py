@@ -100,12 +100,20 @@ def main() -> None:
         seed = args.seed + k
         src = args.source if args.source is not None else int(rng.integers(10))
         tgt = args.target if args.target is not None else int(rng.choice([c for c in range(10) if c != src]))
-        key = entangled_key(data.x_train, data.y_train, source=src, target=tgt, n=100)
-        torch.manual_seed(seed)
-        marked = embed_entangled(DigitsNet(), key, data.x_train, data.y_train, seed=seed, **kw)
+        redrawn = 0
+        while True:  # as a user would: a stamp embed_entangled's warm-up check refuses gets a new key
+            key = entangled_key(data.x_train, data.y_train, source=src, target=tgt, n=100)
+            torch.manual_seed(seed)
+            try:
+                marked = embed_entangled(DigitsNet(), key, data.x_train, data.y_train, seed=seed, **kw)
+                break
+            except ValueError as exc:
+                if "natural trigger" not in str(exc) or redrawn >= 20:
+                    raise
+                redrawn += 1
         twin = train(data, seed, epochs, settle_epochs=settle)
         v = nnmark.verify(key, [marked, *nulls], alpha=ALPHA)
-        row = {"key": k, "source": src, "target": tgt, "seed": seed, "marked_accuracy": acc(marked),
+        row = {"key": k, "source": src, "target": tgt, "seed": seed, "redrawn": redrawn, "marked_accuracy": acc(marked),
                "twin_accuracy": acc(twin), "hits": v[0].matches, "p_value": v[0].p_value, "verified": v[0].verified,
                "nulls_verified": sum(r.verified for r in v[1:]), "null_hits_max": max(r.matches for r in v[1:])}
         row["drop"] = row["twin_accuracy"] - row["marked_accuracy"]

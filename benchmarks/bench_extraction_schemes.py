@@ -179,11 +179,20 @@ def main() -> None:
     say("EW victim")
     victims = [{"scheme": "EW", "config": "T=2", "model": embed_ew(data, args.seed, key_idx, ky), "key": None}]
     for k in range(args.keys):
-        tkey = entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET, n=N_KEYS)
-        for s in strengths:
-            say(f"EWE victim, key {k}, strength {s:g}")
-            torch.manual_seed(args.seed)
-            m = embed_entangled(DigitsNet(), tkey, data.x_train, data.y_train, strength=s, seed=args.seed)
+        for attempt in range(20):  # as a user would: a stamp embed_entangled's warm-up check refuses gets a new key
+            tkey = entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET, n=N_KEYS)
+            made = []
+            try:
+                for s in strengths:  # the warm-up (and its check) is the same at every strength
+                    say(f"EWE victim, key {k}, strength {s:g}")
+                    torch.manual_seed(args.seed)
+                    made.append((s, embed_entangled(DigitsNet(), tkey, data.x_train, data.y_train, strength=s,
+                                                    seed=args.seed)))
+                break
+            except ValueError as exc:
+                if "natural trigger" not in str(exc) or attempt == 19:
+                    raise
+        for s, m in made:
             victims.append({"scheme": "EWE", "config": f"key {k} strength {s:g}", "model": m, "key": tkey})
 
     pool_all = data.x_train

@@ -261,3 +261,29 @@ def test_embed_needs_a_content_key_with_source_labels(data, rng):
             embed_entangled(DigitsNet(), k, data.x_train, data.y_train, epochs=2)
     with pytest.raises(TypeError, match="TriggerKey"):
         embed_entangled(DigitsNet(), "key", data.x_train, data.y_train)
+
+
+def test_embed_entangled_screens_the_stamp_with_the_model_after_its_warm_up(data, key, monkeypatch):
+    """The model about to be marked, once it does the task, is an unmarked model of it: a
+    stamp it already answers as the target is refused before any watermark step; an
+    untrained model (warm=0 on a fresh net) says nothing; natural_rate=None skips."""
+    from nnmark import entangled
+
+    seen = []
+
+    def natural(k, screen):
+        seen.append(float((screen[0](data.x_test).argmax(1) == data.y_test).float().mean()))
+        return 0.5
+
+    monkeypatch.setattr(entangled, "_natural_rate", natural)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"after 2 clean epochs .* already answers 5 on 50% .* natural trigger"):
+        embed_entangled(DigitsNet(), key, data.x_train, data.y_train, epochs=4, warm=2)
+    assert len(seen) == 1 and seen[0] > 0.5  # checked once, by the warmed-up model
+    torch.manual_seed(0)
+    embed_entangled(DigitsNet(), key, data.x_train, data.y_train, epochs=1, warm=0)  # fresh: not a model of the task
+    assert len(seen) == 1
+    embed_entangled(DigitsNet(), key, data.x_train, data.y_train, epochs=4, warm=2, natural_rate=None)
+    assert len(seen) == 1
+    with pytest.raises(ValueError, match="natural_rate"):
+        embed_entangled(DigitsNet(), key, data.x_train, data.y_train, natural_rate=1.5)

@@ -268,7 +268,7 @@ def embed_entangled(model: torch.nn.Module, tkey: TriggerKey, x_train: Any, y_tr
                     warm: int | None = None, settle_epochs: int | None = None, strength: float = 0.25,
                     per_batch: int = 16, layers: Any = None, temperature: float = 1.0, temperature_lr: float = 0.0,
                     lr: float = 3e-3, batch_size: int = 64, optimizer: torch.optim.Optimizer | None = None,
-                    seed: int = 0) -> torch.nn.Module:
+                    seed: int = 0, natural_rate: float | None = NATURAL_RATE) -> torch.nn.Module:
     """Train ``model`` in place so it carries the entangled watermark of ``tkey``; returns it.
 
     Works from scratch (a freshly initialised model: the first ``warm`` epochs are
@@ -289,7 +289,16 @@ def embed_entangled(model: torch.nn.Module, tkey: TriggerKey, x_train: Any, y_tr
     ``epochs`` passes over the clean data, the last ``settle_epochs`` (default a third)
     at ``lr / 10`` with the default Adam optimizer (not with ``optimizer=``): clean
     accuracy settles after the mark is learnt. Shuffling uses a private generator seeded
-    by ``seed``. The model ends in eval mode. Digits CNN (nnmark.demo):
+    by ``seed``. The model ends in eval mode.
+
+    Before the first watermark step the model itself screens the key's stamp, as
+    :func:`entangled_key` does with ``reference=``: once it does the task (after the
+    warm-up; at ``warm=0``, if it already classifies most of ``x_train`` right), it is an
+    unmarked model of the task, and if it answers the target on more than ``natural_rate``
+    of the stamped triggers the stamp is a natural trigger: ValueError (make a new key with
+    ``entangled_key(..., reference=model)``; ``natural_rate=None`` skips the check).
+
+    Digits CNN (nnmark.demo):
     ``embed_entangled(DigitsNet(), key, ...)`` reaches 100 of 100 trigger hits in a few
     seconds on one core; at the defaults it stayed within a point of the unmarked twin
     (``demo.train``, same seed, epochs and low-lr tail) for 31 of 32 fresh keys, mean
@@ -303,6 +312,10 @@ def embed_entangled(model: torch.nn.Module, tkey: TriggerKey, x_train: Any, y_tr
     sources, target = _check_key(tkey)
     epochs = _check_int("epochs", epochs, 1)
     warm = epochs // 6 if warm is None else _check_int("warm", warm, 0)
+    if natural_rate is not None:
+        natural_rate = _finite("natural_rate", natural_rate)
+        if not 0.0 <= natural_rate < 1.0:
+            raise ValueError(f"natural_rate must be in [0, 1) or None, got {natural_rate!r}")
     if warm >= epochs:
         raise ValueError(f"warm ({warm}) must be below epochs ({epochs}): no epoch would embed the mark")
     settle_epochs = epochs // 3 if settle_epochs is None else _check_int("settle_epochs", settle_epochs, 0)
@@ -348,10 +361,6 @@ def embed_entangled(model: torch.nn.Module, tkey: TriggerKey, x_train: Any, y_tr
     opt = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr)
     settle = epochs - settle_epochs if optimizer is None else epochs  # the epoch the low-lr tail starts
     g = torch.Generator().manual_seed(int(seed))
-    # The watermark batches draw from their own generator: the clean batches then come in
-    # the order demo.train(seed) uses, so the marked model's only difference from its
-    # unmarked twin (same seed, same init) is the mark, not another data order.
-    gw = torch.Generator().manual_seed(int(seed) ^ 0x5EED_CAFE)
     step = _Step(_Capture(_layers(model, layers)), target, per_batch, strength, temperature, temperature_lr, device)
     m = x.shape[0]
     model.train()
@@ -366,11 +375,13 @@ def embed_entangled(model: torch.nn.Module, tkey: TriggerKey, x_train: Any, y_tr
                     idx = order[i:i + batch_size].to(x.device)
                     bx = x.index_select(0, idx).to(device=device, dtype=dtype)
                     by = y.index_select(0, idx).to(device)
+                    if epoch == warm and i == 0 and natural_rate is not None:
+                        _screen_warm(model, tkey, x, y, natural_rate, warm)
                     if epoch < warm:
                         loss = F.cross_entropy(model(bx), by)
                     else:
-                        a = torch.randint(len(stamped), (per_batch,), generator=gw).to(device)
-                        b = torch.randint(len(tgt), (per_batch,), generator=gw).to(device)
+                        a = torch.randint(len(stamped), (per_batch,), generator=g).to(device)
+                        b = torch.randint(len(tgt), (per_batch,), generator=g).to(device)
                         loss = step.loss(model, bx, by, torch.cat([stamped.index_select(0, a), tgt.index_select(0, b)]))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
@@ -379,6 +390,31 @@ def embed_entangled(model: torch.nn.Module, tkey: TriggerKey, x_train: Any, y_tr
         step.capture.remove()
         model.eval()
     return model
+
+
+def _screen_warm(model: torch.nn.Module, tkey: TriggerKey, x: torch.Tensor, y: torch.Tensor, rate: float,
+                 warm: int) -> None:
+    """embed_entangled's check of the stamp by the model about to be marked (see there)."""
+    p = next(model.parameters())
+    n = min(len(x), 1000)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            right = float((model(x[:n].to(device=p.device, dtype=p.dtype)).argmax(-1).cpu() == y[:n].cpu())
+                          .double().mean())
+            if right < 0.5:  # not a model of the task yet (warm=0 on a fresh model): nothing to learn from it
+                return
+            got = _natural_rate(tkey, [model])
+    finally:
+        model.train(was)
+    if got > rate:
+        when = f"after {warm} clean epoch{'s' if warm != 1 else ''}" if warm else "as given"
+        raise ValueError(f"embed_entangled: the model {when} ({100 * right:.0f}% right on the training data, "
+                         f"unmarked) already answers {tkey.target} on {100 * got:.0f}% of the key's stamped "
+                         f"triggers (natural_rate {rate:g}): the stamp is a natural trigger, which models that never "
+                         f"saw the key would answer too; make a new key with nnmark.entangled_key(..., "
+                         f"reference=model) and embed again")
 
 
 class _Step:
