@@ -26,9 +26,11 @@ between steps each rank's carrier parameter is a 1-D view of its contiguous slic
 slice at column ``a``; ``filter_mean`` adds element ``i`` (divided by the out-channel
 count) to column ``i mod N``, so a rank reduces its slice to the columns it touches and
 projects those; the same all-reduce of T values completes ``p`` (:func:`project_flat_slice`).
+Between forward and backward under ``SHARD_GRAD_OP`` the module holds unsharded views
+instead: every rank projects the whole carrier, and FSDP reduce-scatters its gradient.
 Without ``use_orig_params`` the carrier is no parameter of its own (one flat parameter
-holds the unit), and the hybrid strategies replicate across a second group: both are
-refused by name.
+holds the unit), the hybrid strategies replicate across a second group, and a unit
+wrapping the module given from outside cannot be read from it: all refused by name.
 """
 from __future__ import annotations
 
