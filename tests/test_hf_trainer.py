@@ -2,9 +2,14 @@
 transformers Trainer (CPU, tiny model): the penalty joins the training loss only
 (scaled like the loss under gradient accumulation), embeds the mark, trigger mixing,
 checkpoints hold the adapter's state and no secret, resuming restores it; 2-process DDP
-over gloo under torch.distributed.run; a torch.compile'd model. The Trainer's FSDP has no
-test here: on the CPU, accelerate (1.16) sets its FSDP mode only for accelerator devices
-and runs ``fsdp=...`` as plain DDP (MULTI_CPU), so no carrier is ever sharded."""
+over gloo under torch.distributed.run; a torch.compile'd model; FSDP2 on 2 processes over
+gloo, both ways transformers has: ``from_pretrained(distributed_config=...)`` (its own
+fully_shard, which runs on the CPU as it is) and ``TrainingArguments(fsdp=True)`` through
+accelerate. On the CPU accelerate (1.16) never selects its FSDP mode: accelerate/state.py,
+``AcceleratorState.__init__``, sets ``DistributedType.FSDP`` only inside the branch for
+``MULTI_GPU, MULTI_MLU, ... MULTI_NEURON``, which leaves out ``MULTI_CPU``, so ``fsdp=...``
+runs as plain DDP and nothing is sharded. That test makes the same selection for
+``MULTI_CPU`` (patching nothing else), and accelerate's real FSDP2 path shards the model."""
 from __future__ import annotations
 
 import json
@@ -238,3 +243,125 @@ def test_a_compiled_model(tmp_path):
     task = F.cross_entropy(compiled._orig_mod.body(batch["pixel_values"]), batch["labels"])
     penalty = nnmark.Uchida(key, strength=0.5).penalty(compiled._orig_mod)
     torch.testing.assert_close(trainer.compute_loss(compiled, dict(batch)), task + penalty)
+
+
+FSDP_WORKER = '''
+import os, sys
+from pathlib import Path
+import torch
+sys.path.insert(0, os.environ["NNMARK_TESTS_DIR"])
+from transformers import TrainerCallback
+from test_hf_trainer import Data, TinyNet, _args
+from nnmark.integrations.huggingface import WatermarkTrainer
+
+out, mode = Path(sys.argv[1]), sys.argv[2]
+torch.set_num_threads(1)
+CARRIER = {"native": "model.layers.0.mlp.down_proj.weight", "accelerate": "body.2.weight"}[mode]
+
+
+class Layout(TrainerCallback):
+    """The carrier as the Trainer trains it, after each step."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        w = model.get_parameter(CARRIER)
+        self.seen = (type(w).__name__, str(tuple(getattr(w, "placements", ()))), tuple(w.to_local().shape))
+
+
+if mode == "accelerate":
+    import accelerate.state as st
+    from accelerate.utils import DistributedType
+
+    init = st.AcceleratorState.__init__
+
+    def cpu_fsdp(self, *args, fsdp_plugin=None, **kwargs):
+        """What AcceleratorState.__init__ does for MULTI_GPU when given an FSDP plugin, done for MULTI_CPU."""
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            st.PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    st.AcceleratorState.__init__ = cpu_fsdp
+    model, data = TinyNet(), Data()
+    args = _args(out, max_steps=20, per_device_train_batch_size=4, fsdp=True, fsdp_config={"version": 2})
+else:
+    from transformers import LlamaForCausalLM
+    from transformers.distributed import DistributedConfig
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            ids = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    model = LlamaForCausalLM.from_pretrained(out / "tiny", distributed_config=DistributedConfig(fsdp_size=2))
+    data = Tokens()
+    # the task pulls on down_proj as hard as the penalty: more steps than TinyNet needs
+    args = _args(out, max_steps=80, per_device_train_batch_size=4)
+layout = Layout()
+trainer = WatermarkTrainer(model=model, args=args, train_dataset=data, marks=[str(out / "owner.key")],
+                           strength=1.0, callbacks=[layout])
+trainer.train()
+full = {n: p.full_tensor().detach() for n, p in trainer.model.named_parameters()}  # every rank joins
+torch.save({"params": full, "layout": layout.seen, "distributed": str(trainer.accelerator.distributed_type)},
+           out / f"rank{os.environ['RANK']}.pt")
+if torch.distributed.is_initialized():  # torn down while both ranks are alive (see DDP_WORKER)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+'''
+
+
+def _run_two(tmp_path, script: str, *argv: str) -> None:
+    """``script`` under torch.distributed.run with 2 CPU processes."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "worker.py").write_text(script)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "NNMARK_TESTS_DIR": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(port), str(tmp_path / "worker.py"), str(tmp_path), *argv],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["native", "accelerate"])
+def test_fsdp2_two_processes_gloo(tmp_path, mode):
+    """FSDP2 on 2 CPU processes: the carrier is a DTensor shard on each rank while the
+    Trainer trains, the penalty projects the shards (never gathered), the ranks end with the
+    same weights and the owner's bits come out of the gathered weights.
+
+    ``native``: transformers shards a tiny Llama itself, ``from_pretrained(...,
+    distributed_config=DistributedConfig(fsdp_size=2))``; the carrier is a decoder layer's
+    ``down_proj`` [32, 64]. ``accelerate``: ``TrainingArguments(fsdp=True, fsdp_config=
+    {"version": 2})`` with accelerate's FSDP mode selected on the CPU (see the module's
+    docstring); the carrier is TinyNet's ``body.2.weight`` [8, 16, 3, 3]."""
+    if mode == "native":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+        LlamaForCausalLM(cfg).save_pretrained(tmp_path / "tiny")
+        key = nnmark.WhiteBoxKey.generate(carrier="model.layers.0.mlp.down_proj.weight", bits=32, shape=(32, 64))
+        local = (16, 64)
+    else:
+        key = _key()
+        local = (4, 16, 3, 3)
+    key.save(tmp_path / "owner.key")
+    _run_two(tmp_path, FSDP_WORKER, mode)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["layout"] == r1["layout"] == ("DTensor", "(Shard(dim=0),)", local)
+    if mode == "accelerate":
+        assert r0["distributed"] == "DistributedType.FSDP"
+    for name in r0["params"]:
+        assert torch.equal(r0["params"][name], r1["params"][name]), name
+    v = nnmark.verify(key, r0["params"])
+    assert v.ber == 0.0 and v.verified

@@ -2,9 +2,16 @@
 Lightning Trainer (CPU, tiny model): embeds under 32-bit and bf16 precision, the
 penalty's gradient is clipped with the task's, trigger mixing, checkpoints without
 secrets, resuming restores the callback's state; a torch.compile'd model; FSDP2 through
-ModelParallelStrategy (2 processes over gloo). Lightning's FSDPStrategy (FSDP1) refuses
-the CPU accelerator ("requires a GPU accelerator"), so it has no test here; FSDP1's
-flattened shards are refused by name (tests/test_sharded.py)."""
+ModelParallelStrategy and FSDP1 through FSDPStrategy (2 processes over gloo).
+
+Lightning refuses FSDPStrategy on the CPU accelerator ("requires a GPU accelerator",
+lightning/pytorch/trainer/connectors/accelerator_connector.py, _check_strategy_and_fallback),
+a check of ``type(strategy) is FSDPStrategy``: the FSDP1 test runs a subclass that changes
+nothing else. Its own wrapping passes ``device_id=root_device.index`` (None on the CPU),
+which torch's FSDP1 refuses ("FSDP needs a non-CPU accelerator device"), so the test
+wraps in ``configure_model`` with ``device_id=cpu``, as Lightning's manual wrapping does;
+the callback's path for Lightning's own wrapping (one unit around the LightningModule)
+is run with that unit made by hand."""
 from __future__ import annotations
 
 import os
@@ -291,6 +298,104 @@ def test_fsdp2_through_model_parallel_strategy_two_processes(tmp_path):
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["layout"] == r1["layout"] == "DTensor (Shard(dim=0),)"
+    for name in r0["params"]:
+        assert torch.equal(r0["params"][name], r1["params"][name]), name
+    v = nnmark.verify(key, r0["params"])
+    assert v.ber == 0.0 and v.verified
+
+
+class Wrapped(Steady):
+    """FSDP1 in configure_model (Lightning's manual wrapping; FSDPStrategy then wraps nothing
+    more): the carrier becomes a 1-D slice of the unit's flattened parameter on each rank."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        self.net = FullyShardedDataParallel(self.net, use_orig_params=True, device_id=torch.device("cpu"))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class SliceProbe(L.Callback):
+    """Records the carrier's shape while training and saves the full weights at the end."""
+
+    def __init__(self, folder):
+        self.folder = str(folder)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.shape = tuple(pl_module.net.get_parameter("_fsdp_wrapped_module.2.weight").shape)
+
+    def on_train_end(self, trainer, pl_module):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(pl_module.net):
+            full = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for n, p in pl_module.named_parameters()}
+        torch.save({"params": full, "shape": self.shape, "strategy": type(trainer.strategy).__mro__[1].__name__},
+                   f"{self.folder}/rank{trainer.global_rank}.pt")
+
+
+FSDP1_WORKER = '''
+import os, sys
+from types import SimpleNamespace
+import torch
+import torch.nn.functional as F
+sys.path.insert(0, os.environ["NNMARK_TESTS_DIR"])
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.fsdp import FullyShardedDataParallel
+import nnmark
+from test_lightning import SliceProbe, Steady, Wrapped, _loader, _trainer
+from nnmark.integrations.lightning import WatermarkCallback
+
+
+class CpuFSDPStrategy(FSDPStrategy):
+    """FSDPStrategy itself: a subclass only escapes the accelerator connector's GPU check."""
+
+
+out = sys.argv[1]
+torch.set_num_threads(1)
+key = os.path.join(out, "owner.key")
+cb = WatermarkCallback(key, strength=1.0)
+trainer = _trainer(out, max_epochs=3, devices=2, strategy=CpuFSDPStrategy(), callbacks=[cb, SliceProbe(out)])
+trainer.fit(Wrapped(), _loader())
+assert trainer.strategy.kwargs["use_orig_params"] is True  # FSDPStrategy's default
+assert cb.embedding.steps == 3 * 4, cb.embedding.steps
+
+# Lightning's own wrapping puts one unit around the LightningModule (trainer.strategy.model):
+# the callback looks the carrier up from there; the LightningModule alone is refused.
+module = Steady()
+root = FullyShardedDataParallel(module, use_orig_params=True, device_id=torch.device("cpu"))
+fake = SimpleNamespace(strategy=SimpleNamespace(model=root), loggers=[])
+opt = torch.optim.SGD(root.parameters(), lr=0.1)
+x, y = next(iter(_loader()))
+F.cross_entropy(root(x), y).backward()
+cb = WatermarkCallback(key, strength=1.0)
+try:
+    cb.on_before_optimizer_step(SimpleNamespace(strategy=SimpleNamespace(model=module), loggers=[]), module, opt)
+    raise AssertionError("the LightningModule inside an FSDP1 unit was not refused")
+except ValueError as exc:
+    assert "outside the module given" in str(exc), exc
+cb.on_before_optimizer_step(fake, module, opt)
+assert cb.embedding.steps == 1
+whole = nnmark.Uchida(nnmark.load_key(key), strength=1.0).penalty(Steady()).item()
+assert abs(cb.embedding.last_penalty - whole) < 1e-4 * whole, (cb.embedding.last_penalty, whole)
+if torch.distributed.is_initialized():  # torn down while both ranks are alive (see test_hf_trainer)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+'''
+
+
+def test_fsdp1_through_fsdp_strategy_two_processes(tmp_path):
+    """FSDPStrategy (FSDP1, use_orig_params=True) on 2 CPU processes over gloo: each rank's
+    carrier is a 1-D slice of the flattened weight, the callback projects the slices (never
+    gathered), the ranks end with the same weights and the mark embeds."""
+    key = _key()
+    key.save(tmp_path / "owner.key")
+    _run_two(tmp_path, FSDP1_WORKER)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert r0["strategy"] == r1["strategy"] == "FSDPStrategy"
+    assert r0["shape"] == (1001,) and r1["shape"] == (151,)  # 1-D slices of the 1152 elements
     for name in r0["params"]:
         assert torch.equal(r0["params"][name], r1["params"][name]), name
     v = nnmark.verify(key, r0["params"])

@@ -1,9 +1,12 @@
 """Sharded carriers (nnmark.sharded): 2 processes over gloo on the CPU. The projection of
-DTensor shards equals the unsharded projection and extracts the same bits on every rank;
-the mark embeds under FSDP2 (fully_shard) and under tensor-parallel row- and column-wise
-splits, with the gradients a single process gets; layouts it cannot handle (Partial,
-2-D meshes such as HSDP, FSDP1's flattened shards) are named, by key.project, by
-PenaltyHook when it is made, and in verify()'s verdict on a live sharded model."""
+DTensor shards and of FSDP1's flattened slices (use_orig_params=True) equals the
+unsharded projection and extracts the same bits on every rank; the mark embeds under
+FSDP2 (fully_shard), under FSDP1 (FULL_SHARD through PenaltyHook, SHARD_GRAD_OP with the
+penalty in the loss) and under tensor-parallel row- and column-wise splits, with the
+gradients a single process gets; layouts it cannot handle (Partial, 2-D meshes such as
+HSDP, FSDP1 without use_orig_params or with a hybrid strategy, an FSDP1 unit wrapping the
+module from outside) are named, by key.project, by PenaltyHook when it is made, and in
+verify()'s verdict on a live sharded model."""
 from __future__ import annotations
 
 import os
@@ -54,6 +57,8 @@ def _keys(folder: str):
         "row": dict(carrier="0.weight", bits=24, reduction="filter_mean"),
         "col": dict(carrier="2.weight", bits=20, reduction="filter_mean"),
         "small": dict(carrier="w", bits=20, reduction="flat"),
+        "first": dict(carrier="0.weight", bits=24, reduction="filter_mean"),  # FSDP1: all on rank 0
+        "last": dict(carrier="5.weight", bits=24, reduction="filter_mean"),  # FSDP1: all on rank 1
     }
     for name, spec in specs.items():
         nnmark.WhiteBoxKey.generate(**spec).save(os.path.join(folder, f"{name}.key"))
@@ -114,18 +119,22 @@ def _worker(rank: int, world: int, init_file: str, folder: str) -> None:
         out["errors"] = errors
 
         # ... and through PenaltyHook, when it is made (before the first step): HSDP
-        # (fully_shard on a 2-D mesh), and FSDP1, whose shards are slices of a flattened
-        # 1-D parameter (with use_orig_params, or one flat parameter without).
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        # (fully_shard on a 2-D mesh), FSDP1 without use_orig_params (one flat parameter,
+        # the carrier is none), FSDP1's hybrid strategy, and an FSDP1 unit around the module.
+        from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
+        cpu = torch.device("cpu")
         hooked = {}
         makers = {
             "hsdp": lambda: fully_shard(_conv_net(), mesh=init_device_mesh("cpu", (1, world),
                                                                         mesh_dim_names=("replicate", "shard"))),
-            "fsdp1_orig": lambda: FullyShardedDataParallel(_conv_net(), use_orig_params=True,
-                                                           device_id=torch.device("cpu")),
-            "fsdp1_flat": lambda: FullyShardedDataParallel(_conv_net(), use_orig_params=False,
-                                                           device_id=torch.device("cpu")),
+            "fsdp1_flat": lambda: FullyShardedDataParallel(_conv_net(), use_orig_params=False, device_id=cpu),
+            "fsdp1_hybrid": lambda: FullyShardedDataParallel(
+                _conv_net(), use_orig_params=True, device_id=cpu, sharding_strategy=ShardingStrategy.HYBRID_SHARD,
+                device_mesh=init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))),
+            "fsdp1_outside": lambda: FullyShardedDataParallel(_conv_net(), use_orig_params=True,
+                                                              device_id=cpu).module,
+            "fsdp1_orig": lambda: FullyShardedDataParallel(_conv_net(), use_orig_params=True, device_id=cpu),
         }
         verdicts = {}
         for name, make in makers.items():
@@ -138,6 +147,57 @@ def _worker(rank: int, world: int, init_file: str, folder: str) -> None:
             v = nnmark.verify(_load(folder, "conv_fm"), m)  # a live sharded model: a verdict naming the layout
             verdicts[name] = (v.status, v.error_class, v.error_message)
         out["hook_errors"] = hooked
+
+        # 2b. FSDP1 with use_orig_params: each rank's carrier is a 1-D slice of the flattened
+        #     weight (2.weight: [0, 1001) on rank 0, [1001, 1152) on rank 1; 0.weight all on
+        #     rank 0 and 5.weight all on rank 1, an empty slice on the other).
+        from nnmark.sharded import FlatSlice, fsdp1_slice, project_flat_slice
+
+        m1 = FullyShardedDataParallel(_conv_net(), use_orig_params=True, device_id=cpu)
+        w = m1.get_parameter("_fsdp_wrapped_module.2.weight")
+        where = fsdp1_slice(m1, "2.weight", "_fsdp_wrapped_module.2.weight")
+        out["fsdp1_slice"] = (tuple(w.shape), where.start, where.numel, where.shape)
+        out["fsdp1_proj"] = {k: nnmark.Uchida(_load(folder, k)).projections(m1).detach()
+                             for k in ("conv_fm", "conv_flat", "first", "last")}
+        # every way a slice can fall: empty, inside one out-channel, on a row boundary, many
+        # rows, the last few elements; a Keras-order dense key reads columns out of order
+        keras = nnmark.DenseKey(torch.randn(24, 16 * 9), carrier="2.weight", bits=np.arange(24) % 2, order="keras")
+        keras._matrix = keras._matrix.double()
+        out["keras_whole"] = keras.project(W).detach()
+        cuts = {}
+        for c in (0, 5, 144, 1001, 1149, 1152):
+            piece = W.reshape(-1)[:c] if rank == 0 else W.reshape(-1)[c:]
+            start = 0 if rank == 0 else c
+            slc = FlatSlice(tuple(W.shape), start, piece.numel(), dist.group.WORLD, "a test slice", piece)
+            for kname, key in (("conv_fm", _load(folder, "conv_fm")), ("conv_flat", _load(folder, "conv_flat")),
+                               ("keras", keras)):
+                cuts[f"{kname}/{c}"] = project_flat_slice(key, piece, slc).detach()
+        out["cuts"] = cuts
+
+        # 2c. FSDP1 embeds: FULL_SHARD through PenaltyHook (the gradient added after backward),
+        #     SHARD_GRAD_OP with the penalty in the loss (there the carrier is unsharded
+        #     between forward and backward: projected whole, its gradient reduce-scattered).
+        for mode, strategy in (("hook", ShardingStrategy.FULL_SHARD), ("loss", ShardingStrategy.SHARD_GRAD_OP)):
+            model = FullyShardedDataParallel(_conv_net(), use_orig_params=True, device_id=cpu,
+                                             sharding_strategy=strategy)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            if mode == "hook":
+                hook = PenaltyHook(model, _load(folder, "conv_fm"), strength=1.0).attach(opt)
+            else:
+                emb = nnmark.integrations.Embedding(_load(folder, "conv_fm"), strength=1.0)
+            for step in range(STEPS):
+                x, y = _batch(step, rank)
+                loss = F.cross_entropy(model(x), y)
+                if mode == "loss":
+                    loss = loss + emb.penalty(model)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if mode == "hook":
+                out["fsdp1_hook_steps"] = hook.steps
+            with FullyShardedDataParallel.summon_full_params(model):
+                out[f"fsdp1_{mode}"] = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone()
+                                        for n, p in model.named_parameters()}
 
         # 3. FSDP2: the mark embeds through PenaltyHook; each rank its own data
         model = _conv_net()
@@ -230,10 +290,16 @@ def test_a_layout_it_cannot_handle_is_named_by_penalty_hook(results):
     _, (r0, r1) = results
     for r in (r0, r1):
         errs = r["hook_errors"]
+        assert errs["fsdp1_orig"] is None  # FSDP1 with use_orig_params is projected (below)
         assert errs["hsdp"] is not None and "2-D device mesh" in errs["hsdp"] and "2.weight" in errs["hsdp"]
-        for name in ("fsdp1_orig", "fsdp1_flat"):
-            assert errs[name] is not None and "FSDP1 (FullyShardedDataParallel, FULL_SHARD)" in errs[name], name
-            assert "'2.weight'" in errs[name] and "[8, 16, 3, 3]" in errs[name] and "fully_shard" in errs[name]
+        flat, hybrid, outside = errs["fsdp1_flat"], errs["fsdp1_hybrid"], errs["fsdp1_outside"]
+        assert flat is not None and "FSDP1 (FullyShardedDataParallel, FULL_SHARD, use_orig_params=False)" in flat
+        assert "no parameter of its own" in flat and "[8, 16, 3, 3]" in flat
+        assert hybrid is not None and "FSDP1 (FullyShardedDataParallel, HYBRID_SHARD, use_orig_params=True)" in hybrid
+        assert "hybrid strategy" in hybrid
+        for e in (flat, hybrid):
+            assert "'2.weight'" in e and "fully_shard" in e and "use_orig_params=True" in e
+        assert outside is not None and "outside the module given" in outside and "'2.weight'" in outside
 
 
 def test_verifying_a_live_sharded_model_names_the_layout(results):
@@ -242,34 +308,76 @@ def test_verifying_a_live_sharded_model_names_the_layout(results):
     _, (r0, r1) = results
     for r in (r0, r1):
         v = r["verdicts"]
-        assert set(v) == {"hsdp", "fsdp1_orig", "fsdp1_flat", "fsdp2"}
+        assert set(v) == {"hsdp", "fsdp1_orig", "fsdp1_flat", "fsdp1_hybrid", "fsdp1_outside", "fsdp2"}
         for name, (status, error_class, message) in v.items():
             assert (status, error_class) == ("invalid", "ShardedCarrier"), (name, message)
             assert "'2.weight'" in message, name
         assert "(Shard(dim=0),) on a 1-D device mesh" in v["fsdp2"][2]
         assert "2-D device mesh" in v["hsdp"][2]
-        assert "FSDP1" in v["fsdp1_orig"][2] and "FSDP1" in v["fsdp1_flat"][2]
+        for name in ("fsdp1_orig", "fsdp1_flat", "fsdp1_hybrid", "fsdp1_outside"):
+            assert "FSDP1" in v[name][2], name
 
 
-def test_the_mark_embeds_under_fsdp2_as_in_one_process(results):
+def test_fsdp1_slices_project_as_the_whole_carrier(results):
+    """FSDP1 with use_orig_params: each rank holds a 1-D slice (uneven, or empty), projects
+    it at its global columns, and one all-reduce gives the whole carrier's projection."""
     folder, (r0, r1) = results
-    assert r0["fsdp_steps"] == r1["fsdp_steps"] == STEPS
-    for n in r0["fsdp"]:
-        assert torch.equal(r0["fsdp"][n], r1["fsdp"][n]), n
-    key = _load(folder, "conv_fm")
+    assert r0["fsdp1_slice"] == ((1001,), 0, 1001, (8, 16, 3, 3))  # really sharded, and unevenly
+    assert r1["fsdp1_slice"] == ((151,), 1001, 151, (8, 16, 3, 3))
     ref = _conv_net()
-    reg = nnmark.Uchida(key, strength=1.0)
+    for name, p0 in r0["fsdp1_proj"].items():
+        torch.testing.assert_close(p0, r1["fsdp1_proj"][name], rtol=0, atol=0)
+        whole = nnmark.Uchida(_load(folder, name)).projections(ref).detach()
+        torch.testing.assert_close(p0, whole, rtol=1e-5, atol=1e-5, msg=name)
+        assert torch.equal(p0 > 0, whole > 0), name
+    torch.manual_seed(1)
+    W = torch.randn(8, 16, 3, 3, dtype=torch.float64)
+    wholes = {"conv_fm": _load(folder, "conv_fm").project(W), "conv_flat": _load(folder, "conv_flat").project(W),
+              "keras": r0["keras_whole"]}
+    for name, p0 in r0["cuts"].items():
+        torch.testing.assert_close(p0, r1["cuts"][name], rtol=0, atol=0)
+        whole = wholes[name.split("/")[0]]
+        torch.testing.assert_close(p0, whole, rtol=1e-10, atol=1e-10, msg=name)
+        assert torch.equal(p0 > 0, whole > 0), name
+    assert len(r0["cuts"]) == 18
+
+
+def _reference(folder):
+    """The FSDP runs' training in one process: both ranks' batches averaged, the penalty added."""
+    ref = _conv_net()
+    reg = nnmark.Uchida(_load(folder, "conv_fm"), strength=1.0)
     opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     for step in range(STEPS):
         loss = sum(F.cross_entropy(ref(x), y) for x, y in (_batch(step, 0), _batch(step, 1))) / 2
         opt.zero_grad()
         (loss + reg.penalty(ref)).backward()
         opt.step()
-    for n, p in ref.named_parameters():
-        torch.testing.assert_close(r0["fsdp"][n], p.detach(), rtol=1e-4, atol=1e-5, msg=n)
+    return ref
+
+
+def _assert_embeds_as_in_one_process(folder, r0, r1, what):
+    for n in r0[what]:
+        assert torch.equal(r0[what][n], r1[what][n]), n
+    for n, p in _reference(folder).named_parameters():
+        torch.testing.assert_close(r0[what][n], p.detach(), rtol=1e-4, atol=1e-5, msg=n)
     model = _conv_net()
-    model.load_state_dict(r0["fsdp"])
-    assert nnmark.verify(key, model).ber == 0.0
+    model.load_state_dict(r0[what])
+    assert nnmark.verify(_load(folder, "conv_fm"), model).ber == 0.0
+
+
+def test_the_mark_embeds_under_fsdp2_as_in_one_process(results):
+    folder, (r0, r1) = results
+    assert r0["fsdp_steps"] == r1["fsdp_steps"] == STEPS
+    _assert_embeds_as_in_one_process(folder, r0, r1, "fsdp")
+
+
+@pytest.mark.parametrize("mode", ["hook", "loss"])
+def test_the_mark_embeds_under_fsdp1_as_in_one_process(results, mode):
+    """FULL_SHARD through PenaltyHook; SHARD_GRAD_OP with the penalty in the loss."""
+    folder, (r0, r1) = results
+    if mode == "hook":
+        assert r0["fsdp1_hook_steps"] == r1["fsdp1_hook_steps"] == STEPS
+    _assert_embeds_as_in_one_process(folder, r0, r1, f"fsdp1_{mode}")
 
 
 def test_the_mark_embeds_under_row_and_column_wise_tensor_parallel(results):

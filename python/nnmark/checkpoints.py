@@ -984,7 +984,7 @@ class ModuleCheckpoint(Checkpoint):
         return check_tensor(self.path, name, self.module.state_dict(keep_vars=True)[name]).detach()
 
     def carrier(self, name: str, validate: Validator | None = None, out: Allocator | None = None) -> Carrier:
-        from .sharded import fsdp1_layout, is_dtensor, layout
+        from .sharded import fsdp1_holds, fsdp1_layout, is_dtensor, is_fsdp1_flattened, layout
 
         # A live sharded model holds a part of the carrier on each rank: checking it is
         # refused by name (gathering it is a collective every rank would have to join).
@@ -998,6 +998,11 @@ class ModuleCheckpoint(Checkpoint):
             raise CheckpointError("absent", "MissingCarrier", f"{self.path!r}: {exc.args[0]}") from None
         except ValueError as exc:
             raise CheckpointError("invalid", "AmbiguousCarrier", f"{self.path!r}: {exc}") from None
+        if is_fsdp1_flattened(t) and not fsdp1_holds(self.module, name):
+            raise CheckpointError("invalid", "ShardedCarrier",
+                                  f"{self.path!r}: carrier {real!r} is a parameter FSDP1 flattened, held by a "
+                                  f"FullyShardedDataParallel unit outside the module given (a slice of it, maybe); "
+                                  f"verify the model's full state dict")
         if is_dtensor(t):
             raise CheckpointError("invalid", "ShardedCarrier",
                                   f"{self.path!r}: carrier {real!r} is a DTensor with {layout(t)}; verify the full "

@@ -22,9 +22,7 @@ import numpy as np
 from .carriers import carrier_length, find_name, module_parameter
 from .checkpoints import Carrier, CheckpointError, label_of, open_checkpoint
 from .keys import WhiteBoxKeyBase
-from .sharded import check_not_fsdp1
-
-FSDP1_SEGMENT = "_fsdp_wrapped_module."
+from .sharded import FSDP1_SEGMENT, check_not_fsdp1, fsdp1_slice, is_fsdp1_flattened, project_flat_slice
 from .stats import binomial_threshold, check_alpha, check_null_rate
 
 Source = Any  # nn.Module | Mapping[str, Tensor] | str | os.PathLike | Tensor
@@ -60,33 +58,46 @@ class Uchida:
         return f"Uchida(key={self.key!r}, strength={self.strength})"
 
     def parameter(self, model: torch.nn.Module) -> torch.Tensor:
+        """The model's carrier parameter (under FSDP1, this rank's flattened slice of it)."""
+        return self._carrier(model)[0]
+
+    def _carrier(self, model: torch.nn.Module):
+        """(carrier tensor, FlatSlice when FSDP1 holds it sharded, else None)."""
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"penalty() needs a torch.nn.Module, got {type(model).__name__}")
-        name = self._names.get(model)
+        name, w = self._names.get(model), None
         if name is not None:
-            if FSDP1_SEGMENT in name:  # sharded or whole may change between calls (summon_full_params)
-                check_not_fsdp1(model, self.key.carrier)
             try:
-                return model.get_parameter(name)
+                w = model.get_parameter(name)
             except AttributeError:  # the model was restructured: resolve again
                 pass
-        try:
-            named = dict(model.named_parameters())
-            name = find_name(named, self.key.carrier)
-        except KeyError as exc:
-            check_not_fsdp1(model, self.key.carrier)  # FSDP1 without use_orig_params: only a flat parameter
-            try:  # a buffer can carry a mark too (no training through it)
-                return module_parameter(model, self.key.carrier)
-            except KeyError:
-                raise KeyError(f"model has no carrier parameter: {exc.args[0]}") from None
-        if FSDP1_SEGMENT in name:
-            check_not_fsdp1(model, self.key.carrier)
-        self._names[model] = name
-        return named[name]
+            else:
+                if is_fsdp1_flattened(w) and FSDP1_SEGMENT not in name:
+                    w = None  # a name resolved before FSDP1 wrapped the model (FSDP forwards attributes)
+        if w is None:
+            try:
+                named = dict(model.named_parameters())
+                name = find_name(named, self.key.carrier)
+            except KeyError as exc:
+                check_not_fsdp1(model, self.key.carrier)  # FSDP1 without use_orig_params: only a flat parameter
+                try:  # a buffer can carry a mark too (no training through it)
+                    return module_parameter(model, self.key.carrier), None
+                except KeyError:
+                    raise KeyError(f"model has no carrier parameter: {exc.args[0]}") from None
+            w = named[name]
+            self._names[model] = name
+        # sharded or whole may change between calls (summon_full_params), so asked every time
+        if FSDP1_SEGMENT in name or is_fsdp1_flattened(w):
+            return w, fsdp1_slice(model, self.key.carrier, name, w)
+        return w, None
 
     def projections(self, model: torch.nn.Module) -> torch.Tensor:
-        """Raw projections ``[T]`` of the model's carrier (differentiable)."""
-        return self.key.project(self.parameter(model))
+        """Raw projections ``[T]`` of the model's carrier (differentiable). Under FSDP1 (and
+        for DTensor carriers) every rank must call it: one all-reduce of T values."""
+        w, where = self._carrier(model)
+        if where is not None:
+            return project_flat_slice(self.key, w, where)
+        return self.key.project(w)
 
     def penalty(self, model: torch.nn.Module) -> torch.Tensor:
         """The scalar regularizer to add to the task loss."""

@@ -29,6 +29,14 @@ except ImportError:  # the older package name
         raise ImportError('nnmark.integrations.lightning needs Lightning: pip install "nnmark[lightning]"') from None
 
 
+def _fsdp1_wraps(root, module) -> bool:
+    """Whether ``root`` is an FSDP1 unit wrapping ``module`` (no import of FSDP when unused)."""
+    import sys
+
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(root, fsdp.FullyShardedDataParallel) and root.module is module
+
+
 class WatermarkCallback(pl.Callback):
     """Embeds ``marks`` (white-box keys or key-file paths at ``strength``, or
     :class:`nnmark.Uchida`) and/or the triggers of ``mixer`` (a :class:`nnmark.TriggerMixer`,
@@ -60,9 +68,12 @@ class WatermarkCallback(pl.Callback):
         return self._generate_state_key(keys=tuple(self.embedding.key_ids),
                                         mixer=self.embedding.mixer.key.key_id if self.embedding.mixer else None)
 
-    def network(self, pl_module: torch.nn.Module) -> torch.nn.Module:
+    def network(self, pl_module: torch.nn.Module, trainer=None) -> torch.nn.Module:
         if self.submodule is None:
-            return pl_module
+            # FSDPStrategy wraps the whole LightningModule in one FSDP1 unit: the unit, which
+            # holds the carriers' slices, is looked up from the wrapper (names are the same).
+            root = getattr(getattr(trainer, "strategy", None), "model", None)
+            return root if root is not pl_module and _fsdp1_wraps(root, pl_module) else pl_module
         try:
             return pl_module.get_submodule(self.submodule)
         except AttributeError:
@@ -75,7 +86,7 @@ class WatermarkCallback(pl.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         # Again once the strategy has sharded the model (configure_model runs after setup):
         # a carrier layout the penalty cannot handle fails before the first step.
-        self.embedding.carriers(self.network(pl_module))
+        self.embedding.carriers(self.network(pl_module, trainer))
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         mixer = self.embedding.mixer
@@ -90,7 +101,7 @@ class WatermarkCallback(pl.Callback):
         if not self.embedding.regularizers:
             return
         before = self.embedding.steps
-        self.embedding.add_penalty_grad(self.network(pl_module), optimizer)
+        self.embedding.add_penalty_grad(self.network(pl_module, trainer), optimizer)
         if self.log and trainer.loggers and self.embedding.steps != before:
             pl_module.log("nnmark/penalty", self.embedding.last_penalty_tensor.float(), on_step=True, prog_bar=False,
                           logger=True, sync_dist=False)
