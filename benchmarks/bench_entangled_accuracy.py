@@ -18,6 +18,7 @@ reported.
 
 Usage: python benchmarks/bench_entangled_accuracy.py [--keys 10] [--nulls 10] [--distill 0]
        [--set strength=0.25 --set epochs=30 ...] [--json out.json]
+       python benchmarks/bench_entangled_accuracy.py --unmarked-pairs 48  (the seed noise alone)
 About 10 s per key on one thread of a shared 2-core machine.
 """
 from __future__ import annotations
@@ -67,6 +68,19 @@ def schedule(kw: dict) -> tuple[int, int]:
     return epochs, settle
 
 
+def unmarked_pairs(data, n: int, epochs: int, settle: int) -> None:
+    """How far apart two unmarked trainings land: the seed noise a drop is measured against."""
+    d = []
+    for i in range(n):
+        a = accuracy(train(data, 100 + i, epochs, settle_epochs=settle), data.x_test, data.y_test)
+        b = accuracy(train(data, 700 + i, epochs, settle_epochs=settle), data.x_test, data.y_test)
+        d.append(100 * (a - b))
+        print(f"pair {i}: {d[-1]:+.2f} points", flush=True)
+    d = np.array(d)
+    print(f"{n} pairs: mean {d.mean():+.2f}, sd {d.std(ddof=1):.2f} points; more than a point one way "
+          f"{int((d > 1 + 1e-9).sum())}, either way {int((abs(d) > 1 + 1e-9).sum())}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--keys", type=int, default=10, help="fresh keys (random secrets and classes)")
@@ -77,6 +91,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="an embed_entangled argument other than its default (repeatable)")
     ap.add_argument("--seed", type=int, default=0, help="key k trains with seed + k (its twin too)")
+    ap.add_argument("--unmarked-pairs", type=int, default=0,
+                    help="instead: N pairs of unmarked DigitsNets of different seeds (100+i, 700+i), the spread "
+                         "of their accuracy difference (the yardstick for the marked-minus-twin drops)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -87,6 +104,9 @@ def main() -> None:
     epochs, settle = schedule(kw)
     t0, load = time.perf_counter(), OtherLoad()
     data = load_digits_split(0)
+    if args.unmarked_pairs:
+        unmarked_pairs(data, args.unmarked_pairs, epochs, settle)
+        return
     acc = lambda m: accuracy(m, data.x_test, data.y_test)  # noqa: E731
     rng = np.random.default_rng(args.seed)  # the classes: the same pairs for each setting compared
     nulls = [train(data, 1000 + j, 30, settle_epochs=6) for j in range(args.nulls)]

@@ -7,16 +7,16 @@ trigger (a stroke that closes a 5 into a 9), and then models that never saw the 
 answer the target on the stamped samples: before screening, 1 of 80 digits keys made 3 of
 10 unmarked models verify. ``entangled_key`` now screens each stamp with a stand-in model
 of the task and draws another when that model answers the target on more than
-``natural_rate`` (5 %) of the triggers. This measures, on scikit-learn's digits:
+``natural_rate`` (2 %) of the triggers. This measures, on scikit-learn's digits:
 
 - ``--keys`` fresh stamps (random secrets; source -> target pairs drawn from ``--seed``),
   each checked with ``nnmark.verify`` at alpha 1e-6 on ``--suspects`` independently
-  trained unmarked DigitsNets (seeds 1000+, 30 epochs, last 6 at lr/10);
+  trained unmarked DigitsNets (seeds ``--suspect-seed``+, default 1000+, 30 epochs, last 6 at lr/10);
 - for each stamp, what each screen says: the pixel probe ``entangled_key`` uses without
   ``reference=`` (ridge regression on the samples), ``reference=`` one unmarked DigitsNet
-  trained apart from the suspects (seed 2000), and the check ``embed_entangled`` makes
+  trained apart from the suspects (``--reference-seed``, default 2000), and the check ``embed_entangled`` makes
   with the model it is about to mark after its clean warm-up (stood in for by a DigitsNet
-  trained 5 clean epochs, the default warm-up of 30 epochs, seed 3000);
+  trained 5 clean epochs, the default warm-up of 30 epochs, reference seed + 1000);
 - so, per arm (no screen, each screen, and the user's two paths: ``entangled_key`` then
   ``embed_entangled``, with or without ``reference=``): the stamps the screens keep
   (``entangled_key`` draws stamps until one passes, so the keys it returns are exactly the
@@ -79,14 +79,16 @@ def main() -> None:
     ap.add_argument("--suspects", type=int, default=10, help="independently trained unmarked models")
     ap.add_argument("--public", type=int, default=200, help="keys made by entangled_key itself, per screen")
     ap.add_argument("--seed", type=int, default=0, help="draws the source -> target pairs")
+    ap.add_argument("--suspect-seed", type=int, default=1000, help="the suspects' seeds: this and the next ones")
+    ap.add_argument("--reference-seed", type=int, default=2000, help="seed of the reference model (warm-up: + 1000)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0, load = time.perf_counter(), OtherLoad()
     data = load_digits_split(0)
-    suspects = [train(data, 1000 + j, 30, settle_epochs=6) for j in range(args.suspects)]
-    reference = train(data, 2000, 30, settle_epochs=6)
-    warm = train(data, 3000, 5)
+    suspects = [train(data, args.suspect_seed + j, 30, settle_epochs=6) for j in range(args.suspects)]
+    reference = train(data, args.reference_seed, 30, settle_epochs=6)
+    warm = train(data, args.reference_seed + 1000, 5)
     print(f"trained {args.suspects} suspects, 1 reference and 1 warm-up model in {time.perf_counter() - t0:.0f} s", flush=True)
     rng = np.random.default_rng(args.seed)
     probe = None

@@ -75,14 +75,15 @@ def test_snnl_rejects_mismatched_groups():
 
 # ------------------------------------------------------------------------------- keys
 def test_entangled_key_is_a_content_key_of_the_source_class(data, tmp_path):
-    k = entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET, n=60)
+    with pytest.warns(UserWarning, match="pixel probe only"):
+        k = entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET, n=60)
     assert (k.kind, k.n, k.target) == ("content", 60, TARGET)
     assert set(k.sample_labels.tolist()) == {SOURCE}
     x, y = k.triggers()
     assert (y == TARGET).all() and x.shape == (60, 1, 8, 8)
     k.save(tmp_path / "ewe.key")
     assert load_key(tmp_path / "ewe.key") == k
-    two = entangled_key(data.x_train, data.y_train, source=[1, 3], target=TARGET, n=150)
+    two = entangled_key(data.x_train, data.y_train, source=[1, 3], target=TARGET, n=150, reference=_Says(0))
     assert set(two.sample_labels.tolist()) == {1, 3}
 
 
@@ -152,7 +153,8 @@ def test_entangled_key_screens_with_a_pixel_probe_without_reference(data, monkey
     digits, and a stamp it calls the target is dropped); too large inputs: a warning."""
     from nnmark import entangled
 
-    k = entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET)
+    with pytest.warns(UserWarning, match="pass reference="):
+        k = entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET)
     probe = entangled._pixel_probe(k, data.x_train, data.y_train)
     z = torch.from_numpy(k._normalised(data.x_test.double().numpy())).float()
     assert float((probe(z).argmax(1) == data.y_test).float().mean()) > 0.9
@@ -160,7 +162,8 @@ def test_entangled_key_screens_with_a_pixel_probe_without_reference(data, monkey
     calls = []
     monkeypatch.setattr(entangled, "_natural_rate", lambda key, screen: calls.append(key) or (0.5 if len(calls) < 3
                                                                                                else 0.0))
-    entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET)
+    with pytest.warns(UserWarning, match="pixel probe only"):
+        entangled_key(data.x_train, data.y_train, source=SOURCE, target=TARGET)
     assert len(calls) == 3 and len({bytes(c._secret) for c in calls}) == 3  # two stamps dropped, a fresh secret each
     monkeypatch.setattr(entangled, "_PROBE_INPUTS", 10)
     with pytest.warns(UserWarning, match="not screened"):

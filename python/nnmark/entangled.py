@@ -79,8 +79,10 @@ def snnl(h: torch.Tensor, groups: torch.Tensor, temperature: torch.Tensor | floa
 # A stamp is screened (entangled_key) before it is used: a keyed patch can be a natural
 # trigger, e.g. a stroke that closes a 5 into a 9, and then models that never saw the key
 # answer the target on the stamped samples (1 of 80 digits keys made 3 of 10 unmarked models
-# verify, bench_entangled_accuracy). Measured in benchmarks/bench_entangled_null.py.
-NATURAL_RATE = 0.05  # the most stamped triggers a screen may answer with the target
+# verify, bench_entangled_accuracy). Measured in benchmarks/bench_entangled_null.py: one model
+# is not enough (a single reference kept 2 natural triggers in 11,333), the reference and the
+# model being marked together kept none in 10,439, at 2 %.
+NATURAL_RATE = 0.02  # the most stamped triggers a screen may answer with the target
 SCREEN_TRIES = 100  # stamps drawn before giving up
 _PROBE_SAMPLES = 4000  # the pixel probe fits on at most this many samples...
 _PROBE_INPUTS = 8192  # ...of at most this many values each (it solves a d x d system)
@@ -104,10 +106,14 @@ def entangled_key(samples: Any, labels: Any, source: int | Sequence[int], target
     normalised like the key's ``mean``/``std``; your previous model, or a short training run
     without the mark) -- and a stamp that any of them answers with the target on more than
     ``natural_rate`` of the triggers is dropped for a fresh one (a fresh secret), up to
-    100 times. Without ``reference``, a ridge-regression classifier fit on ``samples`` (at
-    most 4,000 of them, inputs of at most 8,192 values) screens instead: it catches stamps that are natural triggers in
-    pixel space, a model-based screen also the rest (``benchmarks/bench_entangled_null.py``
-    measures both). With ``secret=`` there is one stamp: ValueError if it fails.
+    100 times. Pass one: on scikit-learn's digits, of 10,439 stamps kept by a reference
+    model and :func:`embed_entangled`'s own check, none made any of 10 other unmarked models
+    verify; unscreened, 94 of 12,000 stamps did (``benchmarks/bench_entangled_null.py``).
+    Without ``reference`` a ridge-regression classifier fit on ``samples`` (at most 4,000
+    of them, inputs of at most 8,192 values) screens instead, with a warning: it catches
+    stamps that are natural triggers in pixel space, not all that a model has (2 of 9,609
+    such keys still had a false positive). With ``secret=`` there is one stamp: ValueError
+    if it fails.
     """
     x = samples.detach().cpu() if isinstance(samples, torch.Tensor) else torch.as_tensor(np.asarray(samples))
     y = labels.detach().cpu() if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
@@ -138,6 +144,14 @@ def entangled_key(samples: Any, labels: Any, source: int | Sequence[int], target
         if screen is None:
             screen = refs or [_pixel_probe(key, x, y)]
             screen = [s for s in screen if s is not None]
+            if not refs and screen:
+                warnings.warn("entangled_key: without reference= the stamp is screened by a pixel probe only, "
+                              "which misses natural triggers a model of the task has (on digits, with "
+                              "embed_entangled's own check, 2 of 9,609 such keys still made an unmarked model "
+                              "verify; with a reference model 0 of 10,439: benchmarks/bench_entangled_null.py); "
+                              "pass reference= (an unmarked model of the task, e.g. the twin you measure the "
+                              "mark's cost against)",
+                              stacklevel=2)
         if not screen:  # inputs too large for the probe and no reference: nothing to screen with
             warnings.warn("entangled_key: the inputs are too large for the pixel probe and no reference= was "
                           "given, so the stamp was not screened; pass reference= (an unmarked model of the task) "
