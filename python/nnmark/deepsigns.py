@@ -154,7 +154,7 @@ def _check_classes(classes: Any, num_classes: int, num_bits: int) -> list[int]:
 
 
 # ------------------------------------------------------------------ the key
-class DeepSignsKey(_keys.HoldsSecret):
+class DeepSignsKey(_keys.OwnerBits, _keys.HoldsSecret):
     """A DeepSigns key: secret, layer, owner bits, chosen classes, keyed inputs and labels.
 
     ``layer``: the name of the hidden layer (a submodule, as ``model.named_modules()``
@@ -165,6 +165,8 @@ class DeepSignsKey(_keys.HoldsSecret):
     each one of ``classes``, every class with at least one input. Bit t is carried by
     class ``classes[t % len(classes)]``. The projection is regenerated from the secret.
     """
+
+    _KEY_ID_PREFIX = _KEY_ID_DOMAIN + b"\x00"
 
     kind = FILE_KIND
     file_kind = FILE_KIND
@@ -239,26 +241,6 @@ class DeepSignsKey(_keys.HoldsSecret):
         return cls(secret, layer, owner, chosen, x[pick], y[pick], num_classes)
 
     # -- public properties ------------------------------------------------------------
-    @property
-    def key_id(self) -> str:
-        """A public fingerprint (16 hex digits of a domain-separated hash of the secret): safe to log."""
-        return hashlib.sha256(_KEY_ID_DOMAIN + b"\x00" + self._secret).hexdigest()[:16]
-
-    def _ledger_mac_key(self) -> bytes:
-        return _keys.derive_ledger_mac_key(self._secret)
-
-    @property
-    def bits(self) -> torch.Tensor:
-        """The owner's bits, uint8 ``[T]``."""
-        return torch.from_numpy(self._bits.copy())
-
-    @property
-    def num_bits(self) -> int:
-        return int(self._bits.size)
-
-    def __len__(self) -> int:
-        return self.num_bits
-
     @property
     def n(self) -> int:
         """How many inputs the key holds."""

@@ -213,7 +213,18 @@ def min_bits_warning(n: int) -> None:
 
 class HoldsSecret:
     """What every key kind shares about its secret: never pickled or deep-copied (save the
-    key instead); equal only to a key of the same kind with the same secret and fields."""
+    key instead); equal only to a key of the same kind with the same secret and fields;
+    its public ``key_id`` and its ledger MAC key, both derived from the secret."""
+
+    _KEY_ID_PREFIX = b""  # each kind's domain (docs/spec.md): key_id = sha256(prefix || secret)[:16]
+
+    @property
+    def key_id(self) -> str:
+        """A public fingerprint (16 hex digits of a domain-separated hash of the secret): safe to log."""
+        return hashlib.sha256(self._KEY_ID_PREFIX + self._secret).hexdigest()[:16]
+
+    def _ledger_mac_key(self) -> bytes:
+        return derive_ledger_mac_key(self._secret)
 
     def __reduce__(self):
         raise TypeError(f"{type(self).__name__} holds a secret and is not picklable; use key.save(path)")
@@ -228,7 +239,23 @@ class HoldsSecret:
     __hash__ = None  # type: ignore[assignment]
 
 
-class WhiteBoxKeyBase(HoldsSecret):
+class OwnerBits:
+    """The owner's bits of a key kind that holds them in ``_bits`` (uint8 ``[T]``)."""
+
+    @property
+    def bits(self) -> torch.Tensor:
+        """The owner's bits, uint8 ``[T]``."""
+        return torch.from_numpy(self._bits.copy())
+
+    @property
+    def num_bits(self) -> int:
+        return int(self._bits.size)
+
+    def __len__(self) -> int:
+        return self.num_bits
+
+
+class WhiteBoxKeyBase(OwnerBits, HoldsSecret):
     """What both key kinds share: carrier, reduction, owner bits, projection, files."""
 
     kind = ""
@@ -246,19 +273,6 @@ class WhiteBoxKeyBase(HoldsSecret):
         if order not in ("torch", "keras"):
             raise ValueError(f"order must be 'torch' or 'keras', got {show(order)}")
         self.order = order
-
-    # -- the owner's bits ------------------------------------------------------------
-    @property
-    def bits(self) -> torch.Tensor:
-        """The owner's bits, uint8 ``[T]``."""
-        return torch.from_numpy(self._bits.copy())
-
-    @property
-    def num_bits(self) -> int:
-        return int(self._bits.size)
-
-    def __len__(self) -> int:
-        return self.num_bits
 
     # -- projection ------------------------------------------------------------------
     def reduce(self, weight: torch.Tensor, batched: bool = False) -> torch.Tensor:
@@ -324,6 +338,8 @@ class WhiteBoxKey(WhiteBoxKeyBase):
     name and never stored.
     """
 
+    _KEY_ID_PREFIX = _KEY_ID_DOMAIN
+
     kind = "whitebox"
 
     def __init__(self, secret: bytes, carrier: str, bits: Sequence[int], reduction: str = "filter_mean",
@@ -354,20 +370,12 @@ class WhiteBoxKey(WhiteBoxKeyBase):
                  else np.unpackbits(np.frombuffer(os.urandom((bits + 7) // 8), dtype=np.uint8))[:bits])
         return cls(os.urandom(SECRET_BYTES), carrier, owner, reduction, shape)
 
-    @property
-    def key_id(self) -> str:
-        """A public fingerprint (first 16 hex digits of a hash of the secret): safe to log."""
-        return hashlib.sha256(_KEY_ID_DOMAIN + self._secret).hexdigest()[:16]
-
     def subkey(self) -> tuple[int, int]:
         """Philox key (k0, k1) of this carrier (spec v1 step 1). Secret: do not log."""
         return self._subkey
 
     def project_vectors(self, v: torch.Tensor, col0: int | None = None) -> torch.Tensor:
         return ops.keyed_projection(v, self.subkey(), self.num_bits, col0 or 0)
-
-    def _ledger_mac_key(self) -> bytes:
-        return derive_ledger_mac_key(self._secret)
 
     def _fields(self) -> dict[str, Any]:
         return {"secret": self._secret.hex(), **super()._fields()}

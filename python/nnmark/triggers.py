@@ -441,6 +441,8 @@ class TriggerKey(_keys.HoldsSecret):
     20 of 36 (key, model) pairs marked at alpha 1e-6.
     """
 
+    _KEY_ID_PREFIX = _KEY_ID_DOMAIN + b"\x00"
+
     file_kind = _FILE_KIND  # the key file's "kind"; ``kind`` is the trigger kind
 
     def __init__(self, secret: bytes, kind: str = "abstract", n: int | None = None, num_classes: int = 10,
@@ -708,14 +710,6 @@ class TriggerKey(_keys.HoldsSecret):
                    sample_labels=true if kind in ("content", "noise") else None)
 
     # -- public properties -------------------------------------------------------------
-    @property
-    def key_id(self) -> str:
-        """A public fingerprint (16 hex digits of a domain-separated hash of the secret): safe to log."""
-        return hashlib.sha256(_KEY_ID_DOMAIN + b"\x00" + self._secret).hexdigest()[:16]
-
-    def _ledger_mac_key(self) -> bytes:
-        return _keys.derive_ledger_mac_key(self._secret)
-
     @property
     def null_rate(self) -> float:
         """Chance that an unmarked model gives a trigger's label: 1 / num_classes."""
