@@ -26,6 +26,7 @@ pytest.importorskip("accelerate")
 from transformers import TrainingArguments  # noqa: E402
 
 from nnmark.integrations.huggingface import STATE_FILE, WatermarkTrainer  # noqa: E402
+from _dist import run_two  # noqa: E402
 from test_integrations import assert_no_secret  # noqa: E402
 
 SHAPE = (8, 16, 3, 3)
@@ -189,22 +190,9 @@ if torch.distributed.is_initialized():
 def test_ddp_two_processes_gloo(tmp_path):
     """Two CPU processes under torch.distributed.run: the Trainer runs DDP over gloo, each
     rank adds the same penalty to its loss, the ranks end with the same weights, marked."""
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
     key = _key()
     key.save(tmp_path / "owner.key")
-    (tmp_path / "worker.py").write_text(DDP_WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "NNMARK_TESTS_DIR": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", str(port), str(tmp_path / "worker.py"), str(tmp_path)],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run_two(tmp_path, DDP_WORKER)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["world"] == 2 and "MULTI_CPU" in r0["distributed"]
@@ -313,24 +301,6 @@ if torch.distributed.is_initialized():  # torn down while both ranks are alive (
 '''
 
 
-def _run_two(tmp_path, script: str, *argv: str) -> None:
-    """``script`` under torch.distributed.run with 2 CPU processes."""
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    (tmp_path / "worker.py").write_text(script)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "NNMARK_TESTS_DIR": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", str(port), str(tmp_path / "worker.py"), str(tmp_path), *argv],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-
-
 @pytest.mark.parametrize("mode", ["native", "accelerate"])
 def test_fsdp2_two_processes_gloo(tmp_path, mode):
     """FSDP2 on 2 CPU processes: the carrier is a DTensor shard on each rank while the
@@ -355,7 +325,7 @@ def test_fsdp2_two_processes_gloo(tmp_path, mode):
         key = _key()
         local = (4, 16, 3, 3)
     key.save(tmp_path / "owner.key")
-    _run_two(tmp_path, FSDP_WORKER, mode)
+    run_two(tmp_path, FSDP_WORKER, mode)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["layout"] == r1["layout"] == ("DTensor", "(Shard(dim=0),)", local)

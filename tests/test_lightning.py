@@ -25,6 +25,7 @@ import pytest
 L = pytest.importorskip("lightning.pytorch")
 from nnmark.integrations.lightning import WatermarkCallback  # noqa: E402
 
+from _dist import run_two  # noqa: E402
 from test_integrations import assert_no_secret  # noqa: E402
 
 CARRIER = "net.2.weight"
@@ -269,32 +270,13 @@ if torch.distributed.is_initialized():  # torn down while both ranks are alive (
 '''
 
 
-def _run_two(tmp_path, script: str) -> None:
-    """``script`` under torch.distributed.run with 2 CPU processes (Lightning and the
-    framework see an external launcher and start nothing themselves)."""
-    import socket
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    (tmp_path / "worker.py").write_text(script)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "NNMARK_TESTS_DIR": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                        "127.0.0.1", "--master_port", str(port), str(tmp_path / "worker.py"), str(tmp_path)],
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-
-
 def test_fsdp2_through_model_parallel_strategy_two_processes(tmp_path):
     """ModelParallelStrategy with fully_shard in configure_model, 2 CPU processes over gloo:
     the callback's penalty is computed on the DTensor shards (never gathered), the ranks
     end with the same weights and the mark embeds."""
     key = _key()
     key.save(tmp_path / "owner.key")
-    _run_two(tmp_path, FSDP_WORKER)
+    run_two(tmp_path, FSDP_WORKER)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["layout"] == r1["layout"] == "DTensor (Shard(dim=0),)"
@@ -391,7 +373,7 @@ def test_fsdp1_through_fsdp_strategy_two_processes(tmp_path):
     gathered), the ranks end with the same weights and the mark embeds."""
     key = _key()
     key.save(tmp_path / "owner.key")
-    _run_two(tmp_path, FSDP1_WORKER)
+    run_two(tmp_path, FSDP1_WORKER)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert r0["strategy"] == r1["strategy"] == "FSDPStrategy"
