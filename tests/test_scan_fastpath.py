@@ -4,6 +4,7 @@ nnmark.verify, and the cache of parsed safetensors headers against damaged files
 share a cached header."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -95,8 +96,6 @@ def test_the_header_cache_is_bounded(tmp_path, monkeypatch):
 
 
 def test_deferred_hash_is_the_hash_of_the_bytes_read(tmp_path):
-    import hashlib
-
     w = torch.randn(16, 8, 3, 3)
     p = tmp_path / "m.safetensors"
     save_file({"conv.weight": w}, str(p))
@@ -104,6 +103,42 @@ def test_deferred_hash_is_the_hash_of_the_bytes_read(tmp_path):
     (row,) = nnmark.scan(key, [str(p)], progress=False).rows
     assert row["carrier_sha256"] == hashlib.sha256(w.numpy().tobytes()).hexdigest()
     assert os.path.getsize(p) == row["size"]
+
+
+def test_a_batch_hashed_at_once_gives_each_carrier_its_own_hash(tmp_path):
+    # Runs of one length (4 side by side, then 2, then 1) and of several lengths and dtypes,
+    # in one batch: every row still gets the hash of its own carrier's bytes.
+    key = nnmark.WhiteBoxKey.generate(carrier="conv.weight", bits=32)
+    g = torch.Generator().manual_seed(5)
+    want = {}
+    shapes = [(16, 8, 3, 3)] * 7 + [(16, 8, 1, 1)] * 2 + [(16, 8, 3, 3)] + [(16, 4, 3, 3)] * 5
+    for i, shape in enumerate(shapes):
+        w = torch.randn(*shape, generator=g).to(torch.float16 if i % 6 == 5 else torch.float32)
+        p = tmp_path / f"m{i:02d}.safetensors"
+        save_file({"conv.weight": w}, str(p))
+        want[str(p)] = hashlib.sha256(w.numpy().tobytes()).hexdigest()
+    rows = nnmark.scan(key, [str(tmp_path)], progress=False, workers=1).rows
+    assert {r["path"]: r["carrier_sha256"] for r in rows} == want
+    assert [r["status"] for r in rows] == ["ok"] * len(shapes)
+
+
+def test_sha256_hex_many_matches_hashlib(isa):
+    from nnmark import _C_cpu
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 55, 56, 63, 64, 65, 119, 120, 128, 1000, 36864):  # padding cases around block ends
+        for run in range(1, 10):  # groups of four side by side, of two, one alone
+            bufs = [rng.integers(0, 256, n, dtype=np.uint8) for _ in range(run)]
+            assert _C_cpu.sha256_hex_many(bufs) == [hashlib.sha256(b).hexdigest() for b in bufs], (n, run)
+    rows = rng.integers(0, 256, (6, 200), dtype=np.uint8)
+    mixed = [b"", bytes(70), bytearray(b"x" * 70), memoryview(bytes(range(200))), rows[0], rows[3], b"abc",
+             *rows[1:3]]
+    assert _C_cpu.sha256_hex_many(mixed) == [hashlib.sha256(b).hexdigest() for b in mixed]
+    assert _C_cpu.sha256_hex_many([]) == []
+    with pytest.raises(ValueError, match="contiguous"):
+        _C_cpu.sha256_hex_many([rows[:, ::2]])
+    with pytest.raises(TypeError):
+        _C_cpu.sha256_hex_many([b"ok", 3])
 
 
 def test_switch_interval_is_lowered_during_a_scan_and_restored(tmp_path, monkeypatch):

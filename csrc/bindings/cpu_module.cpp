@@ -6,6 +6,7 @@
 
 #include <tuple>
 
+#include "bindings/hashes.h"
 #include "bindings/ledger_rows.h"
 #include "bindings/op_table.h"
 #include "common/philox.h"
@@ -69,6 +70,7 @@ PYBIND11_MODULE(_C_cpu, m) {
         "Exact P[X >= h] for X ~ Binomial(n, p) (the p-value of trigger_verify).");
 
   bind_ledger_rows(m);
+  bind_hashes(m);
 
   m.def("get_num_threads", &get_num_threads);
   m.def("set_num_threads", &set_num_threads, py::arg("n"));

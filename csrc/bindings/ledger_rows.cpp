@@ -298,27 +298,6 @@ void bind_ledger_rows(py::module_& m) {
         "The values (in field order, as SQLite stores them) of each row of a ledger batch, the rows of the "
         "keys in `keys` ({key_id: MAC key}) with their HMAC-SHA256 `mac` (set in the row too); rows it does "
         "not handle go to slow(row). See nnmark.ledger.");
-  // (bytes only, checked here: pybind11's report of a mismatch would show the key)
-  m.def("hmac_sha256",
-        [](const py::object& key, const py::object& msg) {
-          NNMARK_CHECK_ARG(PyBytes_Check(key.ptr()) && PyBytes_Check(msg.ptr()), "key and msg must be bytes");
-          uint8_t out[32];
-          HmacSha256(reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(key.ptr())),
-                     static_cast<size_t>(PyBytes_GET_SIZE(key.ptr())))
-              .mac(reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(msg.ptr())),
-                   static_cast<size_t>(PyBytes_GET_SIZE(msg.ptr())), out);
-          return py::bytes(reinterpret_cast<const char*>(out), 32);
-        },
-        py::arg("key"), py::arg("msg"), "HMAC-SHA256 (the ledger's row MAC), for tests against hmac.");
-  m.def("sha256",
-        [](const py::bytes& msg) {
-          const std::string s = msg;
-          uint8_t out[32];
-          sha256(reinterpret_cast<const uint8_t*>(s.data()), s.size(), out);
-          return py::bytes(reinterpret_cast<const char*>(out), 32);
-        },
-        py::arg("msg"), "SHA-256, for tests against hashlib.");
-  m.def("sha256_native", &sha256_native, "whether SHA-256 uses the CPU's SHA extensions now");
 }
 
 }  // namespace nnmark

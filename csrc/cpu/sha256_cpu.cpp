@@ -1,6 +1,7 @@
 #include "cpu/sha256.h"
 
 #include <cstring>
+#include <type_traits>
 
 #include "cpu/isa.h"
 
@@ -88,6 +89,59 @@ __attribute__((target("sha,sse4.1,ssse3"))) void blocks_shani(uint32_t h[8], con
   _mm_storeu_si128(reinterpret_cast<__m128i*>(h + 4), _mm_alignr_epi8(dchg, feba, 8));
 }
 
+// L messages of the same length at once: each sha256rnds2 waits for the one before it
+// in its own message, so with one message the SHA unit idles between them; L independent
+// chains interleaved keep it busier. Measured on a 147 kB carrier (Xeon, SHA extensions):
+// 82 us one at a time, 67 us at L = 2, 63 us at L = 4, 66 us at L = 5 or 6.
+template <int L>
+__attribute__((target("sha,sse4.1,ssse3"))) void blocks_shani_many(uint32_t* const h[L], const uint8_t* const src[L],
+                                                                    size_t nblocks) {
+  const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+  __m128i abef[L], cdgh[L];
+  const uint8_t* p[L];
+  for (int l = 0; l < L; ++l) {
+    const __m128i dcba = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h[l]));
+    const __m128i hgfe = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h[l] + 4));
+    const __m128i cdab = _mm_shuffle_epi32(dcba, 0xB1);
+    const __m128i efgh = _mm_shuffle_epi32(hgfe, 0x1B);
+    abef[l] = _mm_alignr_epi8(cdab, efgh, 8);
+    cdgh[l] = _mm_blend_epi16(efgh, cdab, 0xF0);
+    p[l] = src[l];
+  }
+  for (; nblocks; --nblocks) {
+    __m128i abef0[L], cdgh0[L], w[L][4];
+    for (int l = 0; l < L; ++l) abef0[l] = abef[l], cdgh0[l] = cdgh[l];
+    for (int i = 0; i < 16; ++i) {  // four rounds of every message each
+      const __m128i k = _mm_load_si128(reinterpret_cast<const __m128i*>(kK + 4 * i));
+      for (int l = 0; l < L; ++l) {
+        if (i < 4) {
+          w[l][i] = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[l] + 16 * i)), bswap);
+        } else {
+          const __m128i prev = w[l][(i + 3) % 4];
+          __m128i x = _mm_sha256msg1_epu32(w[l][i % 4], w[l][(i + 1) % 4]);
+          x = _mm_add_epi32(x, _mm_alignr_epi8(prev, w[l][(i + 2) % 4], 4));
+          w[l][i % 4] = _mm_sha256msg2_epu32(x, prev);
+        }
+        __m128i m = _mm_add_epi32(w[l][i % 4], k);
+        cdgh[l] = _mm_sha256rnds2_epu32(cdgh[l], abef[l], m);
+        m = _mm_shuffle_epi32(m, 0x0E);
+        abef[l] = _mm_sha256rnds2_epu32(abef[l], cdgh[l], m);
+      }
+    }
+    for (int l = 0; l < L; ++l) {
+      abef[l] = _mm_add_epi32(abef[l], abef0[l]);
+      cdgh[l] = _mm_add_epi32(cdgh[l], cdgh0[l]);
+      p[l] += 64;
+    }
+  }
+  for (int l = 0; l < L; ++l) {
+    const __m128i feba = _mm_shuffle_epi32(abef[l], 0x1B);
+    const __m128i dchg = _mm_shuffle_epi32(cdgh[l], 0xB1);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(h[l]), _mm_blend_epi16(feba, dchg, 0xF0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(h[l] + 4), _mm_alignr_epi8(dchg, feba, 8));
+  }
+}
+
 bool cpu_has_sha() {
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
@@ -104,6 +158,13 @@ void blocks(uint32_t h[8], const uint8_t* p, size_t nblocks) {
   blocks_generic(h, p, nblocks);
 }
 
+void digest_out(const uint32_t h[8], uint8_t out[32]) {
+  for (int i = 0; i < 8; ++i) {
+    out[4 * i] = uint8_t(h[i] >> 24), out[4 * i + 1] = uint8_t(h[i] >> 16);
+    out[4 * i + 2] = uint8_t(h[i] >> 8), out[4 * i + 3] = uint8_t(h[i]);
+  }
+}
+
 // Hashes msg after `before` bytes already absorbed into h, pads, and writes the digest.
 void finish(uint32_t h[8], uint64_t before, const uint8_t* msg, size_t n, uint8_t out[32]) {
   const size_t full = n / 64;
@@ -116,13 +177,33 @@ void finish(uint32_t h[8], uint64_t before, const uint8_t* msg, size_t n, uint8_
   const uint64_t bits = (before + n) * 8;
   for (int i = 0; i < 8; ++i) tail[len - 1 - i] = uint8_t(bits >> (8 * i));
   blocks(h, tail, len / 64);
-  for (int i = 0; i < 8; ++i) {
-    out[4 * i] = uint8_t(h[i] >> 24), out[4 * i + 1] = uint8_t(h[i] >> 16);
-    out[4 * i + 2] = uint8_t(h[i] >> 8), out[4 * i + 3] = uint8_t(h[i]);
-  }
+  digest_out(h, out);
 }
 
 }  // namespace
+
+constexpr int kLanes = 4;  // messages hashed side by side (see blocks_shani_many)
+
+void sha256_same_length(const uint8_t* const* msgs, size_t count, size_t n, uint8_t* out /* [count, 32] */) {
+  size_t i = 0;
+#if NNMARK_X86
+  if (kHasSha && active_isa() != Isa::kGeneric && n >= 64) {
+    const size_t full = n / 64;
+    auto group = [&](auto lanes) {
+      constexpr int L = decltype(lanes)::value;
+      uint32_t h[L][8];
+      uint32_t* hs[L];
+      for (int l = 0; l < L; ++l) std::memcpy(h[l], kIv, sizeof h[l]), hs[l] = h[l];
+      blocks_shani_many<L>(hs, msgs + i, full);
+      for (int l = 0; l < L; ++l) finish(h[l], 64 * full, msgs[i + l] + 64 * full, n - 64 * full, out + 32 * (i + l));
+      i += L;
+    };
+    while (count - i >= kLanes) group(std::integral_constant<int, kLanes>{});
+    while (count - i >= 2) group(std::integral_constant<int, 2>{});
+  }
+#endif
+  for (; i < count; ++i) sha256(msgs[i], n, out + 32 * i);
+}
 
 bool sha256_native() {
 #if NNMARK_X86

@@ -49,6 +49,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from . import _ext
 from .carriers import find_name, module_tensor, strip_prefixes
 from .stats import STATUSES
 
@@ -284,6 +285,15 @@ class Carrier:
             h = self._sha256 = tensor_sha256(raw) if isinstance(raw, torch.Tensor) else hashlib.sha256(raw).hexdigest()
             self._raw = None
         return h
+
+    @staticmethod
+    def hash_all(carriers) -> None:
+        """Computes the pending sha256 of many carriers (a scan batch's) in one native call
+        that lets go of the GIL once, not once per carrier as hashlib does."""
+        todo = [c for c in carriers if c._sha256 is None and not isinstance(c._raw, torch.Tensor)]
+        if len(todo) > 1:
+            for c, h in zip(todo, _ext.cpu.sha256_hex_many([c._raw for c in todo])):
+                c._sha256, c._raw = h, None
 
     @property
     def tensor(self) -> torch.Tensor:
