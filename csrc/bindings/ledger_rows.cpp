@@ -137,7 +137,10 @@ PyObject* plain_value(PyObject* x, char k, long long* i) {
   }
   if (k == 'r') {
     if (!PyFloat_CheckExact(x)) return nullptr;
-    return Py_NewRef(std::isfinite(PyFloat_AS_DOUBLE(x)) ? x : Py_None);  // SQLite has no NaN: NULL
+    const double d = PyFloat_AS_DOUBLE(x);
+    if (!std::isfinite(d)) return Py_NewRef(Py_None);  // SQLite has no NaN: NULL
+    if (d == 0.0 && std::signbit(d)) return PyFloat_FromDouble(0.0);  // SQLite returns -0.0 as 0.0
+    return Py_NewRef(x);
   }
   return PyUnicode_CheckExact(x) ? Py_NewRef(x) : nullptr;
 }

@@ -159,6 +159,8 @@ def _normalize(v: list) -> list:
                 x = v[i] = float(x)
             if not math.isfinite(x):  # NaN p-values of failed checks: NULL (SQLite has no NaN)
                 v[i] = None
+            elif x == 0.0:  # -0.0 comes back from SQLite as 0.0: sign what it returns
+                v[i] = 0.0
     for i in _TEXT_COLS:
         x = v[i]
         if x is not None and x.__class__ is not str:
