@@ -288,8 +288,8 @@ class Carrier:
 
     @staticmethod
     def hash_all(carriers) -> None:
-        """Computes the pending sha256 of many carriers (a scan batch's) in one native call
-        that lets go of the GIL once, not once per carrier as hashlib does."""
+        """Computes the pending sha256 of many carriers (a scan batch's) in one native call:
+        same-length carriers hashed side by side, the GIL let go once for all of them."""
         todo = [c for c in carriers if c._sha256 is None and not isinstance(c._raw, torch.Tensor)]
         if len(todo) > 1:
             for c, h in zip(todo, _ext.cpu.sha256_hex_many([c._raw for c in todo])):
