@@ -141,20 +141,26 @@ def test_sha256_hex_many_matches_hashlib(isa):
         _C_cpu.sha256_hex_many([b"ok", 3])
 
 
+def _seen_by_each_batch(monkeypatch, probe) -> list:
+    """What probe() returns as each loader batch of a scan starts (a list filled as they run)."""
+    seen = []
+    real = local.run_batch
+
+    def spy(*a, **k):
+        seen.append(probe())
+        return real(*a, **k)
+
+    monkeypatch.setattr(local, "run_batch", spy)
+    return seen
+
+
 def test_switch_interval_is_lowered_during_a_scan_and_restored(tmp_path, monkeypatch):
     import sys
 
     key = nnmark.WhiteBoxKey.generate(carrier="conv.weight", bits=32)
     for i in range(4):
         save_file({"conv.weight": torch.randn(8, 4, 3, 3)}, str(tmp_path / f"m{i}.safetensors"))
-    seen = []
-    real = local.run_batch
-
-    def spy(*a, **k):
-        seen.append(sys.getswitchinterval())
-        return real(*a, **k)
-
-    monkeypatch.setattr(local, "run_batch", spy)
+    seen = _seen_by_each_batch(monkeypatch, sys.getswitchinterval)
     before = sys.getswitchinterval()
     try:
         sys.setswitchinterval(0.004)
@@ -180,18 +186,9 @@ def test_scan_freezes_the_heap_only_while_it_runs(tmp_path, monkeypatch):
     leaves a process that froze objects itself (a pre-fork server) as it was."""
     import gc
 
-    from nnmark.scan import local
-
     key = nnmark.WhiteBoxKey.generate("w", bits=32, reduction="flat")
     save_file({"w": torch.randn(64)}, str(tmp_path / "a.safetensors"))
-    seen = []
-    real = local.run_batch
-
-    def spy(*a, **k):
-        seen.append(gc.get_freeze_count())
-        return real(*a, **k)
-
-    monkeypatch.setattr(local, "run_batch", spy)
+    seen = _seen_by_each_batch(monkeypatch, gc.get_freeze_count)
     assert gc.get_freeze_count() == 0
     nnmark.scan(key, [str(tmp_path)], progress=False, workers=2)
     assert seen and all(n > 1000 for n in seen)

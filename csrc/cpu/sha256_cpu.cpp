@@ -55,40 +55,7 @@ void blocks_generic(uint32_t h[8], const uint8_t* p, size_t nblocks) {
 #if NNMARK_X86
 // The SHA extensions keep the state as two registers, ABEF and CDGH; each sha256rnds2
 // does two rounds, sha256msg1/msg2 extend the message schedule four words at a time.
-__attribute__((target("sha,sse4.1,ssse3"))) void blocks_shani(uint32_t h[8], const uint8_t* p, size_t nblocks) {
-  const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
-  __m128i dcba = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h));
-  __m128i hgfe = _mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 4));
-  const __m128i cdab = _mm_shuffle_epi32(dcba, 0xB1);
-  const __m128i efgh = _mm_shuffle_epi32(hgfe, 0x1B);
-  __m128i abef = _mm_alignr_epi8(cdab, efgh, 8);
-  __m128i cdgh = _mm_blend_epi16(efgh, cdab, 0xF0);
-  for (; nblocks; --nblocks, p += 64) {
-    const __m128i abef0 = abef, cdgh0 = cdgh;
-    __m128i w[4];
-    for (int i = 0; i < 16; ++i) {  // four rounds each
-      if (i < 4) {
-        w[i] = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * i)), bswap);
-      } else {  // w[i%4] holds words 4i-16.., the others 4i-12.., 4i-8.., 4i-4..
-        const __m128i prev = w[(i + 3) % 4];
-        __m128i x = _mm_sha256msg1_epu32(w[i % 4], w[(i + 1) % 4]);
-        x = _mm_add_epi32(x, _mm_alignr_epi8(prev, w[(i + 2) % 4], 4));
-        w[i % 4] = _mm_sha256msg2_epu32(x, prev);
-      }
-      __m128i m = _mm_add_epi32(w[i % 4], _mm_load_si128(reinterpret_cast<const __m128i*>(kK + 4 * i)));
-      cdgh = _mm_sha256rnds2_epu32(cdgh, abef, m);
-      m = _mm_shuffle_epi32(m, 0x0E);
-      abef = _mm_sha256rnds2_epu32(abef, cdgh, m);
-    }
-    abef = _mm_add_epi32(abef, abef0);
-    cdgh = _mm_add_epi32(cdgh, cdgh0);
-  }
-  const __m128i feba = _mm_shuffle_epi32(abef, 0x1B);
-  const __m128i dchg = _mm_shuffle_epi32(cdgh, 0xB1);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(h), _mm_blend_epi16(feba, dchg, 0xF0));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(h + 4), _mm_alignr_epi8(dchg, feba, 8));
-}
-
+//
 // L messages of the same length at once: each sha256rnds2 waits for the one before it
 // in its own message, so with one message the SHA unit idles between them; L independent
 // chains interleaved keep it busier. Measured on a 147 kB carrier (Xeon, SHA extensions):
@@ -153,7 +120,11 @@ const bool kHasSha = cpu_has_sha();
 
 void blocks(uint32_t h[8], const uint8_t* p, size_t nblocks) {
 #if NNMARK_X86
-  if (kHasSha && active_isa() != Isa::kGeneric) return blocks_shani(h, p, nblocks);
+  if (kHasSha && active_isa() != Isa::kGeneric) {
+    uint32_t* const hs[1] = {h};
+    const uint8_t* const ps[1] = {p};
+    return blocks_shani_many<1>(hs, ps, nblocks);
+  }
 #endif
   blocks_generic(h, p, nblocks);
 }
